@@ -1,0 +1,58 @@
+# DiReDi-secure. Two commands do all set-up on a fresh machine:
+#   make demo   -- create .venv, install, run the main job
+#   make test   -- same set-up, then the whole suite (what CI runs)
+# The torch pin is installed first and alone: an unpinned torch (or one pulled in by opacus)
+# would download a multi-GB CUDA build. Override with e.g. `make TORCH=torch==2.14.1 test`.
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all venv demo test test-fast test-slow lint typecheck protos protos-check bench bench-quick clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diredi demo
+
+# The whole default suite: unit, vectors, security, integration (incl. PostgreSQL), audits.
+# Slow tests (marked `slow`) and the slow benchmark profile are left out; see test-slow.
+test: $(STAMP)
+	./scripts/ensure_postgres.sh
+	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/ruff check .
+	$(BIN)/mypy diredi_secure
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy diredi_secure
+
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py --check
+
+bench: $(STAMP)
+	$(BIN)/python -m diredi_secure.benchmarks.packet_throughput
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

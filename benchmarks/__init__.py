@@ -1,0 +1,1 @@
+"""Reproduction and performance benchmarks (installed as diredi_secure.benchmarks)."""

@@ -1,0 +1,91 @@
+"""Domain types of the wire envelope: packet header, signed envelope, receipt body.
+
+Frozen dataclasses that validate in their constructor; :mod:`diredi_secure.serde` is the only place
+that converts them to and from protobuf messages. A header that fails validation raises
+:class:`~diredi_secure.errors.MalformedPacket` (when parsed from the wire) or the same error for a
+caller building a bad one (the message names the field).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._crypto import HpkeSuite
+from .errors import MalformedPacket
+from .knowledge import DPParameters, PayloadDescriptor
+
+__all__ = ["ENVELOPE_VERSION", "FORMAT_VERSION", "PacketHeader", "ReceiptBody", "SignedEnvelope"]
+
+FORMAT_VERSION = 1
+"""Version of :class:`PacketHeader` and :class:`ReceiptBody`."""
+ENVELOPE_VERSION = 1
+"""Version of :class:`SignedEnvelope` (and of the signature transcript)."""
+
+_DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MalformedPacket(message)
+
+
+@dataclass(frozen=True)
+class PacketHeader:
+    """Everything a packet declares in the clear (signed, and bound into the HPKE ``info``)."""
+
+    format_version: int
+    suite: HpkeSuite
+    packet_id: bytes
+    device_id: str
+    counter: int
+    created_at_ms: int
+    base_model_version: str
+    payload: PayloadDescriptor
+    dp: DPParameters
+    recipient_key_id: bytes
+    signer_key_id: bytes
+
+    def __post_init__(self) -> None:
+        _require(len(self.packet_id) == 16, f"packet id must be 16 bytes, got {len(self.packet_id)}")
+        _require(bool(_DEVICE_ID_RE.match(self.device_id)), f"bad device id {self.device_id!r}")
+        _require(self.counter >= 1, f"counter must be >= 1, got {self.counter}")
+        _require(self.created_at_ms > 0, "created_at must be a positive Unix time in ms")
+        _require(
+            bool(_VERSION_RE.match(self.base_model_version)),
+            f"bad base model version {self.base_model_version!r}",
+        )
+        _require(len(self.recipient_key_id) == 32, "recipient key id must be 32 bytes")
+        _require(len(self.signer_key_id) == 32, "signer key id must be 32 bytes")
+
+
+@dataclass(frozen=True)
+class SignedEnvelope:
+    """The outer message: exact header bytes, HPKE ``enc`` and ciphertext, device signature."""
+
+    envelope_version: int
+    header: bytes
+    enc: bytes
+    ciphertext: bytes
+    signature: bytes
+    device_certificate: bytes = b""
+
+
+@dataclass(frozen=True)
+class ReceiptBody:
+    """What the cloud's receipt asserts: this exact packet is durably stored."""
+
+    format_version: int
+    packet_id: bytes
+    packet_sha256: bytes
+    device_id: str
+    counter: int
+    stored_at_ms: int
+    receipt_key_id: bytes
+
+    def __post_init__(self) -> None:
+        _require(len(self.packet_id) == 16, "receipt packet id must be 16 bytes")
+        _require(len(self.packet_sha256) == 32, "receipt packet digest must be 32 bytes")
+        _require(len(self.receipt_key_id) == 32, "receipt key id must be 32 bytes")
+        _require(bool(_DEVICE_ID_RE.match(self.device_id)), f"bad device id {self.device_id!r}")

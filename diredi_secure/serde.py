@@ -1,0 +1,261 @@
+"""The only module that touches protobuf message classes: wire bytes <-> domain dataclasses.
+
+Parsing is strict: input over its cap is refused before parsing, bytes must decode, and must be the
+*canonical* (deterministic) encoding of what they decode to. That rejects unknown fields, duplicated
+fields and padded varints, so one header has exactly one byte string -- the one that was signed.
+Versions are checked here; every failure is a typed :class:`~diredi_secure.errors.PeerError`.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from ._crypto import suite_from_wire
+from ._proto.diredi.v1 import packet_pb2 as pb
+from .envelope import ENVELOPE_VERSION, FORMAT_VERSION, PacketHeader, ReceiptBody, SignedEnvelope
+from .errors import MalformedPacket, PayloadInvalid, TooLarge, UnsupportedVersion
+from .knowledge import DPParameters, PayloadDescriptor, PayloadEntry, PayloadKind, WireDType
+from .policy import DEFAULT_LIMITS, Limits
+
+__all__ = [
+    "dp_from_proto",
+    "dp_to_proto",
+    "envelope_from_bytes",
+    "envelope_to_bytes",
+    "header_from_bytes",
+    "header_to_bytes",
+    "receipt_body_from_bytes",
+    "receipt_body_to_bytes",
+    "receipt_from_bytes",
+    "receipt_to_bytes",
+]
+
+_KIND_TO_PB = {
+    PayloadKind.REFERENCE_LOGITS: pb.PAYLOAD_KIND_REFERENCE_LOGITS,
+    PayloadKind.WEIGHT_DELTA: pb.PAYLOAD_KIND_WEIGHT_DELTA,
+    PayloadKind.LABEL_HISTOGRAM: pb.PAYLOAD_KIND_LABEL_HISTOGRAM,
+    PayloadKind.DP_PROTOTYPES: pb.PAYLOAD_KIND_DP_PROTOTYPES,
+}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+_DTYPE_TO_PB: dict[str, int] = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "int8": pb.DTYPE_INT8,
+}
+_DTYPE_FROM_PB: dict[int, WireDType] = {
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_FLOAT16: "float16",
+    pb.DTYPE_INT8: "int8",
+}
+
+M = TypeVar("M", bound=Message)
+
+
+def _parse(cls: type[M], data: bytes, what: str, cap: int) -> M:
+    if len(data) > cap:
+        raise TooLarge(what, len(data), cap)
+    if not data:
+        raise MalformedPacket(f"{what} is empty")
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise MalformedPacket(f"{what} does not decode as protobuf") from exc
+    if msg.SerializeToString(deterministic=True) != data:
+        raise MalformedPacket(f"{what} is not in canonical encoding (unknown or repeated fields)")
+    return msg
+
+
+def _ser(msg: Message) -> bytes:
+    return msg.SerializeToString(deterministic=True)
+
+
+# -- DP parameters ------------------------------------------------------------------------------
+def dp_to_proto(dp: DPParameters) -> pb.DPParameters:
+    return pb.DPParameters(
+        noise_multiplier=dp.noise_multiplier,
+        clip_norm=dp.clip_norm,
+        sample_rate=dp.sample_rate,
+        steps=dp.steps,
+        accountant=dp.accountant,
+        epsilon=dp.epsilon,
+        delta=dp.delta,
+        poisson_sampling=dp.poisson_sampling,
+        total_epsilon=dp.total_epsilon,
+    )
+
+
+def dp_from_proto(msg: pb.DPParameters) -> DPParameters:
+    try:
+        return DPParameters(
+            noise_multiplier=msg.noise_multiplier,
+            clip_norm=msg.clip_norm,
+            sample_rate=msg.sample_rate,
+            steps=int(msg.steps),
+            accountant=msg.accountant,
+            epsilon=msg.epsilon,
+            delta=msg.delta,
+            poisson_sampling=msg.poisson_sampling,
+            total_epsilon=msg.total_epsilon,
+        )
+    except PayloadInvalid as exc:
+        raise MalformedPacket(f"header DP parameters: {exc.message}") from exc
+
+
+# -- header -------------------------------------------------------------------------------------
+def header_to_bytes(header: PacketHeader) -> bytes:
+    entries = [
+        pb.PayloadEntry(
+            name=e.name,
+            kind=_KIND_TO_PB[e.kind],  # type: ignore[arg-type]
+            dtype=_DTYPE_TO_PB[e.dtype],  # type: ignore[arg-type]
+            shape=list(e.shape),
+            scale=e.scale,
+            noise_multiplier=e.noise_multiplier,
+            epsilon=e.epsilon,
+            index_length=e.index_length,
+        )
+        for e in header.payload.entries
+    ]
+    msg = pb.PacketHeader(
+        format_version=header.format_version,
+        suite=int(header.suite),  # type: ignore[arg-type]
+        packet_id=header.packet_id,
+        device_id=header.device_id,
+        counter=header.counter,
+        created_at_ms=header.created_at_ms,
+        base_model_version=header.base_model_version,
+        payload=pb.PayloadDescriptor(
+            entries=entries, length=header.payload.length, sha256=header.payload.sha256
+        ),
+        dp=dp_to_proto(header.dp),
+        recipient_key_id=header.recipient_key_id,
+        signer_key_id=header.signer_key_id,
+    )
+    return _ser(msg)
+
+
+def header_from_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PacketHeader:
+    """Parse and validate header bytes (untrusted). Raises a :class:`PeerError` subclass."""
+    msg = _parse(pb.PacketHeader, data, "packet header", limits.max_header_bytes)
+    if msg.format_version != FORMAT_VERSION:
+        raise UnsupportedVersion(f"packet format version {msg.format_version} (this build speaks {FORMAT_VERSION})")
+    suite = suite_from_wire(int(msg.suite))
+    entries = []
+    for e in msg.payload.entries:
+        if e.kind not in _KIND_FROM_PB:
+            raise MalformedPacket(f"payload entry {e.name!r}: unknown kind {e.kind}")
+        if e.dtype not in _DTYPE_FROM_PB:
+            raise MalformedPacket(f"payload entry {e.name!r}: unknown dtype {e.dtype}")
+        entries.append(
+            PayloadEntry(
+                name=e.name,
+                kind=_KIND_FROM_PB[e.kind],
+                dtype=_DTYPE_FROM_PB[e.dtype],
+                shape=tuple(int(d) for d in e.shape),
+                scale=e.scale,
+                noise_multiplier=e.noise_multiplier,
+                epsilon=e.epsilon,
+                index_length=int(e.index_length),
+            )
+        )
+    descriptor = PayloadDescriptor(
+        entries=tuple(entries), length=int(msg.payload.length), sha256=bytes(msg.payload.sha256)
+    )
+    return PacketHeader(
+        format_version=msg.format_version,
+        suite=suite,
+        packet_id=bytes(msg.packet_id),
+        device_id=msg.device_id,
+        counter=int(msg.counter),
+        created_at_ms=int(msg.created_at_ms),
+        base_model_version=msg.base_model_version,
+        payload=descriptor,
+        dp=dp_from_proto(msg.dp),
+        recipient_key_id=bytes(msg.recipient_key_id),
+        signer_key_id=bytes(msg.signer_key_id),
+    )
+
+
+# -- envelope -----------------------------------------------------------------------------------
+def envelope_to_bytes(env: SignedEnvelope) -> bytes:
+    return _ser(
+        pb.SignedPacket(
+            envelope_version=env.envelope_version,
+            header=env.header,
+            enc=env.enc,
+            ciphertext=env.ciphertext,
+            signature=env.signature,
+            device_certificate=env.device_certificate,
+        )
+    )
+
+
+def envelope_from_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedEnvelope:
+    """Parse the outer envelope (untrusted), checking each field's cap before anything else."""
+    msg = _parse(pb.SignedPacket, data, "signed packet", limits.max_packet_bytes)
+    if msg.envelope_version != ENVELOPE_VERSION:
+        raise UnsupportedVersion(
+            f"envelope version {msg.envelope_version} (this build speaks {ENVELOPE_VERSION})"
+        )
+    for name, cap in (
+        ("header", limits.max_header_bytes),
+        ("enc", limits.max_enc_bytes),
+        ("signature", limits.max_signature_bytes),
+        ("device_certificate", limits.max_certificate_bytes),
+    ):
+        size = len(getattr(msg, name))
+        if size > cap:
+            raise TooLarge(f"packet {name}", size, cap)
+    if not msg.header or not msg.signature or not msg.enc:
+        raise MalformedPacket("signed packet lacks a header, an enc or a signature")
+    return SignedEnvelope(
+        envelope_version=msg.envelope_version,
+        header=bytes(msg.header),
+        enc=bytes(msg.enc),
+        ciphertext=bytes(msg.ciphertext),
+        signature=bytes(msg.signature),
+        device_certificate=bytes(msg.device_certificate),
+    )
+
+
+# -- receipts -----------------------------------------------------------------------------------
+def receipt_body_to_bytes(body: ReceiptBody) -> bytes:
+    return _ser(
+        pb.ReceiptBody(
+            format_version=body.format_version,
+            packet_id=body.packet_id,
+            packet_sha256=body.packet_sha256,
+            device_id=body.device_id,
+            counter=body.counter,
+            stored_at_ms=body.stored_at_ms,
+            receipt_key_id=body.receipt_key_id,
+        )
+    )
+
+
+def receipt_body_from_bytes(data: bytes) -> ReceiptBody:
+    msg = _parse(pb.ReceiptBody, data, "receipt body", 4096)
+    if msg.format_version != FORMAT_VERSION:
+        raise UnsupportedVersion(f"receipt format version {msg.format_version}")
+    return ReceiptBody(
+        format_version=msg.format_version,
+        packet_id=bytes(msg.packet_id),
+        packet_sha256=bytes(msg.packet_sha256),
+        device_id=msg.device_id,
+        counter=int(msg.counter),
+        stored_at_ms=int(msg.stored_at_ms),
+        receipt_key_id=bytes(msg.receipt_key_id),
+    )
+
+
+def receipt_to_bytes(body_bytes: bytes, signature: bytes) -> bytes:
+    return _ser(pb.Receipt(body=body_bytes, signature=signature))
+
+
+def receipt_from_bytes(data: bytes) -> tuple[bytes, bytes]:
+    """Split a serialised Receipt into ``(body_bytes, signature)`` (not yet verified)."""
+    msg = _parse(pb.Receipt, data, "receipt", 8192)
+    return bytes(msg.body), bytes(msg.signature)
