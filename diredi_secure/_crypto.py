@@ -312,7 +312,10 @@ def save_inbox_key(key: InboxKey, path: Path, passphrase: bytes | None = None) -
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:
-    return [m.group(0) for m in re.finditer(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", data, re.S)]
+    return [
+        m.group(0)
+        for m in re.finditer(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", data, re.S)
+    ]
 
 
 def load_inbox_key(path: Path, passphrase: bytes | None = None) -> InboxKey:
@@ -373,9 +376,13 @@ def hpke_open(
     else:
         private = hpke.MLKEM768X25519PrivateKey(recipient._mlkem, recipient._x25519)
     if len(enc) != kem.enc_length():
-        raise DecryptionFailed(f"encapsulated key is {len(enc)} bytes, suite needs {kem.enc_length()}")
+        raise DecryptionFailed(
+            f"encapsulated key is {len(enc)} bytes, suite needs {kem.enc_length()}"
+        )
     try:
-        return hpke.Suite(kem, hpke.KDF.HKDF_SHA256, aead).decrypt(enc + ciphertext, private, info=info)
+        return hpke.Suite(kem, hpke.KDF.HKDF_SHA256, aead).decrypt(
+            enc + ciphertext, private, info=info
+        )
     except (InvalidTag, ValueError) as exc:
         raise DecryptionFailed(
             "HPKE open failed: wrong inbox key, tampered ciphertext, or another header"
@@ -420,6 +427,17 @@ def certificate_der_from_pem(pem: bytes) -> bytes:
         raise CertificateInvalid("not a PEM X.509 certificate") from exc
 
 
+def certificate_subject_cn(der: bytes) -> str:
+    """The subject common name of a certificate (for display and lookup; verifies nothing)."""
+    try:
+        cns = _load_cert(der, "certificate").subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as exc:
+        raise CertificateInvalid(f"certificate is malformed: {exc}") from exc
+    if len(cns) != 1:
+        raise CertificateInvalid("certificate must have exactly one common name")
+    return str(cns[0].value)
+
+
 def create_ca_certificate(
     ca_key: SigningKey, *, common_name: str, now_ms: int, valid_days: int, serial: int
 ) -> bytes:
@@ -437,9 +455,15 @@ def create_ca_certificate(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -499,10 +523,15 @@ def issue_device_certificate(
     """A device certificate (DER): CN and SAN URI ``urn:diredi:device:<id>``, TLS client auth."""
     validate_device_id(device_id)
     return _issue(
-        ca_key, ca_cert_der, subject_cn=device_id,
+        ca_key,
+        ca_cert_der,
+        subject_cn=device_id,
         san=[x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)],
-        eku=ExtendedKeyUsageOID.CLIENT_AUTH, public_key=device_public_key, serial=serial,
-        now_ms=now_ms, valid_days=valid_days,
+        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+        public_key=device_public_key,
+        serial=serial,
+        now_ms=now_ms,
+        valid_days=valid_days,
     )
 
 
@@ -526,9 +555,15 @@ def issue_server_certificate(
         except ValueError:
             san.append(x509.DNSName(host))
     return _issue(
-        ca_key, ca_cert_der, subject_cn=hostnames[0], san=san,
-        eku=ExtendedKeyUsageOID.SERVER_AUTH, public_key=server_public_key, serial=serial,
-        now_ms=now_ms, valid_days=valid_days,
+        ca_key,
+        ca_cert_der,
+        subject_cn=hostnames[0],
+        san=san,
+        eku=ExtendedKeyUsageOID.SERVER_AUTH,
+        public_key=server_public_key,
+        serial=serial,
+        now_ms=now_ms,
+        valid_days=valid_days,
     )
 
 
@@ -544,12 +579,23 @@ def check_device_certificate(
     """
     cert = _load_cert(cert_der, "device certificate", max_bytes)
     ca = _load_cert(ca_cert_der, "CA certificate", 1 << 20)
+    try:
+        return _check_device_certificate(cert, ca, now_ms)
+    except (ValueError, TypeError) as exc:  # cryptography parses fields lazily
+        raise CertificateInvalid(f"device certificate is malformed: {exc}") from exc
+
+
+def _check_device_certificate(
+    cert: x509.Certificate, ca: x509.Certificate, now_ms: int
+) -> DeviceIdentity:
     if cert.issuer != ca.subject:
         raise CertificateInvalid("device certificate was not issued by the device CA")
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
-        raise CertificateInvalid("device certificate signature does not verify under the device CA") from exc
+        raise CertificateInvalid(
+            "device certificate signature does not verify under the device CA"
+        ) from exc
     now = _utc(now_ms)
     if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
         raise CertificateInvalid(
@@ -566,9 +612,15 @@ def check_device_certificate(
     if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise CertificateInvalid("device certificate is not for TLS client authentication")
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(DEVICE_URI_PREFIX)]
+    uris = [
+        u
+        for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith(DEVICE_URI_PREFIX)
+    ]
     if len(cns) != 1 or len(uris) != 1 or uris[0] != DEVICE_URI_PREFIX + str(cns[0].value):
-        raise CertificateInvalid("device certificate must name one device id, equal in CN and SAN URI")
+        raise CertificateInvalid(
+            "device certificate must name one device id, equal in CN and SAN URI"
+        )
     public = cert.public_key()
     if not isinstance(public, ed25519.Ed25519PublicKey):
         raise CertificateInvalid("device certificate key is not Ed25519")

@@ -32,7 +32,8 @@ __all__ = [
 DEFAULT_MAX_CHECKPOINT_BYTES = 256 * 1024 * 1024
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
-_PICKLE_MAGIC = (b"\x80",)  # pickle protocol 2+ starts with PROTO opcode 0x80
+_PICKLE_PROTO = b"\x80"  # pickle protocol 2+ starts with the PROTO opcode and its version
+_PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default zip container
 
 
@@ -77,14 +78,16 @@ def load_checkpoint_bytes(
     """
     if len(data) > max_bytes:
         raise TooLarge("checkpoint", len(data), max_bytes)
-    if data.startswith(_ZIP_MAGIC):
-        raise ModelFormatError("refusing a zip/torch.save file: only safetensors is accepted")
-    if data[:1] in _PICKLE_MAGIC:
-        raise ModelFormatError("refusing pickle bytes: only safetensors is accepted")
     if len(data) < 8:
         raise ModelFormatError(f"not safetensors: {len(data)} bytes is shorter than the header")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > _MAX_HEADER_BYTES or header_len > len(data) - 8:
+    if header_len > _MAX_HEADER_BYTES or header_len > len(data) - 8 or data[8:9] != b"{":
+        # Name the dangerous formats: a zip (torch.save) or pickle stream never has a plausible
+        # safetensors header length in its first 8 bytes, so these checks cannot misfire.
+        if data.startswith(_ZIP_MAGIC):
+            raise ModelFormatError("refusing a zip/torch.save file: only safetensors is accepted")
+        if data[:1] == _PICKLE_PROTO and data[1:2] in _PICKLE_PROTOCOLS:
+            raise ModelFormatError("refusing pickle bytes: only safetensors is accepted")
         raise ModelFormatError(f"not safetensors: header length {header_len} is out of bounds")
     try:
         header = json.loads(data[8 : 8 + header_len])

@@ -48,7 +48,9 @@ class PacketHeader:
     signer_key_id: bytes
 
     def __post_init__(self) -> None:
-        _require(len(self.packet_id) == 16, f"packet id must be 16 bytes, got {len(self.packet_id)}")
+        _require(
+            len(self.packet_id) == 16, f"packet id must be 16 bytes, got {len(self.packet_id)}"
+        )
         _require(bool(_DEVICE_ID_RE.match(self.device_id)), f"bad device id {self.device_id!r}")
         _require(self.counter >= 1, f"counter must be >= 1, got {self.counter}")
         _require(self.created_at_ms > 0, "created_at must be a positive Unix time in ms")

@@ -15,7 +15,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -47,7 +47,11 @@ class PayloadKind(StrEnum):
 
 WireDType = Literal["float32", "float16", "int8"]
 _WIRE_DTYPES: tuple[str, ...] = get_args(WireDType)
-_NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+_NP_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "int8": np.dtype(np.int8),
+}
 _F16_MAX = float(np.finfo(np.float16).max)
 _INDEX_SUFFIX = ".index"
 
@@ -111,8 +115,14 @@ class PayloadTensor:
     epsilon: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 64 or not self.name.replace("_", "").replace(".", "").isalnum():
-            raise PayloadInvalid(f"payload entry name {self.name!r} must be 1-64 chars [A-Za-z0-9_.]")
+        if (
+            not self.name
+            or len(self.name) > 64
+            or not self.name.replace("_", "").replace(".", "").isalnum()
+        ):
+            raise PayloadInvalid(
+                f"payload entry name {self.name!r} must be 1-64 chars [A-Za-z0-9_.]"
+            )
         if self.name.endswith(_INDEX_SUFFIX):
             raise PayloadInvalid(f"payload entry name {self.name!r} may not end in {_INDEX_SUFFIX}")
         object.__setattr__(self, "kind", PayloadKind(self.kind))
@@ -161,7 +171,9 @@ def _check_index(name: str, kind: PayloadKind, index: np.ndarray, values: np.nda
     if kind not in (PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA):
         raise PayloadInvalid(f"entry {name}: kind {kind.value} takes no index")
     if index.size != expected:
-        raise PayloadInvalid(f"entry {name}: index has {index.size} elements, values need {expected}")
+        raise PayloadInvalid(
+            f"entry {name}: index has {index.size} elements, values need {expected}"
+        )
     if index.size and (int(index.min()) < 0 or np.unique(index).size != index.size):
         raise PayloadInvalid(f"entry {name}: index must be non-negative and without duplicates")
 
@@ -275,11 +287,18 @@ def check_descriptor(descriptor: PayloadDescriptor, limits: Limits = DEFAULT_LIM
         if e.dtype not in _WIRE_DTYPES:
             raise PayloadInvalid(f"entry {e.name}: unknown dtype {e.dtype!r}")
         if not e.shape or len(e.shape) > limits.max_tensor_rank:
-            raise PayloadInvalid(f"entry {e.name}: rank {len(e.shape)} outside 1..{limits.max_tensor_rank}")
-        if math.prod(e.shape) > limits.max_tensor_elements or e.index_length > limits.max_tensor_elements:
+            raise PayloadInvalid(
+                f"entry {e.name}: rank {len(e.shape)} outside 1..{limits.max_tensor_rank}"
+            )
+        if (
+            math.prod(e.shape) > limits.max_tensor_elements
+            or e.index_length > limits.max_tensor_elements
+        ):
             raise PayloadInvalid(f"entry {e.name}: declared size over the element cap")
         if e.dtype == "int8" and not (math.isfinite(e.scale) and e.scale > 0):
-            raise PayloadInvalid(f"entry {e.name}: int8 needs a positive finite scale, got {e.scale}")
+            raise PayloadInvalid(
+                f"entry {e.name}: int8 needs a positive finite scale, got {e.scale}"
+            )
 
 
 def decode_payload(
@@ -299,7 +318,9 @@ def decode_payload(
     """
     check_descriptor(descriptor, limits)
     if len(data) != descriptor.length:
-        raise PayloadInvalid(f"payload is {len(data)} bytes, the header declares {descriptor.length}")
+        raise PayloadInvalid(
+            f"payload is {len(data)} bytes, the header declares {descriptor.length}"
+        )
     if hashlib.sha256(data).digest() != descriptor.sha256:
         raise PayloadInvalid("payload SHA-256 differs from the header's")
     try:
@@ -317,21 +338,29 @@ def decode_payload(
     for e in descriptor.entries:
         wire = raw[e.name]
         if wire.dtype != _NP_DTYPES[e.dtype]:
-            raise PayloadInvalid(f"entry {e.name}: dtype {wire.dtype} but the header declares {e.dtype}")
+            raise PayloadInvalid(
+                f"entry {e.name}: dtype {wire.dtype} but the header declares {e.dtype}"
+            )
         if tuple(wire.shape) != e.shape:
-            raise PayloadInvalid(f"entry {e.name}: shape {tuple(wire.shape)} but the header declares {e.shape}")
+            raise PayloadInvalid(
+                f"entry {e.name}: shape {tuple(wire.shape)} but the header declares {e.shape}"
+            )
         values = dequantize_int8(wire, e.scale) if e.dtype == "int8" else wire.astype(np.float32)
         if not np.all(np.isfinite(values)):
             raise PayloadInvalid(f"entry {e.name}: values contain NaN or Inf")
         if max_l2_norm is not None:
             norm = float(np.linalg.norm(values.astype(np.float64)))
             if norm > max_l2_norm:
-                raise PayloadInvalid(f"entry {e.name}: L2 norm {norm:.4g} over the bound {max_l2_norm:.4g}")
+                raise PayloadInvalid(
+                    f"entry {e.name}: L2 norm {norm:.4g} over the bound {max_l2_norm:.4g}"
+                )
         index = None
         if e.index_length:
             index = raw[e.name + _INDEX_SUFFIX]
             if index.dtype != np.int64 or index.shape != (e.index_length,):
-                raise PayloadInvalid(f"entry {e.name}: index must be int64 of length {e.index_length}")
+                raise PayloadInvalid(
+                    f"entry {e.name}: index must be int64 of length {e.index_length}"
+                )
         tensors.append(
             PayloadTensor(
                 name=e.name,

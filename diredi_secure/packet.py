@@ -155,7 +155,9 @@ class MemoryDeviceDirectory:
         record = self.records.get(device_id)
         if record is None:
             raise UnknownDevice(f"device {device_id} is not enrolled")
-        self.records[device_id] = DeviceRecord(device_id, record.certificate_der, DeviceStatus.REVOKED)
+        self.records[device_id] = DeviceRecord(
+            device_id, record.certificate_der, DeviceStatus.REVOKED
+        )
 
     def device_record(self, device_id: str) -> DeviceRecord | None:
         return self.records.get(device_id)
@@ -284,7 +286,9 @@ def inspect_packet(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PacketHeader
     return header_from_bytes(envelope_from_bytes(data, limits).header, limits)
 
 
-def _check_structure(env: SignedEnvelope, header: PacketHeader, inbox_key_id: bytes, limits: Limits) -> None:
+def _check_structure(
+    env: SignedEnvelope, header: PacketHeader, inbox_key_id: bytes, limits: Limits
+) -> None:
     check_descriptor(header.payload, limits)
     if len(env.ciphertext) != header.payload.length + AEAD_TAG_BYTES:
         raise HeaderMismatch(
@@ -292,7 +296,9 @@ def _check_structure(env: SignedEnvelope, header: PacketHeader, inbox_key_id: by
             f"{header.payload.length} (+{AEAD_TAG_BYTES} tag)"
         )
     if len(env.enc) != enc_length(header.suite):
-        raise HeaderMismatch(f"enc is {len(env.enc)} bytes, suite {header.suite.name} needs {enc_length(header.suite)}")
+        raise HeaderMismatch(
+            f"enc is {len(env.enc)} bytes, suite {header.suite.name} needs {enc_length(header.suite)}"
+        )
     if header.recipient_key_id != inbox_key_id:
         raise HeaderMismatch(
             f"packet is sealed to inbox key {header.recipient_key_id.hex()[:16]}, "
@@ -312,20 +318,30 @@ def _authenticate_device(
     if env.device_certificate:
         # A certificate in the packet must itself be from our CA (a rogue CA is named as such)
         # and must be the one the device enrolled with.
-        check_device_certificate(env.device_certificate, device_ca, now_ms=now_ms, max_bytes=limits.max_certificate_bytes)
+        check_device_certificate(
+            env.device_certificate, device_ca, now_ms=now_ms, max_bytes=limits.max_certificate_bytes
+        )
     record = devices.device_record(header.device_id)
     if record is None:
         raise UnknownDevice(f"device {header.device_id} is not enrolled")
     if record.status == DeviceStatus.REVOKED:
         raise CertificateRevoked(f"device {header.device_id} is revoked")
     if env.device_certificate and env.device_certificate != record.certificate_der:
-        raise UnknownDevice(f"packet carries a certificate other than the one device {header.device_id} enrolled")
-    identity = check_device_certificate(record.certificate_der, device_ca, now_ms=now_ms, max_bytes=limits.max_certificate_bytes)
+        raise UnknownDevice(
+            f"packet carries a certificate other than the one device {header.device_id} enrolled"
+        )
+    identity = check_device_certificate(
+        record.certificate_der, device_ca, now_ms=now_ms, max_bytes=limits.max_certificate_bytes
+    )
     if identity.device_id != header.device_id:
-        raise HeaderMismatch(f"certificate names device {identity.device_id}, header {header.device_id}")
+        raise HeaderMismatch(
+            f"certificate names device {identity.device_id}, header {header.device_id}"
+        )
     if identity.public_key.key_id != header.signer_key_id:
         raise HeaderMismatch("header signer key id differs from the device certificate's key")
-    verify_signature(identity.public_key, env.signature, signed_transcript(env.header, env.enc, env.ciphertext))
+    verify_signature(
+        identity.public_key, env.signature, signed_transcript(env.header, env.enc, env.ciphertext)
+    )
     return identity
 
 
@@ -334,20 +350,33 @@ def _check_policy(header: PacketHeader, policy: PacketPolicy, now_ms: int) -> No
         raise PolicyViolation(f"cipher suite {header.suite.name} is not accepted by policy")
     age = now_ms - header.created_at_ms
     if age > policy.max_age_ms:
-        raise StalePacket(f"packet was created {age / 1000:.0f} s ago, over the {policy.max_age_ms / 1000:.0f} s window")
+        raise StalePacket(
+            f"packet was created {age / 1000:.0f} s ago, over the {policy.max_age_ms / 1000:.0f} s window"
+        )
     if -age > policy.max_future_skew_ms:
-        raise StalePacket(f"packet is dated {-age / 1000:.0f} s in the future, over the {policy.max_future_skew_ms / 1000:.0f} s skew")
+        raise StalePacket(
+            f"packet is dated {-age / 1000:.0f} s in the future, over the {policy.max_future_skew_ms / 1000:.0f} s skew"
+        )
     dp = header.dp
     if policy.require_dp and (dp.noise_multiplier <= 0 or not math.isfinite(dp.epsilon)):
-        raise PolicyViolation("packet declares no differential privacy (noise 0 or epsilon infinite)")
+        raise PolicyViolation(
+            "packet declares no differential privacy (noise 0 or epsilon infinite)"
+        )
     components = [dp.epsilon, *(e.epsilon for e in header.payload.entries)]
     if dp.total_epsilon + 1e-9 < max(components):
-        raise PolicyViolation(f"declared total epsilon {dp.total_epsilon} is below a component ({max(components)})")
+        raise PolicyViolation(
+            f"declared total epsilon {dp.total_epsilon} is below a component ({max(components)})"
+        )
     if dp.composed_epsilon > policy.max_epsilon_per_packet:
-        raise PolicyViolation(f"packet epsilon {dp.composed_epsilon:.4g} over the per-packet cap {policy.max_epsilon_per_packet:.4g}")
+        raise PolicyViolation(
+            f"packet epsilon {dp.composed_epsilon:.4g} over the per-packet cap {policy.max_epsilon_per_packet:.4g}"
+        )
     if dp.delta > policy.max_delta:
         raise PolicyViolation(f"packet delta {dp.delta:.3g} over the cap {policy.max_delta:.3g}")
-    if policy.allowed_base_models is not None and header.base_model_version not in policy.allowed_base_models:
+    if (
+        policy.allowed_base_models is not None
+        and header.base_model_version not in policy.allowed_base_models
+    ):
         raise PolicyViolation(f"base model {header.base_model_version} is not a current release")
 
 
@@ -377,11 +406,15 @@ def open_packet(
     env = envelope_from_bytes(data, limits)
     header = header_from_bytes(env.header, limits)
     _check_structure(env, header, inbox_key.key_id, limits)
-    identity = _authenticate_device(env, header, device_ca=device_ca, devices=devices, now_ms=now_ms, limits=limits)
+    identity = _authenticate_device(
+        env, header, device_ca=device_ca, devices=devices, now_ms=now_ms, limits=limits
+    )
     _check_policy(header, policy, now_ms)
     _check_replay(replay, header.device_id, header.packet_id, header.counter)
     plaintext = hpke_open(header.suite, inbox_key, env.enc, env.ciphertext, info=env.header)
-    payload = decode_payload(plaintext, header.payload, limits, max_l2_norm=policy.max_entry_l2_norm)
+    payload = decode_payload(
+        plaintext, header.payload, limits, max_l2_norm=policy.max_entry_l2_norm
+    )
     return OpenedPacket(header=header, payload=payload, device=identity, packet_sha256=sha256(data))
 
 

@@ -1,8 +1,9 @@
 """The only module that touches protobuf message classes: wire bytes <-> domain dataclasses.
 
 Parsing is strict: input over its cap is refused before parsing, bytes must decode, and must be the
-*canonical* (deterministic) encoding of what they decode to. That rejects unknown fields, duplicated
-fields and padded varints, so one header has exactly one byte string -- the one that was signed.
+*canonical* (deterministic) encoding of what they decode to, with no fields this version does not
+know. That rejects unknown fields, duplicated fields and padded varints, so one header has exactly
+one byte string -- the one that was signed. (A new field means a new format version.)
 Versions are checked here; every failure is a typed :class:`~diredi_secure.errors.PeerError`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from ._crypto import suite_from_wire
 from ._proto.diredi.v1 import packet_pb2 as pb
@@ -63,9 +65,23 @@ def _parse(cls: type[M], data: bytes, what: str, cap: int) -> M:
         msg.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise MalformedPacket(f"{what} does not decode as protobuf") from exc
+    if _has_unknown_fields(msg):
+        raise MalformedPacket(f"{what} carries fields this version does not know")
     if msg.SerializeToString(deterministic=True) != data:
-        raise MalformedPacket(f"{what} is not in canonical encoding (unknown or repeated fields)")
+        raise MalformedPacket(f"{what} is not in canonical encoding (repeated or reordered fields)")
     return msg
+
+
+def _has_unknown_fields(msg: Message) -> bool:
+    if len(UnknownFieldSet(msg)):
+        return True
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        items = value if fd.is_repeated else [value]
+        if any(_has_unknown_fields(item) for item in items):
+            return True
+    return False
 
 
 def _ser(msg: Message) -> bytes:
@@ -109,7 +125,7 @@ def header_to_bytes(header: PacketHeader) -> bytes:
     entries = [
         pb.PayloadEntry(
             name=e.name,
-            kind=_KIND_TO_PB[e.kind],  # type: ignore[arg-type]
+            kind=_KIND_TO_PB[e.kind],
             dtype=_DTYPE_TO_PB[e.dtype],  # type: ignore[arg-type]
             shape=list(e.shape),
             scale=e.scale,
@@ -141,7 +157,9 @@ def header_from_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PacketHea
     """Parse and validate header bytes (untrusted). Raises a :class:`PeerError` subclass."""
     msg = _parse(pb.PacketHeader, data, "packet header", limits.max_header_bytes)
     if msg.format_version != FORMAT_VERSION:
-        raise UnsupportedVersion(f"packet format version {msg.format_version} (this build speaks {FORMAT_VERSION})")
+        raise UnsupportedVersion(
+            f"packet format version {msg.format_version} (this build speaks {FORMAT_VERSION})"
+        )
     suite = suite_from_wire(int(msg.suite))
     entries = []
     for e in msg.payload.entries:
