@@ -1,0 +1,732 @@
+"""The store interface: one abstract class, all the rules, two tiny backends.
+
+:class:`Store` holds every query and every rule (replay, idempotency, the epsilon ledger) in SQL
+that both SQLite and PostgreSQL run. A backend supplies only a connection discipline: two abstract
+methods, :meth:`Store._transaction` (a cursor inside one transaction that commits on normal exit and
+rolls back on any exception) and :meth:`Store._close`, plus two dialect constants. As python-tuf's
+``FetcherInterface`` does, the public methods wrap the backend so that every driver or I/O failure
+comes out as :class:`~diredi_secure.errors.StoreError` raised ``from`` its cause; the policy errors
+a method documents (``ReplayDetected``, ``BudgetExceeded``, ``UnknownDevice``...) pass through as
+they are. Clock values are parameters (integer milliseconds since the epoch); nothing here reads
+a clock.
+
+What is trusted: the arguments. The store does not verify signatures or parse packets; the caller
+(the ingest service) has opened and validated the packet with the protocol core first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
+
+from ..errors import (
+    CertificateRevoked,
+    DirediError,
+    PolicyError,
+    ReplayDetected,
+    StoreError,
+    UnknownDevice,
+)
+from ..packet import DeviceRecord, DeviceStatus
+from ..policy import DEFAULT_POLICY, check_budget
+from .migrations import Migration, SchemaTooNew, check_sequence, render
+
+if TYPE_CHECKING:
+    from ..packet import OpenedPacket
+
+__all__ = [
+    "DEFAULT_EPSILON_BUDGET",
+    "Device",
+    "DeviceConflict",
+    "DeviceStatus",
+    "PacketRecord",
+    "Release",
+    "Store",
+    "StoredPacket",
+    "StoredReceipt",
+]
+
+DEFAULT_EPSILON_BUDGET = DEFAULT_POLICY.lifetime_epsilon_budget
+"""Lifetime epsilon budget of a device enrolled without one (the policy's default)."""
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_MAX_PACKET_ID_BYTES = 64
+# pg_advisory_xact_lock key that serialises migrations across replicas starting together.
+_MIGRATION_LOCK_KEY = 0x5D1E_D100
+_RELEASE_LOCK_KEY = 0x5D1E_D101
+
+
+class DeviceConflict(PolicyError):
+    """A device id is already enrolled with a different certificate."""
+
+    reason = "device_conflict"
+
+
+@dataclass(frozen=True)
+class Device:
+    """An enrolled device, its replay state and its epsilon ledger."""
+
+    device_id: str
+    certificate_der: bytes
+    key_id: bytes
+    """SHA-256 of the device public key's SubjectPublicKeyInfo (32 bytes)."""
+    status: DeviceStatus
+    enrolled_at_ms: int
+    revoked_at_ms: int | None
+    revocation_reason: str | None
+    epsilon_budget: float
+    """Lifetime epsilon this device may spend (basic composition: the sum over packets)."""
+    epsilon_spent: float
+    highest_counter: int | None
+    """Highest packet counter accepted so far; ``None`` before the first packet."""
+
+
+@dataclass(frozen=True)
+class PacketRecord:
+    """What ``store_packet`` persists for one accepted packet (validated on construction).
+
+    ``packet_bytes`` are the SignedPacket bytes exactly as received (still encrypted; the merge job
+    opens them again). ``receipt_bytes`` is the signed receipt the caller computed before the call;
+    it is sent only after ``store_packet`` returns (the transaction has committed).
+    """
+
+    device_id: str
+    packet_id: bytes
+    counter: int
+    created_at_ms: int
+    base_model_version: str
+    epsilon: float
+    packet_bytes: bytes
+    receipt_bytes: bytes
+    received_at_ms: int
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ValueError("device_id must not be empty")
+        if not 1 <= len(self.packet_id) <= _MAX_PACKET_ID_BYTES:
+            raise ValueError(f"packet_id must be 1..{_MAX_PACKET_ID_BYTES} bytes")
+        if self.counter < 0:
+            raise ValueError(f"counter must be non-negative, got {self.counter}")
+        if not self.packet_bytes or not self.receipt_bytes:
+            raise ValueError("packet_bytes and receipt_bytes must not be empty")
+        if not math.isfinite(self.epsilon) or self.epsilon < 0:
+            raise ValueError(f"epsilon must be finite and non-negative, got {self.epsilon!r}")
+
+    @classmethod
+    def from_opened(
+        cls,
+        opened: OpenedPacket,
+        *,
+        packet_bytes: bytes,
+        receipt_bytes: bytes,
+        received_at_ms: int,
+    ) -> PacketRecord:
+        """The record of a packet that ``packet.open_packet`` accepted (header fields copied)."""
+        header = opened.header
+        return cls(
+            device_id=header.device_id,
+            packet_id=header.packet_id,
+            counter=header.counter,
+            created_at_ms=header.created_at_ms,
+            base_model_version=header.base_model_version,
+            epsilon=opened.epsilon,
+            packet_bytes=packet_bytes,
+            receipt_bytes=receipt_bytes,
+            received_at_ms=received_at_ms,
+        )
+
+
+@dataclass(frozen=True)
+class StoredPacket:
+    """A packet as stored (``merged_in_release`` is ``None`` until a release merges it)."""
+
+    packet_id: bytes
+    device_id: str
+    counter: int
+    created_at_ms: int
+    received_at_ms: int
+    base_model_version: str
+    epsilon: float
+    packet_sha256: bytes
+    packet_bytes: bytes
+    receipt_bytes: bytes
+    merged_in_release: str | None
+
+
+@dataclass(frozen=True)
+class StoredReceipt:
+    """Result of ``store_packet``: the receipt to send, and whether this was a retry."""
+
+    receipt_bytes: bytes
+    duplicate: bool
+    """True if these packet bytes were already stored: ``receipt_bytes`` is the first receipt."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """A recorded model release; ``sequence`` orders releases (1, 2, ...) by recording."""
+
+    version: str
+    model_sha256: str
+    attestation_sha256: str
+    created_at_ms: int
+    sequence: int
+
+
+class Cursor(Protocol):
+    """The DB-API cursor subset the queries use (``?`` placeholders in every dialect)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    @property
+    def rowcount(self) -> int: ...
+
+
+_DEVICE_COLUMNS = (
+    "device_id, certificate_der, key_id, status, enrolled_at_ms, revoked_at_ms, "
+    "revocation_reason, epsilon_budget, epsilon_spent, highest_counter"
+)
+_PACKET_COLUMNS = (
+    "packet_id, device_id, counter, created_at_ms, received_at_ms, base_model_version, epsilon, "
+    "packet_sha256, packet_bytes, receipt_bytes, merged_in_release"
+)
+_RELEASE_COLUMNS = "version, model_sha256, attestation_sha256, created_at_ms, sequence"
+
+
+def _device(row: Sequence[Any]) -> Device:
+    return Device(
+        device_id=row[0],
+        certificate_der=bytes(row[1]),
+        key_id=bytes(row[2]),
+        status=DeviceStatus(row[3]),
+        enrolled_at_ms=int(row[4]),
+        revoked_at_ms=None if row[5] is None else int(row[5]),
+        revocation_reason=row[6],
+        epsilon_budget=float(row[7]),
+        epsilon_spent=float(row[8]),
+        highest_counter=None if row[9] is None else int(row[9]),
+    )
+
+
+def _packet(row: Sequence[Any]) -> StoredPacket:
+    return StoredPacket(
+        packet_id=bytes(row[0]),
+        device_id=row[1],
+        counter=int(row[2]),
+        created_at_ms=int(row[3]),
+        received_at_ms=int(row[4]),
+        base_model_version=row[5],
+        epsilon=float(row[6]),
+        packet_sha256=bytes(row[7]),
+        packet_bytes=bytes(row[8]),
+        receipt_bytes=bytes(row[9]),
+        merged_in_release=row[10],
+    )
+
+
+def _release(row: Sequence[Any]) -> Release:
+    return Release(
+        version=row[0],
+        model_sha256=row[1],
+        attestation_sha256=row[2],
+        created_at_ms=int(row[3]),
+        sequence=int(row[4]),
+    )
+
+
+def _check_budget_value(budget: float) -> float:
+    if not math.isfinite(budget) or budget < 0:
+        raise ValueError(f"epsilon budget must be finite and non-negative, got {budget!r}")
+    return float(budget)
+
+
+class Store(ABC):
+    """Persistence for the cloud: devices, packets, replay state, epsilon ledger, releases.
+
+    Implements ``packet.ReplayState`` (:meth:`highest_counter`, :meth:`packet_seen`) and
+    ``packet.DeviceDirectory`` (:meth:`device_record`), so it can be handed to ``open_packet``.
+    Thread-safe: a store may be shared by the threads of one server, and several stores (processes,
+    replicas) may share one database; :meth:`store_packet` is atomic across all of them.
+
+    Every public method raises :class:`StoreError` when the database fails (unreachable, I/O error,
+    locked past the timeout, closed store), besides the policy errors it documents.
+    """
+
+    dialect: ClassVar[str]
+    """Key of the column-type table in :mod:`.migrations` (``sqlite`` / ``postgresql``)."""
+    _for_update: ClassVar[str]
+    """Row-lock suffix for a SELECT inside a write transaction (empty where the lock is global)."""
+    _integrity_error: ClassVar[type[Exception]]
+    """The driver's exception for a violated unique or foreign-key constraint."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        default_epsilon_budget: float,
+        migrations: Sequence[Migration],
+    ) -> None:
+        self._name = name
+        self._default_budget = _check_budget_value(default_epsilon_budget)
+        check_sequence(migrations)
+        self._migrations = tuple(migrations)
+        self._closed = False
+
+    # ---------------------------------------------------------------- what a backend supplies
+    @abstractmethod
+    def _transaction(self, *, write: bool) -> AbstractContextManager[Cursor]:
+        """A cursor inside one transaction: commit on normal exit, roll back on any exception.
+
+        ``write=True`` must take whatever lock makes the following reads current for a writer
+        (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the ``FOR UPDATE`` row locks the queries take).
+        """
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release connections. Called once."""
+
+    def _advisory_lock(self, cursor: Cursor, key: int) -> None:  # noqa: B027 - optional hook
+        """Serialise a rare global operation (migration, release) across processes.
+
+        No-op by default: backends whose write transactions already exclude each other need none.
+        """
+
+    # ---------------------------------------------------------------- the public wrapper
+    @property
+    def name(self) -> str:
+        """Where this store lives (a file path or a DSN without its password)."""
+        return self._name
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        if self._closed:
+            raise StoreError(f"store {self._name}: {action} on a closed store")
+        try:
+            yield
+        except DirediError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"store {self._name}: {action} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the store; later calls raise :class:`StoreError`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._guard_closing():
+            self._close()
+
+    @contextmanager
+    def _guard_closing(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            raise StoreError(f"store {self._name}: close failed: {exc}") from exc
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._name!r})"
+
+    # ---------------------------------------------------------------- schema
+    def _migrate(self) -> None:
+        """Bring the schema to the last known migration; refuse a newer database.
+
+        Raises :class:`SchemaTooNew` (a :class:`StoreError`) if the database is ahead of this build.
+        """
+        with self._guard("schema migration"), self._transaction(write=True) as cur:
+            self._advisory_lock(cur, _MIGRATION_LOCK_KEY)
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, description TEXT NOT NULL)"
+            )
+            cur.execute("SELECT MAX(version) FROM schema_version")
+            row = cur.fetchone()
+            current = 0 if row is None or row[0] is None else int(row[0])
+            latest = self._migrations[-1].version if self._migrations else 0
+            if current > latest:
+                raise SchemaTooNew(
+                    f"store {self._name}: database schema is version {current}, this build knows "
+                    f"up to {latest}; upgrade the software (refusing to touch a newer schema)"
+                )
+            for migration in self._migrations[current:]:
+                for statement in render(migration, self.dialect):
+                    cur.execute(statement)
+                cur.execute(
+                    "INSERT INTO schema_version (version, description) VALUES (?, ?)",
+                    (migration.version, migration.description),
+                )
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database (0 if none)."""
+        with self._guard("read schema version"), self._transaction(write=False) as cur:
+            cur.execute("SELECT MAX(version) FROM schema_version")
+            row = cur.fetchone()
+            return 0 if row is None or row[0] is None else int(row[0])
+
+    # ---------------------------------------------------------------- devices
+    def register_device(
+        self,
+        device_id: str,
+        certificate_der: bytes,
+        key_id: bytes,
+        *,
+        enrolled_at_ms: int,
+        epsilon_budget: float | None = None,
+    ) -> Device:
+        """Enrol a device (the caller has verified its certificate against the device CA).
+
+        Idempotent: enrolling again with the same certificate returns the stored device unchanged.
+        ``epsilon_budget`` defaults to the store's ``default_epsilon_budget``.
+
+        Raises :class:`CertificateRevoked` if the device id was revoked (a revoked device cannot
+        re-enrol itself), :class:`DeviceConflict` if it is enrolled with another certificate.
+        """
+        if not device_id:
+            raise ValueError("device_id must not be empty")
+        budget = self._default_budget if epsilon_budget is None else epsilon_budget
+        budget = _check_budget_value(budget)
+        certificate_der = bytes(certificate_der)
+        with self._guard(f"register device {device_id}"), self._transaction(write=True) as cur:
+            # ON CONFLICT DO NOTHING makes two replicas enrolling the same device at once safe: the
+            # loser waits for the winner's row and then compares certificates below.
+            cur.execute(
+                "INSERT INTO devices (device_id, certificate_der, key_id, status, enrolled_at_ms, "
+                "epsilon_budget, epsilon_spent) VALUES (?, ?, ?, 'active', ?, ?, 0) "
+                "ON CONFLICT DO NOTHING",
+                (device_id, certificate_der, bytes(key_id), enrolled_at_ms, budget),
+            )
+            device = self._device_row(cur, device_id, lock=True)
+            assert device is not None  # inserted or already there, and rows are never deleted
+            if device.status is DeviceStatus.REVOKED:
+                raise CertificateRevoked(f"device {device_id} is revoked; it cannot re-enrol")
+            if device.certificate_der != certificate_der:
+                raise DeviceConflict(
+                    f"device {device_id} is already enrolled with another certificate"
+                )
+            return device
+
+    def get_device(self, device_id: str) -> Device | None:
+        """The device, or ``None`` if it was never enrolled."""
+        with self._guard(f"read device {device_id}"), self._transaction(write=False) as cur:
+            return self._device_row(cur, device_id, lock=False)
+
+    def device_record(self, device_id: str) -> DeviceRecord | None:
+        """``packet.DeviceDirectory``: the device as ``open_packet`` needs it, or ``None``."""
+        device = self.get_device(device_id)
+        if device is None:
+            return None
+        return DeviceRecord(device.device_id, device.certificate_der, device.status)
+
+    def require_active_device(self, device_id: str) -> Device:
+        """The device if enrolled and active.
+
+        Raises :class:`UnknownDevice` or :class:`CertificateRevoked` otherwise.
+        """
+        device = self.get_device(device_id)
+        if device is None:
+            raise UnknownDevice(f"device {device_id} is not enrolled")
+        if device.status is not DeviceStatus.ACTIVE:
+            raise CertificateRevoked(f"device {device_id} is revoked")
+        return device
+
+    def revoke_device(self, device_id: str, *, revoked_at_ms: int, reason: str) -> Device:
+        """Revoke a device: its later packets and enrolments are refused.
+
+        Idempotent: revoking a revoked device keeps the first time and reason.
+        Raises :class:`UnknownDevice` if it was never enrolled.
+        """
+        with self._guard(f"revoke device {device_id}"), self._transaction(write=True) as cur:
+            cur.execute(
+                "UPDATE devices SET status = 'revoked', revoked_at_ms = ?, revocation_reason = ? "
+                "WHERE device_id = ? AND status = 'active'",
+                (revoked_at_ms, reason, device_id),
+            )
+            device = self._device_row(cur, device_id, lock=False)
+            if device is None:
+                raise UnknownDevice(f"device {device_id} is not enrolled")
+            return device
+
+    def list_devices(self) -> list[Device]:
+        """Every enrolled device (active and revoked), ordered by device id."""
+        with self._guard("list devices"), self._transaction(write=False) as cur:
+            cur.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")  # noqa: S608 - constants only
+            return [_device(row) for row in cur.fetchall()]
+
+    def set_epsilon_budget(self, device_id: str, budget: float) -> Device:
+        """Set a device's lifetime epsilon budget (may be below what it has spent: it then stops).
+
+        Raises :class:`UnknownDevice` if it was never enrolled.
+        """
+        budget = _check_budget_value(budget)
+        with self._guard(f"set budget of {device_id}"), self._transaction(write=True) as cur:
+            cur.execute(
+                "UPDATE devices SET epsilon_budget = ? WHERE device_id = ?", (budget, device_id)
+            )
+            device = self._device_row(cur, device_id, lock=False)
+            if device is None:
+                raise UnknownDevice(f"device {device_id} is not enrolled")
+            return device
+
+    def epsilon_spent(self, device_id: str) -> float:
+        """Epsilon charged to the device so far (sum over its stored packets).
+
+        Raises :class:`UnknownDevice` if it was never enrolled.
+        """
+        device = self.get_device(device_id)
+        if device is None:
+            raise UnknownDevice(f"device {device_id} is not enrolled")
+        return device.epsilon_spent
+
+    def _device_row(self, cur: Cursor, device_id: str, *, lock: bool) -> Device | None:
+        suffix = self._for_update if lock else ""
+        query = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?{suffix}"  # noqa: S608 - constants only
+        cur.execute(query, (device_id,))
+        row = cur.fetchone()
+        return None if row is None else _device(row)
+
+    # ---------------------------------------------------------------- packet.ReplayState
+    def highest_counter(self, device_id: str) -> int | None:
+        """Highest accepted counter of the device; ``None`` if none (or not enrolled)."""
+        device = self.get_device(device_id)
+        return None if device is None else device.highest_counter
+
+    def packet_seen(self, packet_id: bytes) -> bool:
+        """Whether a packet with this id is stored (from any device)."""
+        with self._guard("look up packet id"), self._transaction(write=False) as cur:
+            cur.execute("SELECT 1 FROM packets WHERE packet_id = ?", (bytes(packet_id),))
+            return cur.fetchone() is not None
+
+    def existing_receipt(self, packet_id: bytes, packet_bytes: bytes) -> bytes | None:
+        """The stored receipt if exactly these packet bytes are stored under ``packet_id``.
+
+        Lets the ingest service answer a retry before opening the packet again (``open_packet``
+        would refuse it as a replay). Returns ``None`` if the id is unknown; raises
+        :class:`ReplayDetected` if the id is stored with other bytes.
+        """
+        digest = hashlib.sha256(packet_bytes).digest()
+        with self._guard("look up packet"), self._transaction(write=False) as cur:
+            cur.execute(
+                "SELECT packet_sha256, receipt_bytes FROM packets WHERE packet_id = ?",
+                (bytes(packet_id),),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        if bytes(row[0]) != digest:
+            raise ReplayDetected(f"packet id {bytes(packet_id).hex()} was stored with other bytes")
+        return bytes(row[1])
+
+    # ---------------------------------------------------------------- packets
+    def store_packet(self, record: PacketRecord) -> StoredReceipt:
+        """Accept one packet atomically: check replay, charge the ledger, store, commit.
+
+        In ONE transaction, holding the device row's lock: if the same ``packet_id`` is stored with
+        the same bytes (SHA-256), return the stored receipt (``duplicate=True``, idempotent retry);
+        otherwise refuse a known id, a counter not above the device's highest, or an epsilon that
+        would take the device past its lifetime budget; then insert the packet, raise the highest
+        counter and the spent epsilon, and commit. On any refusal nothing changes. The caller sends
+        ``StoredReceipt.receipt_bytes`` only after this returns.
+
+        Raises :class:`ReplayDetected` (id stored with other bytes, counter not increasing),
+        :class:`BudgetExceeded`, :class:`UnknownDevice`, :class:`CertificateRevoked`,
+        :class:`StoreError`.
+        """
+        digest = hashlib.sha256(record.packet_bytes).digest()
+        pid = bytes(record.packet_id)
+        try:
+            with self._guard(f"store packet {pid.hex()}"), self._transaction(write=True) as cur:
+                device = self._device_row(cur, record.device_id, lock=True)
+                cur.execute(
+                    "SELECT packet_sha256, receipt_bytes FROM packets WHERE packet_id = ?", (pid,)
+                )
+                existing = cur.fetchone()
+                if existing is not None:
+                    if bytes(existing[0]) == digest:
+                        return StoredReceipt(bytes(existing[1]), duplicate=True)
+                    raise ReplayDetected(
+                        f"packet id {pid.hex()} was already stored with other bytes"
+                    )
+                if device is None:
+                    raise UnknownDevice(f"device {record.device_id} is not enrolled")
+                if device.status is not DeviceStatus.ACTIVE:
+                    raise CertificateRevoked(f"device {record.device_id} is revoked")
+                if device.highest_counter is not None and record.counter <= device.highest_counter:
+                    raise ReplayDetected(
+                        f"device {record.device_id}: counter {record.counter} is not above the "
+                        f"highest accepted ({device.highest_counter})"
+                    )
+                check_budget(
+                    device_id=record.device_id,
+                    spent=device.epsilon_spent,
+                    requested=record.epsilon,
+                    budget=device.epsilon_budget,
+                )
+                cur.execute(
+                    f"INSERT INTO packets ({_PACKET_COLUMNS}) "  # noqa: S608 - constants only
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    (
+                        pid,
+                        record.device_id,
+                        record.counter,
+                        record.created_at_ms,
+                        record.received_at_ms,
+                        record.base_model_version,
+                        float(record.epsilon),
+                        digest,
+                        bytes(record.packet_bytes),
+                        bytes(record.receipt_bytes),
+                    ),
+                )
+                cur.execute(
+                    "UPDATE devices SET highest_counter = ?, epsilon_spent = ? WHERE device_id = ?",
+                    (record.counter, device.epsilon_spent + record.epsilon, record.device_id),
+                )
+        except StoreError as exc:
+            # The device row lock serialises one device; a unique violation can then only be the
+            # same packet id raced in by ANOTHER device's transaction: a replay, not a store fault.
+            if isinstance(exc.__cause__, self._integrity_error):
+                raise ReplayDetected(f"packet id {pid.hex()} was stored concurrently") from exc
+            raise
+        return StoredReceipt(bytes(record.receipt_bytes), duplicate=False)
+
+    def get_packet(self, packet_id: bytes) -> StoredPacket | None:
+        """The stored packet with this id, or ``None``."""
+        with self._guard("read packet"), self._transaction(write=False) as cur:
+            query = f"SELECT {_PACKET_COLUMNS} FROM packets WHERE packet_id = ?"  # noqa: S608 - constants only
+            cur.execute(query, (bytes(packet_id),))
+            row = cur.fetchone()
+            return None if row is None else _packet(row)
+
+    def list_packets(
+        self, *, unmerged_only: bool = True, device_id: str | None = None
+    ) -> list[StoredPacket]:
+        """Stored packets in arrival order (received time, then device, then counter)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if unmerged_only:
+            where.append("merged_in_release IS NULL")
+        if device_id is not None:
+            where.append("device_id = ?")
+            params.append(device_id)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        with self._guard("list packets"), self._transaction(write=False) as cur:
+            cur.execute(
+                f"SELECT {_PACKET_COLUMNS} FROM packets{clause} "  # noqa: S608 - constants only
+                "ORDER BY received_at_ms, device_id, counter",
+                params,
+            )
+            return [_packet(row) for row in cur.fetchall()]
+
+    def mark_merged(self, packet_ids: Sequence[bytes], release_version: str) -> None:
+        """Mark packets as merged into a recorded release (all or none).
+
+        Idempotent for packets already marked with the same release. Raises :class:`StoreError`
+        if the release is not recorded, a packet id is unknown, or a packet was merged into
+        another release.
+        """
+        with (
+            self._guard(f"mark packets merged into {release_version}"),
+            self._transaction(write=True) as cur,
+        ):
+            self._mark_merged(cur, packet_ids, release_version)
+
+    def _mark_merged(self, cur: Cursor, packet_ids: Sequence[bytes], release_version: str) -> None:
+        cur.execute("SELECT 1 FROM releases WHERE version = ?", (release_version,))
+        if cur.fetchone() is None:
+            raise StoreError(f"store {self._name}: release {release_version} is not recorded")
+        for raw in packet_ids:
+            pid = bytes(raw)
+            cur.execute(
+                f"SELECT merged_in_release FROM packets WHERE packet_id = ?{self._for_update}",  # noqa: S608 - constants only
+                (pid,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise StoreError(f"store {self._name}: packet {pid.hex()} is not stored")
+            if row[0] is not None and row[0] != release_version:
+                raise StoreError(
+                    f"store {self._name}: packet {pid.hex()} was already merged into {row[0]}"
+                )
+            cur.execute(
+                "UPDATE packets SET merged_in_release = ? WHERE packet_id = ?",
+                (release_version, pid),
+            )
+
+    # ---------------------------------------------------------------- releases
+    def record_release(
+        self,
+        version: str,
+        model_sha256: str,
+        attestation_sha256: str,
+        created_at_ms: int,
+        *,
+        merged_packet_ids: Sequence[bytes] = (),
+    ) -> Release:
+        """Record a published release; optionally mark its merged packets in the same transaction.
+
+        Digests are lowercase hex SHA-256. Idempotent when recorded again with the same digests;
+        raises :class:`StoreError` if ``version`` is recorded with other digests (or for the
+        reasons of :meth:`mark_merged`).
+        """
+        for label, value in (("model", model_sha256), ("attestation", attestation_sha256)):
+            if not _SHA256_HEX.fullmatch(value):
+                raise ValueError(f"{label} digest must be 64 lowercase hex digits, got {value!r}")
+        with self._guard(f"record release {version}"), self._transaction(write=True) as cur:
+            self._advisory_lock(cur, _RELEASE_LOCK_KEY)
+            cur.execute(f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE version = ?", (version,))  # noqa: S608 - constants only
+            row = cur.fetchone()
+            if row is not None:
+                release = _release(row)
+                if (release.model_sha256, release.attestation_sha256) != (
+                    model_sha256,
+                    attestation_sha256,
+                ):
+                    raise StoreError(
+                        f"store {self._name}: release {version} is already recorded with other "
+                        "digests"
+                    )
+            else:
+                cur.execute("SELECT COALESCE(MAX(sequence), 0) FROM releases")
+                sequence = int(cur.fetchone()[0]) + 1
+                cur.execute(
+                    f"INSERT INTO releases ({_RELEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",  # noqa: S608 - constants only
+                    (version, model_sha256, attestation_sha256, created_at_ms, sequence),
+                )
+                release = Release(
+                    version, model_sha256, attestation_sha256, created_at_ms, sequence
+                )
+            if merged_packet_ids:
+                self._mark_merged(cur, merged_packet_ids, version)
+            return release
+
+    def latest_release(self) -> Release | None:
+        """The most recently recorded release, or ``None``."""
+        with self._guard("read latest release"), self._transaction(write=False) as cur:
+            cur.execute(f"SELECT {_RELEASE_COLUMNS} FROM releases ORDER BY sequence DESC LIMIT 1")  # noqa: S608 - constants only
+            row = cur.fetchone()
+            return None if row is None else _release(row)
+
+    def get_release(self, version: str) -> Release | None:
+        """The release recorded under ``version``, or ``None``."""
+        with self._guard(f"read release {version}"), self._transaction(write=False) as cur:
+            cur.execute(f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE version = ?", (version,))  # noqa: S608 - constants only
+            row = cur.fetchone()
+            return None if row is None else _release(row)

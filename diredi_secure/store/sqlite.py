@@ -1,0 +1,92 @@
+"""SQLite backend (stdlib ``sqlite3``): the embedded default, one file in the workspace.
+
+Durability: WAL journal with ``synchronous=FULL``, so a committed transaction (and so every packet
+whose receipt was sent) survives a crash or power loss. Foreign keys are on. Every write transaction
+is ``BEGIN IMMEDIATE``: it takes the database's single write lock up front, which serialises
+writers across threads and processes and makes the reads inside the transaction current (SQLite's
+equivalent of PostgreSQL's ``SELECT ... FOR UPDATE``). A writer waits up to ``busy_timeout_s`` for
+the lock, then fails with :class:`StoreError`.
+
+One connection per store, shared by the store's threads under a lock: SQLite serialises writers
+anyway, and one connection keeps WAL checkpoints and fsyncs in one place.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import StoreError
+from .base import DEFAULT_EPSILON_BUDGET, Cursor, Store
+from .migrations import MIGRATIONS, Migration
+
+__all__ = ["SQLiteStore"]
+
+
+class SQLiteStore(Store):
+    """A store in one SQLite file (created and migrated if missing).
+
+    Raises :class:`StoreError` if the file cannot be opened, is not a database, or holds a schema
+    newer than this build (:class:`~diredi_secure.store.SchemaTooNew`).
+    """
+
+    dialect: ClassVar[str] = "sqlite"
+    _for_update: ClassVar[str] = ""
+    _integrity_error: ClassVar[type[Exception]] = sqlite3.IntegrityError
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        default_epsilon_budget: float = DEFAULT_EPSILON_BUDGET,
+        busy_timeout_s: float = 30.0,
+        migrations: Sequence[Migration] = MIGRATIONS,
+    ) -> None:
+        super().__init__(
+            name=str(path), default_epsilon_budget=default_epsilon_budget, migrations=migrations
+        )
+        self._lock = threading.Lock()
+        try:
+            # isolation_level=None: the driver never opens transactions behind our back; we issue
+            # BEGIN IMMEDIATE / COMMIT / ROLLBACK ourselves.
+            self._conn = sqlite3.connect(
+                str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"store {path}: cannot open SQLite database: {exc}") from exc
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(path) != ":memory:" and str(mode).lower() != "wal":
+                raise StoreError(f"store {path}: SQLite refused WAL mode (got {mode!r})")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise StoreError(f"store {path}: cannot initialise SQLite database: {exc}") from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Cursor]:
+        with self._lock:
+            cur = self._conn.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+
+    def _close(self) -> None:
+        with self._lock:
+            self._conn.close()
