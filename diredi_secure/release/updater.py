@@ -1,0 +1,622 @@
+"""The device side of secure releases: verify with python-tuf, check the attestation, install A/B.
+
+``DeviceUpdater.update()`` runs python-tuf's client workflow (``tuf.ngclient.Updater``: root
+chain, timestamp, snapshot, targets, delegations; thresholds, expiry at *our* clock, rollback and
+mix-and-match checks, pinned lengths and hashes), then checks the release's in-toto attestation
+against the keys the verified metadata names, refuses pickle or malformed models, and installs
+the files atomically into the inactive slot of an A/B pair. Until the final rename of
+``active.json`` nothing the device runs has changed; the previous model stays in the other slot.
+
+Every failure is a typed :class:`~diredi_secure.errors.DirediError` (see ``errors.py`` in this
+package for the ``ReleaseError`` subclasses); python-tuf exceptions never escape.
+
+State folder layout::
+
+    tuf/                 python-tuf's metadata cache (root_history/, timestamp.json ...)
+    trusted_root.json    the root the device was provisioned with (its trust anchor)
+    download/            verified downloads before install (emptied after each run)
+    slots/a/, slots/b/   the two install slots (model.safetensors, architecture.json, ...)
+    active.json          which slot runs, and the release record of both slots
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+from securesystemslib.signer import Key
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from diredi_secure.checkpoint import (
+    DEFAULT_MAX_CHECKPOINT_BYTES,
+    load_checkpoint,
+    load_checkpoint_bytes,
+)
+from diredi_secure.errors import (
+    AttestationInvalid,
+    ConfigError,
+    DirediError,
+    ModelFormatError,
+    ReleaseError,
+    ReleaseRefused,
+    StoreError,
+    TooLarge,
+)
+
+from .attest import MAX_ATTESTATION_BYTES, Attestation, verify_attestation
+from .errors import (
+    InstallFailed,
+    ReleaseExpired,
+    ReleaseInconsistent,
+    ReleaseRollback,
+    ReleaseSignatureInvalid,
+    ReleaseUnavailable,
+    TargetMismatch,
+    TargetTooLong,
+)
+from .fetcher import METADATA_BASE_URL, TARGETS_BASE_URL
+from .repository import (
+    ARCHITECTURE_TARGET,
+    ATTESTATION_TARGET,
+    CUSTOM_KEY,
+    INBOX_KEY_TARGET,
+    MODEL_TARGET,
+    REFERENCE_SET_TARGET,
+)
+
+__all__ = [
+    "DeviceUpdater",
+    "InstalledModel",
+    "InstalledRelease",
+    "SlotStore",
+    "UpdatePolicy",
+    "UpdateResult",
+    "map_tuf_error",
+]
+
+Clock = Callable[[], datetime]
+_SLOTS: Final = ("a", "b")
+_STATE_FORMAT: Final = 1
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """What the device accepts, and the caps on what it downloads.
+
+    ``prefix``/``role``: where the device's releases live (``""``/``targets`` for the whole fleet;
+    ``fleets/eu/``/``fleet-eu`` for a delegated one). A new model's attested parent must be the
+    installed model, one of ``allowed_parents`` (hex SHA-256), or anything when
+    ``require_parent_match`` is false; a first install accepts any parent.
+    """
+
+    prefix: str = ""
+    role: str = Targets.type
+    require_parent_match: bool = True
+    allowed_parents: frozenset[str] = frozenset()
+    accept_forced_audit: bool = True
+    max_model_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES
+    max_file_bytes: int = 64 * 1024 * 1024  # architecture, reference set, inbox key
+    max_attestation_bytes: int = MAX_ATTESTATION_BYTES
+    tuf: UpdaterConfig = field(default_factory=UpdaterConfig)
+
+
+@dataclass(frozen=True)
+class InstalledRelease:
+    """The record of an installed release (kept in ``active.json``)."""
+
+    version: int
+    model_sha256: str
+    role: str
+    prefix: str
+    slot: str
+    files: tuple[str, ...]
+    parent_sha256: str | None
+    audit_verdict: str
+    audit_forced: bool
+    installed_at: str
+
+    @classmethod
+    def from_dict(cls, data: Any) -> InstalledRelease:
+        try:
+            return cls(
+                version=int(data["version"]),
+                model_sha256=str(data["model_sha256"]),
+                role=str(data["role"]),
+                prefix=str(data["prefix"]),
+                slot=str(data["slot"]),
+                files=tuple(str(f) for f in data["files"]),
+                parent_sha256=None if data["parent_sha256"] is None else str(data["parent_sha256"]),
+                audit_verdict=str(data["audit_verdict"]),
+                audit_forced=bool(data["audit_forced"]),
+                installed_at=str(data["installed_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"release record is corrupt: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """The running model: its release record, tensors, safetensors metadata and architecture."""
+
+    release: InstalledRelease
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str]
+    architecture: dict[str, Any]
+    slot_dir: Path
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """Outcome of :meth:`DeviceUpdater.update`."""
+
+    status: Literal["installed", "up_to_date"]
+    release: InstalledRelease
+    attestation: Attestation | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# python-tuf exceptions -> our errors
+# ------------------------------------------------------------------------------------------------
+_ROLLBACK_MESSAGES = (
+    re.compile(r"must be >="),  # timestamp / snapshot version went down
+    re.compile(r"^Expected \S+\.json version \d+, got \d+\.$"),  # snapshot meta went down
+)
+
+
+def map_tuf_error(exc: Exception, stage: Literal["metadata", "target"]) -> DirediError:
+    """Translate a python-tuf exception into our typed error, naming the attack it indicates.
+
+    ``stage`` says whether metadata (refresh, target lookup) or a target download failed: a hash
+    mismatch in metadata means mixed-up metadata, in a target it means tampered bytes.
+    """
+    text = str(exc) or type(exc).__name__
+    where = "metadata" if stage == "metadata" else "target"
+    if isinstance(exc, tuf_exc.UnsignedMetadataError):
+        return ReleaseSignatureInvalid(f"{where} below its signature threshold: {text}")
+    if isinstance(exc, tuf_exc.ExpiredMetadataError):
+        return ReleaseExpired(f"{text} (freeze attack or stale repository)")
+    if isinstance(exc, tuf_exc.BadVersionNumberError):
+        if any(p.search(text) for p in _ROLLBACK_MESSAGES):
+            return ReleaseRollback(f"metadata version went down: {text}")
+        return ReleaseInconsistent(f"metadata version is not the one pinned: {text}")
+    if isinstance(exc, tuf_exc.LengthOrHashMismatchError):
+        if stage == "metadata":
+            return ReleaseInconsistent(f"metadata does not match its pinned hash: {text}")
+        return TargetMismatch(f"downloaded file does not match the signed hash: {text}")
+    if isinstance(exc, tuf_exc.DownloadLengthMismatchError):
+        return TargetTooLong(f"{where} longer than declared: {text}")
+    if isinstance(exc, tuf_exc.DownloadHTTPError):
+        return ReleaseUnavailable(f"{where} not available ({exc.status_code}): {text}")
+    if isinstance(exc, tuf_exc.DownloadError):
+        cause = exc.__cause__
+        detail = f"{text}: {cause}" if cause is not None else text
+        return ReleaseUnavailable(f"{where} download failed: {detail}")
+    if isinstance(exc, tuf_exc.RepositoryError):
+        return ReleaseError(f"{where} failed verification: {text}")
+    raise TypeError(f"not a python-tuf error: {exc!r}")
+
+
+@contextlib.contextmanager
+def _tuf_errors(stage: Literal["metadata", "target"]) -> Iterator[None]:
+    try:
+        yield
+    except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
+        raise map_tuf_error(exc, stage) from exc
+    except OSError as exc:
+        raise StoreError(f"device release cache: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------------
+# A/B slots
+# ------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class SlotStore:
+    """Two install slots and an ``active.json`` pointer, switched by one atomic rename.
+
+    Install writes every file of the new release into the *inactive* slot (temporary name,
+    fsync, rename), then writes ``active.json`` the same way. A crash before that last rename
+    leaves ``active.json`` pointing at the old slot, which was never touched. The slot that was
+    active stays on disk as the fallback (:meth:`revert`).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def _active_path(self) -> Path:
+        return self.folder / "active.json"
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            raw = self._active_path.read_bytes()
+        except FileNotFoundError:
+            return {"format": _STATE_FORMAT, "active": None, "previous": None}
+        except OSError as exc:
+            raise StoreError(f"cannot read {self._active_path}: {exc.strerror}") from exc
+        try:
+            state = json.loads(raw)
+        except ValueError as exc:
+            raise StoreError(f"{self._active_path} is not JSON") from exc
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise StoreError(f"{self._active_path} has an unknown format")
+        return state
+
+    def active(self) -> InstalledRelease | None:
+        """The running release, or None before the first install."""
+        record = self._state().get("active")
+        return None if record is None else InstalledRelease.from_dict(record)
+
+    def previous(self) -> InstalledRelease | None:
+        """The release kept in the other slot for fallback, if any."""
+        record = self._state().get("previous")
+        return None if record is None else InstalledRelease.from_dict(record)
+
+    def slot_dir(self, slot: str) -> Path:
+        if slot not in _SLOTS:
+            raise StoreError(f"unknown slot {slot!r}")
+        return self.folder / "slots" / slot
+
+    def inactive_slot(self) -> str:
+        active = self.active()
+        return "a" if active is None or active.slot == "b" else "b"
+
+    def install(
+        self,
+        files: Mapping[str, bytes],
+        release: InstalledRelease,
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> InstalledRelease:
+        """Write ``files`` into ``release.slot`` and make it active; the old one becomes previous.
+
+        ``before_commit`` runs after every file is durable and before the commit rename (tests
+        use it to simulate a crash there). Raises :class:`InstallFailed` on I/O errors.
+        """
+        if release.slot != self.inactive_slot():
+            raise InstallFailed(f"slot {release.slot!r} is the running one")
+        target = self.slot_dir(release.slot)
+        state = self._state()
+        try:
+            if target.exists():
+                shutil.rmtree(target)  # the old fallback: it is replaced by the running release
+            target.mkdir(parents=True)
+            for name, data in files.items():
+                if "/" in name or name.startswith("."):
+                    raise InstallFailed(f"refusing slot file name {name!r}")
+                tmp = target / f".{name}.tmp"
+                _write_synced(tmp, data)
+                os.replace(tmp, target / name)
+            _fsync_dir(target)
+            new_state = {
+                "format": _STATE_FORMAT,
+                "active": asdict(release),
+                "previous": state.get("active"),
+            }
+            tmp_state = self.folder / ".active.json.tmp"
+            _write_synced(tmp_state, json.dumps(new_state, sort_keys=True, indent=1).encode())
+            if before_commit is not None:
+                before_commit()
+            os.replace(tmp_state, self._active_path)
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            raise InstallFailed(f"installing v{release.version} failed: {exc}") from exc
+        return release
+
+    def revert(self) -> InstalledRelease:
+        """Make the previous release active again (a local decision: the new model misbehaves)."""
+        state = self._state()
+        if state.get("previous") is None:
+            raise StoreError("there is no previous release to revert to")
+        new_state = {**state, "active": state["previous"], "previous": state["active"]}
+        tmp_state = self.folder / ".active.json.tmp"
+        try:
+            _write_synced(tmp_state, json.dumps(new_state, sort_keys=True, indent=1).encode())
+            os.replace(tmp_state, self._active_path)
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            raise InstallFailed(f"revert failed: {exc}") from exc
+        return InstalledRelease.from_dict(new_state["active"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The updater
+# ------------------------------------------------------------------------------------------------
+def _release_version(target: TargetFile) -> int:
+    custom = target.custom
+    entry = custom.get(CUSTOM_KEY) if isinstance(custom, dict) else None
+    version = entry.get("release") if isinstance(entry, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ReleaseError(f"target {target.path} carries no release version")
+    return version
+
+
+class DeviceUpdater:
+    """Verify and install releases on a device.
+
+    Trusted: ``trusted_root`` (the root metadata the device was provisioned with; stored in the
+    state folder on first use), the state folder, and ``clock`` (timezone-aware; expiry is judged
+    against it). Untrusted: everything ``fetcher`` returns.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        fetcher: FetcherInterface,
+        *,
+        clock: Clock,
+        trusted_root: bytes | None = None,
+        policy: UpdatePolicy | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.fetcher = fetcher
+        self.clock = clock
+        self.policy = policy or UpdatePolicy()
+        self.slots = SlotStore(self.state_dir)
+        self._tuf_dir = self.state_dir / "tuf"
+        self._download_dir = self.state_dir / "download"
+        self._root_path = self.state_dir / "trusted_root.json"
+        self._provision(trusted_root)
+
+    def _provision(self, trusted_root: bytes | None) -> None:
+        try:
+            stored = self._root_path.read_bytes() if self._root_path.exists() else None
+            if stored is None:
+                if trusted_root is None:
+                    raise ConfigError(f"{self.state_dir} is not provisioned: pass a trusted root")
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                _write_synced(self._root_path, trusted_root)
+            elif trusted_root is not None and trusted_root != stored:
+                raise ConfigError(f"{self.state_dir} was provisioned with another trusted root")
+        except OSError as exc:
+            raise StoreError(f"cannot provision {self.state_dir}: {exc}") from exc
+
+    # -- reading --------------------------------------------------------------------------------
+    def installed(self) -> InstalledRelease | None:
+        """The running release record, or None."""
+        return self.slots.active()
+
+    def current_model(self) -> InstalledModel:
+        """Load the running model (safetensors only; pickle refused); check it against its record.
+
+        Raises :class:`StoreError` when nothing is installed, :class:`ModelFormatError` when the
+        file is not safetensors or not the bytes that were verified at install.
+        """
+        release = self.slots.active()
+        if release is None:
+            raise StoreError("no model is installed")
+        return self._load_slot(release)
+
+    def previous_model(self) -> InstalledModel | None:
+        """The fallback model in the other slot, if any."""
+        release = self.slots.previous()
+        return None if release is None else self._load_slot(release)
+
+    def _load_slot(self, release: InstalledRelease) -> InstalledModel:
+        slot_dir = self.slots.slot_dir(release.slot)
+        path = slot_dir / MODEL_TARGET
+        tensors, metadata = load_checkpoint(path, max_bytes=self.policy.max_model_bytes)
+        digest = _sha256_file(path)
+        if digest != release.model_sha256:
+            raise ModelFormatError(f"installed model {path} changed since it was verified")
+        try:
+            architecture = json.loads((slot_dir / ARCHITECTURE_TARGET).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"architecture of v{release.version} is unreadable") from exc
+        return InstalledModel(release, tensors, metadata, architecture, slot_dir)
+
+    # -- updating -------------------------------------------------------------------------------
+    def _tuf_updater(self) -> Updater:
+        self._tuf_dir.mkdir(parents=True, exist_ok=True)
+        with _tuf_errors("metadata"):
+            updater = Updater(
+                metadata_dir=str(self._tuf_dir),
+                metadata_base_url=METADATA_BASE_URL,
+                target_dir=str(self._download_dir),
+                target_base_url=TARGETS_BASE_URL,
+                fetcher=self.fetcher,
+                config=self.policy.tuf,
+                bootstrap=self._root_path.read_bytes(),
+            )
+        now = self.clock()
+        if now.tzinfo is None:
+            raise ConfigError("the device clock must return timezone-aware datetimes")
+        # python-tuf reads the wall clock once, when its TrustedMetadataSet is made; every expiry
+        # check uses this attribute. Setting it is how we pass our clock in (its own tests patch
+        # datetime instead). Pinned by tests/unit/test_release_updater.py::test_clock_is_used.
+        updater._trusted_set.reference_time = now.astimezone(UTC)
+        return updater
+
+    def check(self) -> int | None:
+        """Refresh metadata and return the published release version (None if nothing published)."""
+        updater = self._tuf_updater()
+        with _tuf_errors("metadata"):
+            target = updater.get_targetinfo(self.policy.prefix + MODEL_TARGET)
+        return None if target is None else _release_version(target)
+
+    def update(self, *, before_commit: Callable[[], None] | None = None) -> UpdateResult:
+        """Fetch, verify and install the newest release; the running model is kept on any error.
+
+        Raises a :class:`ReleaseError` subclass for TUF failures (rollback, freeze,
+        mix-and-match, signatures, tampered or endless targets), :class:`AttestationInvalid`,
+        :class:`ReleaseRefused` (failed audit, wrong parent), :class:`ModelFormatError` (pickle
+        or malformed model), :class:`TooLarge`, :class:`InstallFailed` / :class:`StoreError`.
+        """
+        policy = self.policy
+        updater = self._tuf_updater()
+        with _tuf_errors("metadata"):
+            infos = {
+                name: updater.get_targetinfo(policy.prefix + name)
+                for name in (
+                    MODEL_TARGET,
+                    ARCHITECTURE_TARGET,
+                    ATTESTATION_TARGET,
+                    REFERENCE_SET_TARGET,
+                    INBOX_KEY_TARGET,
+                )
+            }
+        model_info = infos[MODEL_TARGET]
+        if model_info is None:
+            raise ReleaseUnavailable(f"no release is published at {policy.prefix + MODEL_TARGET}")
+        version = _release_version(model_info)
+        model_sha256 = model_info.hashes.get("sha256")
+        if model_sha256 is None:
+            raise ReleaseError("the model target has no sha256 hash")
+        for name, info in infos.items():
+            if info is not None and _release_version(info) != version:
+                raise ReleaseInconsistent(
+                    f"{name} belongs to v{_release_version(info)}, the model to v{version}"
+                )
+        for name in (ARCHITECTURE_TARGET, ATTESTATION_TARGET):
+            if infos[name] is None:
+                raise ReleaseUnavailable(f"release v{version} has no {name}")
+
+        installed = self.slots.active()
+        if installed is not None:
+            if version < installed.version:
+                raise ReleaseRollback(
+                    f"published release v{version} is older than installed v{installed.version}"
+                )
+            if version == installed.version:
+                if model_sha256 == installed.model_sha256:
+                    return UpdateResult("up_to_date", installed)
+                raise ReleaseInconsistent(
+                    f"release v{version} now names another model than the installed one"
+                )
+
+        limits = {
+            MODEL_TARGET: policy.max_model_bytes,
+            ATTESTATION_TARGET: policy.max_attestation_bytes,
+        }
+        for name, info in infos.items():
+            cap = limits.get(name, policy.max_file_bytes)
+            if info is not None and info.length > cap:
+                raise TooLarge(f"release file {name}", info.length, cap)
+
+        files = self._download({n: i for n, i in infos.items() if i is not None}, updater)
+
+        keys, threshold = self._attestation_keys()
+        attestation = verify_attestation(
+            files[ATTESTATION_TARGET],
+            keys,
+            model_sha256,
+            threshold=threshold,
+            expected_name=MODEL_TARGET,
+            accept_forced=policy.accept_forced_audit,
+            max_bytes=policy.max_attestation_bytes,
+        )
+        predicate = attestation.predicate
+        if predicate.release_version != version:
+            raise AttestationInvalid(
+                f"attestation is for v{predicate.release_version}, the targets say v{version}"
+            )
+        self._check_parent(installed, predicate.parent_digest)
+
+        load_checkpoint_bytes(files[MODEL_TARGET], max_bytes=policy.max_model_bytes)
+        try:
+            architecture = json.loads(files[ARCHITECTURE_TARGET])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelFormatError(f"architecture of v{version} is not JSON") from exc
+        if not isinstance(architecture, dict):
+            raise ModelFormatError(f"architecture of v{version} is not a JSON object")
+
+        release = InstalledRelease(
+            version=version,
+            model_sha256=model_sha256,
+            role=policy.role,
+            prefix=policy.prefix,
+            slot=self.slots.inactive_slot(),
+            files=tuple(sorted(files)),
+            parent_sha256=predicate.parent_digest,
+            audit_verdict=predicate.audit_verdict.value,
+            audit_forced=predicate.audit_forced,
+            installed_at=self.clock().astimezone(UTC).isoformat(),
+        )
+        self.slots.install(files, release, before_commit=before_commit)
+        return UpdateResult("installed", release, attestation)
+
+    def _download(self, infos: Mapping[str, TargetFile], updater: Updater) -> dict[str, bytes]:
+        """Download each target (length-capped while streaming, hash-checked), return the bytes."""
+        files: dict[str, bytes] = {}
+        try:
+            self._download_dir.mkdir(parents=True, exist_ok=True)
+            for name, info in infos.items():
+                path = self._download_dir / name
+                with _tuf_errors("target"):
+                    updater.download_target(info, filepath=str(path))
+                files[name] = path.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"download folder: {exc}") from exc
+        finally:
+            shutil.rmtree(self._download_dir, ignore_errors=True)
+        return files
+
+    def _attestation_keys(self) -> tuple[list[Key], int]:
+        """Keys (and threshold) of the role that publishes our releases, from verified metadata.
+
+        After ``refresh`` python-tuf has written the metadata it verified into its cache folder
+        (``root.json`` links to the newest trusted root); we read the delegating role from there.
+        """
+        try:
+            delegator: Root | Targets
+            if self.policy.role == Targets.type:
+                delegator = Metadata[Root].from_file(str(self._tuf_dir / "root.json")).signed
+            else:
+                path = str(self._tuf_dir / "targets.json")
+                delegator = Metadata[Targets].from_file(path).signed
+            role = delegator.get_delegated_role(self.policy.role)
+            return [delegator.get_key(k) for k in role.keyids], role.threshold
+        except (OSError, ValueError, tuf_exc.RepositoryError) as exc:
+            raise ReleaseError(
+                f"cannot find the keys of role {self.policy.role!r} in verified metadata: {exc}"
+            ) from exc
+
+    def _check_parent(self, installed: InstalledRelease | None, parent: str | None) -> None:
+        policy = self.policy
+        if installed is None or not policy.require_parent_match:
+            return
+        if parent is not None and (
+            parent == installed.model_sha256 or parent in policy.allowed_parents
+        ):
+            return
+        shown = "none" if parent is None else f"{parent[:16]}..."
+        raise ReleaseRefused(
+            f"release parent {shown} is not the installed model v{installed.version}",
+            reason="parent_mismatch",
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc.strerror}") from exc
+    return digest.hexdigest()
