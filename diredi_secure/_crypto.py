@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mlkem, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .checkpoint import atomic_write_bytes
@@ -42,6 +42,7 @@ __all__ = [
     "InboxKey",
     "InboxPublicKey",
     "SigningKey",
+    "TlsKey",
     "VerifyKey",
     "build_crl",
     "certificate_pem",
@@ -49,16 +50,20 @@ __all__ = [
     "create_ca_certificate",
     "generate_inbox_key",
     "generate_signing_key",
+    "generate_tls_key",
     "hpke_open",
     "hpke_seal",
     "issue_device_certificate",
-    "issue_server_certificate",
+    "issue_tls_device_certificate",
+    "issue_tls_server_certificate",
     "load_inbox_key",
     "load_inbox_public_key",
     "load_signing_key",
+    "load_tls_key",
     "parse_crl",
     "save_inbox_key",
     "save_signing_key",
+    "save_tls_key",
     "sha256",
     "sign",
     "verify_signature",
@@ -479,7 +484,7 @@ def _issue(
     subject_cn: str,
     san: list[x509.GeneralName],
     eku: x509.ObjectIdentifier,
-    public_key: VerifyKey,
+    public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey,
     serial: int,
     now_ms: int,
     valid_days: int,
@@ -490,7 +495,7 @@ def _issue(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
         .issuer_name(ca.subject)
-        .public_key(public_key._key)
+        .public_key(public_key)
         .serial_number(serial)
         .not_valid_before(now - _dt.timedelta(minutes=5))
         .not_valid_after(now + _dt.timedelta(days=valid_days))
@@ -528,24 +533,69 @@ def issue_device_certificate(
         subject_cn=device_id,
         san=[x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)],
         eku=ExtendedKeyUsageOID.CLIENT_AUTH,
-        public_key=device_public_key,
+        public_key=device_public_key._key,
         serial=serial,
         now_ms=now_ms,
         valid_days=valid_days,
     )
 
 
-def issue_server_certificate(
+# gRPC's TLS stack (BoringSSL) does not sign TLS handshakes with Ed25519
+# (NO_COMMON_SIGNATURE_ALGORITHMS), so TLS *leaf* keys -- the server's and each device's mTLS client
+# key -- are ECDSA P-256. The device CA stays Ed25519 (BoringSSL verifies Ed25519 certificate
+# signatures) and the device's Ed25519 key keeps signing packets.
+@dataclass(frozen=True, eq=False)
+class TlsKey:
+    """An ECDSA P-256 private key used only as a TLS identity. ``repr`` never shows it."""
+
+    _key: ec.EllipticCurvePrivateKey
+
+    def private_pem(self) -> bytes:
+        """PKCS#8 PEM in clear (gRPC's credentials take the PEM bytes in memory)."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def __repr__(self) -> str:
+        return "TlsKey(ECDSA P-256)"
+
+
+def generate_tls_key() -> TlsKey:
+    return TlsKey(ec.generate_private_key(ec.SECP256R1()))
+
+
+def save_tls_key(key: TlsKey, path: Path, passphrase: bytes | None = None) -> None:
+    """PKCS#8 PEM, encrypted when a passphrase is given, mode 0600, written atomically."""
+    fmt = (
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        _passphrase_encryption(passphrase),
+    )
+    atomic_write_bytes(Path(path), key._key.private_bytes(*fmt))
+    Path(path).chmod(0o600)
+
+
+def load_tls_key(path: Path, passphrase: bytes | None = None) -> TlsKey:
+    """Load a key saved by :func:`save_tls_key`; raises :class:`KeyFileError`."""
+    key = _load_private_pem(_read_key_file(Path(path)), passphrase, f"TLS key file {path}")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise KeyFileError(f"TLS key file {path} does not hold an ECDSA P-256 key")
+    return TlsKey(key)
+
+
+def issue_tls_server_certificate(
     ca_key: SigningKey,
     ca_cert_der: bytes,
     *,
     hostnames: list[str],
-    server_public_key: VerifyKey,
+    tls_key: TlsKey,
     serial: int,
     now_ms: int,
     valid_days: int = 825,
 ) -> bytes:
-    """A TLS server certificate (DER) for the cloud's gRPC endpoint."""
+    """The cloud endpoint's TLS certificate (DER) for ``tls_key``; SAN holds each host name/IP."""
     if not hostnames:
         raise ConfigError("a server certificate needs at least one host name")
     san: list[x509.GeneralName] = []
@@ -560,7 +610,32 @@ def issue_server_certificate(
         subject_cn=hostnames[0],
         san=san,
         eku=ExtendedKeyUsageOID.SERVER_AUTH,
-        public_key=server_public_key,
+        public_key=tls_key._key.public_key(),
+        serial=serial,
+        now_ms=now_ms,
+        valid_days=valid_days,
+    )
+
+
+def issue_tls_device_certificate(
+    ca_key: SigningKey,
+    ca_cert_der: bytes,
+    *,
+    device_id: str,
+    tls_key: TlsKey,
+    serial: int,
+    now_ms: int,
+    valid_days: int = 3650,
+) -> bytes:
+    """A device's mTLS client certificate (DER): CN and SAN URI ``urn:diredi:device:<id>``."""
+    validate_device_id(device_id)
+    return _issue(
+        ca_key,
+        ca_cert_der,
+        subject_cn=device_id,
+        san=[x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)],
+        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+        public_key=tls_key._key.public_key(),
         serial=serial,
         now_ms=now_ms,
         valid_days=valid_days,

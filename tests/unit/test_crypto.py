@@ -89,11 +89,11 @@ def test_device_certificate_checks(pki: Pki) -> None:
     with pytest.raises(CertificateInvalid):
         _crypto.check_device_certificate(pki.ca_cert, pki.ca_cert, now_ms=NOW_MS)
     # a server certificate (server auth only) is not a device certificate
-    server = _crypto.issue_server_certificate(
+    server = _crypto.issue_tls_server_certificate(
         pki.ca_key,
         pki.ca_cert,
         hostnames=["127.0.0.1", "localhost"],
-        server_public_key=pki.receipt_key.public_key,
+        tls_key=_crypto.generate_tls_key(),
         serial=77,
         now_ms=NOW_MS,
     )

@@ -1,0 +1,491 @@
+"""The cloud's gRPC server: knowledge ingest, the update channel, enrolment, health, reflection.
+
+Layers, thinnest at the edge:
+
+* :class:`Ingest`, :class:`Enrollment`, :class:`ReleaseFolder` hold the logic over the protocol
+  core and the store (bytes in, bytes or typed errors out; no gRPC types), so a benchmark or a
+  test can call them in-process.
+* The servicers decode the request, call one of those, and map a :class:`DirediError` to a status
+  through :func:`~.status.abort_with` (the one table). ``KnowledgeService`` is registered with
+  *raw-bytes* handlers: the packet reaches the core exactly as the device sent it (its SHA-256 is
+  what the receipt acknowledges; nothing is re-serialised), and the receipt leaves as the signed
+  bytes ``make_receipt`` produced.
+* :class:`CloudServer` wires them into one ``grpc.Server`` with TLS or mTLS, size caps,
+  keepalive, ``grpc.health.v1`` and server reflection.
+
+Durable before receipt: ``Ingest.submit`` returns the receipt only after ``Store.store_packet``
+has committed; a retry of the same bytes is answered from the store (``existing_receipt``) before
+the packet is opened again, so it gets the first receipt byte for byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from diredi_secure._crypto import (
+    InboxKey,
+    SigningKey,
+    check_device_certificate,
+    verify_signature,
+)
+from diredi_secure._proto.diredi.v1 import services_pb2 as spb
+from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
+from diredi_secure.errors import (
+    CertificateInvalid,
+    DirediError,
+    MalformedPacket,
+    SignatureInvalid,
+    TooLarge,
+    UnknownDevice,
+)
+from diredi_secure.packet import inspect_packet, make_receipt, open_packet
+from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
+from diredi_secure.store import DeviceStatus, PacketRecord, Store
+
+from .status import NotFound, abort_with
+from .transport import ServerTls, TransportConfig, add_port, peer_device_id, server_options
+
+__all__ = [
+    "ENROLL_DOMAIN",
+    "CloudKeys",
+    "CloudServer",
+    "Enrollment",
+    "Ingest",
+    "ReleaseFolder",
+    "enroll_proof_message",
+]
+
+log = logging.getLogger("diredi.services")
+
+ENROLL_DOMAIN = b"diredi-enroll-v1"
+_SERVICE_NAMES = tuple(
+    spb.DESCRIPTOR.services_by_name[name].full_name
+    for name in ("KnowledgeService", "UpdateService", "EnrollmentService")
+)
+KNOWLEDGE_SERVICE, UPDATE_SERVICE, ENROLLMENT_SERVICE = _SERVICE_NAMES
+
+
+def enroll_proof_message(certificate_der: bytes) -> bytes:
+    """What a device signs with its Ed25519 key to prove it holds the certificate's key."""
+    return ENROLL_DOMAIN + certificate_der
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class CloudKeys:
+    """The cloud's trusted material: inbox (HPKE) key, receipt key, device CA certificate (DER)."""
+
+    inbox_key: InboxKey
+    receipt_key: SigningKey
+    device_ca_der: bytes
+
+
+def _check_peer(peer: str | None, device_id: str, *, mtls: bool) -> None:
+    if not mtls:
+        return
+    if peer is None:
+        raise CertificateInvalid("mTLS is required but the client presented no device certificate")
+    if peer != device_id:
+        raise UnknownDevice(f"TLS client is device {peer}, but the request is for {device_id}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Logic without gRPC types
+# ------------------------------------------------------------------------------------------------
+class Ingest:
+    """Accept knowledge packets: open with the core, store in one transaction, return the receipt.
+
+    Trusted: ``keys``, ``store``, ``clock`` (ms). Untrusted: the packet bytes.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        keys: CloudKeys,
+        *,
+        policy: PacketPolicy = DEFAULT_POLICY,
+        config: TransportConfig | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.policy = policy
+        self.config = config or TransportConfig()
+        self.clock = clock
+
+    def submit(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False) -> bytes:
+        """The signed receipt for ``data`` once it is durably stored (or was stored before).
+
+        Raises the core's and the store's typed errors: :class:`TooLarge`, ``MalformedPacket``,
+        ``SignatureInvalid``, ``UnknownDevice``, ``CertificateRevoked``, ``ReplayDetected`` (same
+        id, other bytes; or a stale counter), ``BudgetExceeded``, ``StoreError``...
+        """
+        limits = self.config.limits
+        cap = limits.max_packet_bytes if streamed else limits.max_unary_bytes
+        if len(data) > cap:
+            raise TooLarge("unary packet" if not streamed else "streamed packet", len(data), cap)
+        header = inspect_packet(data, limits)  # parse only: to find the id and the claimed device
+        _check_peer(peer, header.device_id, mtls=mtls)
+        existing = self.store.existing_receipt(header.packet_id, data)
+        if existing is not None:
+            return existing
+        now_ms = self.clock()
+        opened = open_packet(
+            data,
+            inbox_key=self.keys.inbox_key,
+            device_ca=self.keys.device_ca_der,
+            devices=self.store,
+            replay=self.store,
+            now_ms=now_ms,
+            policy=self.policy,
+            limits=limits,
+        )
+        receipt = make_receipt(self.keys.receipt_key, opened, stored_at_ms=now_ms)
+        stored = self.store.store_packet(
+            PacketRecord.from_opened(opened, packet_bytes=data, receipt_bytes=receipt, received_at_ms=now_ms)
+        )
+        return stored.receipt_bytes  # the transaction has committed
+
+    def assemble(self, chunks: Iterable[bytes]) -> bytes:
+        """Reassemble a streamed packet from serialised ``Chunk`` messages, enforcing order and caps.
+
+        The first chunk may declare ``total_length`` (later ones repeat it or leave it 0); offsets
+        must follow each other exactly; no chunk may be empty; the total never exceeds the declared
+        length nor ``max_packet_bytes``. Raises :class:`MalformedPacket` / :class:`TooLarge`.
+        """
+        cap = self.config.limits.max_packet_bytes
+        buffer = bytearray()
+        declared = 0
+        for index, raw in enumerate(chunks):
+            chunk = _parse_chunk(raw)
+            if index == 0:
+                declared = int(chunk.total_length)
+                if declared > cap:
+                    raise TooLarge("declared streamed packet", declared, cap)
+            elif chunk.total_length not in (0, declared):
+                raise MalformedPacket(f"chunk {index} declares another total length")
+            if chunk.offset != len(buffer):
+                raise MalformedPacket(f"chunk {index} is at offset {chunk.offset}, expected {len(buffer)}")
+            if not chunk.data:
+                raise MalformedPacket(f"chunk {index} is empty")
+            limit = declared or cap
+            if len(buffer) + len(chunk.data) > limit:
+                raise TooLarge("streamed packet", len(buffer) + len(chunk.data), limit)
+            buffer += chunk.data
+        if not buffer:
+            raise MalformedPacket("the stream carried no chunk")
+        if declared and len(buffer) != declared:
+            raise MalformedPacket(f"stream ended at {len(buffer)} bytes of a declared {declared}")
+        return bytes(buffer)
+
+
+def _parse_chunk(raw: bytes) -> Any:
+    try:
+        return spb.Chunk.FromString(raw)
+    except Exception as exc:
+        raise MalformedPacket("a stream chunk does not decode") from exc
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    device_id: str
+    inbox_key_id: bytes
+    receipt_public_key: bytes
+
+
+class Enrollment:
+    """Register devices holding a certificate from the device CA and its key; report status."""
+
+    def __init__(
+        self,
+        store: Store,
+        keys: CloudKeys,
+        *,
+        policy: PacketPolicy = DEFAULT_POLICY,
+        config: TransportConfig | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.policy = policy
+        self.config = config or TransportConfig()
+        self.clock = clock
+
+    def enroll(self, certificate: bytes, proof: bytes, *, peer: str | None = None, mtls: bool = False) -> EnrollResult:
+        """Check the certificate against the CA and the proof of possession, then register.
+
+        Idempotent for the same certificate. Raises ``CertificateInvalid``, ``SignatureInvalid``,
+        ``CertificateRevoked`` (a revoked device cannot re-enrol), ``DeviceConflict``, ``TooLarge``.
+        """
+        limits = self.config.limits
+        if len(proof) > limits.max_signature_bytes:
+            raise TooLarge("enrolment proof", len(proof), limits.max_signature_bytes)
+        now_ms = self.clock()
+        identity = check_device_certificate(
+            certificate, self.keys.device_ca_der, now_ms=now_ms, max_bytes=limits.max_certificate_bytes
+        )
+        _check_peer(peer, identity.device_id, mtls=mtls)
+        try:
+            verify_signature(identity.public_key, proof, enroll_proof_message(certificate))
+        except SignatureInvalid as exc:
+            raise SignatureInvalid(
+                f"enrolment proof of device {identity.device_id} does not verify under its certificate key"
+            ) from exc
+        self.store.register_device(
+            identity.device_id,
+            certificate,
+            identity.public_key.key_id,
+            enrolled_at_ms=now_ms,
+            epsilon_budget=self.policy.lifetime_epsilon_budget,
+        )
+        log.info("enrolled device %s", identity.device_id)
+        return EnrollResult(
+            identity.device_id, self.keys.inbox_key.key_id, self.keys.receipt_key.public_key.raw
+        )
+
+    def status(self, device_id: str, *, peer: str | None = None, mtls: bool = False) -> dict[str, Any]:
+        if len(device_id) > self.config.limits.max_device_id_chars:
+            raise TooLarge("device id", len(device_id), self.config.limits.max_device_id_chars)
+        _check_peer(peer, device_id, mtls=mtls)
+        device = self.store.get_device(device_id)
+        if device is None:
+            return {"device_id": device_id, "status": "unknown"}
+        return {
+            "device_id": device_id,
+            "status": "active" if device.status is DeviceStatus.ACTIVE else "revoked",
+            "epsilon_spent": device.epsilon_spent,
+            "epsilon_budget": device.epsilon_budget,
+            "highest_counter": device.highest_counter or 0,
+        }
+
+
+_ROLE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TARGET_PART = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+
+
+class ReleaseFolder:
+    """Serve a TUF repository folder (``metadata/``, ``targets/``) read-only, confined, capped."""
+
+    def __init__(self, folder: Path, config: TransportConfig | None = None) -> None:
+        self.folder = Path(folder)
+        self.config = config or TransportConfig()
+
+    def metadata(self, role: str, version: int) -> bytes:
+        """``<version>.<role>.json`` (``<role>.json`` for version 0); raises NotFound, TooLarge."""
+        if not _ROLE.match(role):
+            raise MalformedPacket(f"bad role name {role[:80]!r}")
+        name = f"{role}.json" if version == 0 else f"{version}.{role}.json"
+        path = self.folder / "metadata" / name
+        data = self._read(path, self.config.max_metadata_bytes, f"metadata {name}")
+        return data
+
+    def target(self, path: str, max_length: int) -> Iterator[tuple[bytes, int, int]]:
+        """Chunks ``(data, offset, total)`` of a target; raises NotFound, TooLarge, MalformedPacket."""
+        parts = path.split("/")
+        if len(path) > 1024 or not parts or not all(_TARGET_PART.match(p) and p not in (".", "..") for p in parts):
+            raise MalformedPacket(f"bad target path {path[:80]!r}")
+        file = self._confined(self.folder / "targets" / path)
+        try:
+            size = file.stat().st_size
+        except OSError as exc:
+            raise NotFound(f"target {path} is not published") from exc
+        cap = self.config.max_target_bytes
+        if max_length:
+            cap = min(cap, max_length)
+        if size > cap:
+            raise TooLarge(f"target {path}", size, cap)
+        return self._chunks(file, size)
+
+    def _chunks(self, file: Path, size: int) -> Iterator[tuple[bytes, int, int]]:
+        offset = 0
+        with open(file, "rb") as handle:
+            while offset < size and (data := handle.read(min(self.config.chunk_bytes, size - offset))):
+                yield data, offset, size
+                offset += len(data)
+
+    def _confined(self, path: Path) -> Path:
+        base = self.folder.resolve()
+        resolved = path.resolve()
+        if not resolved.is_relative_to(base):
+            raise MalformedPacket("path escapes the repository folder")
+        return resolved
+
+    def _read(self, path: Path, cap: int, what: str) -> bytes:
+        file = self._confined(path)
+        try:
+            size = file.stat().st_size
+            if size > cap:
+                raise TooLarge(what, size, cap)
+            return file.read_bytes()
+        except OSError as exc:
+            raise NotFound(f"{what} is not published") from exc
+
+
+# ------------------------------------------------------------------------------------------------
+# Servicers: decode, call, map errors
+# ------------------------------------------------------------------------------------------------
+class _Knowledge:
+    def __init__(self, ingest: Ingest, mtls: bool) -> None:
+        self.ingest = ingest
+        self.mtls = mtls
+
+    def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return self.ingest.submit(request, peer=peer_device_id(context), mtls=self.mtls)
+        except DirediError as exc:
+            abort_with(context, exc)
+
+    def submit_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        try:
+            data = self.ingest.assemble(requests)
+            return self.ingest.submit(data, peer=peer_device_id(context), mtls=self.mtls, streamed=True)
+        except DirediError as exc:
+            abort_with(context, exc)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        # No (de)serialisers: the packet arrives, and the receipt leaves, as exact bytes.
+        return grpc.method_handlers_generic_handler(
+            KNOWLEDGE_SERVICE,
+            {
+                "Submit": grpc.unary_unary_rpc_method_handler(self.submit),
+                "SubmitStream": grpc.stream_unary_rpc_method_handler(self.submit_stream),
+            },
+        )
+
+
+class _EnrollmentServicer(sgrpc.EnrollmentServiceServicer):
+    def __init__(self, enrollment: Enrollment, mtls: bool) -> None:
+        self.enrollment = enrollment
+        self.mtls = mtls
+
+    def Enroll(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            result = self.enrollment.enroll(
+                bytes(request.certificate), bytes(request.proof), peer=peer_device_id(context), mtls=self.mtls
+            )
+        except DirediError as exc:
+            abort_with(context, exc)
+        return spb.EnrollResponse(
+            device_id=result.device_id,
+            inbox_key_id=result.inbox_key_id,
+            receipt_public_key=result.receipt_public_key,
+        )
+
+    def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            status = self.enrollment.status(request.device_id, peer=peer_device_id(context), mtls=self.mtls)
+        except DirediError as exc:
+            abort_with(context, exc)
+        return spb.DeviceStatusResponse(**status)
+
+
+class _UpdateServicer(sgrpc.UpdateServiceServicer):
+    def __init__(self, folder: ReleaseFolder | None) -> None:
+        self.folder = folder
+
+    def _require(self) -> ReleaseFolder:
+        if self.folder is None:
+            raise NotFound("this cloud serves no release repository")
+        return self.folder
+
+    def GetMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            data = self._require().metadata(request.role, int(request.version))
+        except DirediError as exc:
+            abort_with(context, exc)
+        return spb.MetadataResponse(metadata=data)
+
+    def FetchTarget(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            chunks = self._require().target(request.path, int(request.max_length))
+            for data, offset, total in chunks:
+                yield spb.Chunk(data=data, offset=offset, total_length=total if offset == 0 else 0)
+        except DirediError as exc:
+            abort_with(context, exc)
+
+
+# ------------------------------------------------------------------------------------------------
+# The server
+# ------------------------------------------------------------------------------------------------
+class CloudServer:
+    """One gRPC server hosting every cloud service. ``start()`` returns the bound port.
+
+    TLS is required unless ``insecure=True`` (logged). With ``tls.require_client_auth`` (mTLS),
+    each call's TLS client must be the device the request is about.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        keys: CloudKeys,
+        listen: str = "127.0.0.1:0",
+        tls: ServerTls | None = None,
+        insecure: bool = False,
+        repository_dir: Path | None = None,
+        policy: PacketPolicy = DEFAULT_POLICY,
+        config: TransportConfig | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+        max_workers: int = 16,
+    ) -> None:
+        self.config = config or TransportConfig()
+        self.store = store
+        self.listen = listen
+        self.tls = tls
+        self.insecure = insecure
+        mtls = bool(tls and tls.require_client_auth)
+        self.mtls = mtls
+        self.ingest = Ingest(store, keys, policy=policy, config=self.config, clock=clock)
+        self.enrollment = Enrollment(store, keys, policy=policy, config=self.config, clock=clock)
+        self.health = health.HealthServicer()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="diredi-rpc"),
+            options=server_options(self.config),
+            maximum_concurrent_rpcs=max_workers * 4,
+        )
+        self._server.add_generic_rpc_handlers((_Knowledge(self.ingest, mtls).handler(),))
+        sgrpc.add_EnrollmentServiceServicer_to_server(_EnrollmentServicer(self.enrollment, mtls), self._server)
+        folder = None if repository_dir is None else ReleaseFolder(repository_dir, self.config)
+        sgrpc.add_UpdateServiceServicer_to_server(_UpdateServicer(folder), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port: int | None = None
+
+    def start(self) -> int:
+        self.port = add_port(self._server, self.listen, self.tls, insecure=self.insecure)
+        self._server.start()
+        for name in ("", *_SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("cloud serving on port %d (%s)", self.port, "mTLS" if self.mtls else "TLS" if self.tls else "INSECURE")
+        return self.port
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def stop(self, grace_s: float | None = 1.0) -> None:
+        """Stop accepting calls, let running ones finish for ``grace_s``, then close."""
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+
+    def __enter__(self) -> CloudServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

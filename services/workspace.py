@@ -1,0 +1,395 @@
+"""Workspace folders of the cloud and of a device: layout, creation, and loading.
+
+Cloud workspace (``diredi cloud init W``)::
+
+    ca/ca.key, ca/ca.crt        device CA (Ed25519): issues device and server certificates. In
+                                production it is kept offline by the manufacturer; a lab keeps it here.
+    inbox.key, inbox.pub        HPKE inbox key (X25519 + ML-KEM-768); devices seal packets to it
+    receipt.key                 Ed25519 key signing receipts
+    tls/server.key, server.crt  the gRPC endpoint's TLS identity (ECDSA P-256, from the device CA)
+    cloud.db                    the SQLite store (``store`` in cloud.json may name a PostgreSQL DSN)
+    repository/                 the TUF release repository folder the UpdateService serves
+    cloud.json                  {"store": ..., "hostnames": [...]}
+
+Device workspace (``diredi edge init W``; keys made at provisioning)::
+
+    device.key, device.crt      Ed25519 key signing packets, its certificate (DER) from the device CA
+    tls.key, tls.crt            mTLS client identity (ECDSA P-256, PEM certificate, same device id)
+    ca.crt                      device CA certificate (DER): the TLS trust root for the cloud
+    inbox.pub                   the cloud's inbox public key (from provisioning or a release)
+    device.json                 {"device_id", "target", "server_name", "receipt_public_key", ...}
+    counter                     last packet counter used (written atomically BEFORE sealing)
+    ledger.json                 the device's own epsilon ledger
+    outbox/<id>.packet          sealed packets not yet acknowledged (resent as the same bytes)
+    receipts/<id>.receipt       verified receipts
+    release/                    DeviceUpdater state (TUF cache, A/B slots)
+
+Everything written goes through ``atomic_write_bytes`` (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diredi_secure import _crypto
+from diredi_secure._crypto import (
+    generate_tls_key,
+    issue_tls_device_certificate,
+    issue_tls_server_certificate,
+    load_tls_key,
+    save_tls_key,
+)
+from diredi_secure.checkpoint import atomic_write_bytes
+from diredi_secure.errors import ConfigError, KeyFileError, StoreError
+from diredi_secure.policy import DEFAULT_POLICY, check_budget
+
+from .cloud import CloudKeys
+from .transport import ClientTls, ServerTls
+
+__all__ = ["CloudWorkspace", "DeviceWorkspace"]
+
+_MAX_STATE_BYTES = 1024 * 1024
+
+
+def _serial() -> int:
+    return secrets.randbits(63) + 1
+
+
+def _read(path: Path, what: str, cap: int = _MAX_STATE_BYTES) -> bytes:
+    try:
+        if path.stat().st_size > cap:
+            raise ConfigError(f"{what} {path} is over {cap} bytes")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(_read(path, what))
+    except ValueError as exc:
+        raise ConfigError(f"{what} {path} is not JSON") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Cloud
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CloudWorkspace:
+    root: Path
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def repository_dir(self) -> Path:
+        return self.root / "repository"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "cloud.json"
+
+    @classmethod
+    def init(
+        cls,
+        root: Path,
+        *,
+        now_ms: int,
+        hostnames: tuple[str, ...] = ("localhost", "127.0.0.1"),
+        store: str | None = None,
+        passphrase: bytes | None = None,
+    ) -> CloudWorkspace:
+        """Create a cloud workspace; refuses to overwrite one (ConfigError)."""
+        ws = cls(Path(root))
+        if ws.config_path.exists():
+            raise ConfigError(f"{ws.root} is already a cloud workspace")
+        ws.root.mkdir(parents=True, exist_ok=True)
+        ca_key = _crypto.generate_signing_key()
+        ca_cert = _crypto.create_ca_certificate(
+            ca_key, common_name="DiReDi device CA", now_ms=now_ms, valid_days=3650, serial=_serial()
+        )
+        _crypto.save_signing_key(ca_key, ws.ca_dir / "ca.key", passphrase)
+        atomic_write_bytes(ws.ca_dir / "ca.crt", ca_cert)
+        inbox = _crypto.generate_inbox_key()
+        _crypto.save_inbox_key(inbox, ws.root / "inbox.key", passphrase)
+        atomic_write_bytes(ws.root / "inbox.pub", inbox.public_key.pem)
+        _crypto.save_signing_key(
+            _crypto.generate_signing_key(), ws.root / "receipt.key", passphrase
+        )
+        tls_key = generate_tls_key()
+        server_cert = issue_tls_server_certificate(
+            ca_key,
+            ca_cert,
+            hostnames=list(hostnames),
+            tls_key=tls_key,
+            serial=_serial(),
+            now_ms=now_ms,
+        )
+        save_tls_key(tls_key, ws.root / "tls" / "server.key")  # gRPC needs it in clear in memory
+        atomic_write_bytes(ws.root / "tls" / "server.crt", _crypto.certificate_pem(server_cert))
+        ws.repository_dir.mkdir(exist_ok=True)
+        _write_json(
+            ws.config_path,
+            {
+                "format": 1,
+                "store": store or str(ws.root / "cloud.db"),
+                "hostnames": list(hostnames),
+            },
+        )
+        return ws
+
+    @classmethod
+    def open(cls, root: Path) -> CloudWorkspace:
+        ws = cls(Path(root))
+        if not ws.config_path.is_file():
+            raise ConfigError(
+                f"{ws.root} is not a cloud workspace (no cloud.json): run `diredi cloud init`"
+            )
+        return ws
+
+    def config(self) -> dict[str, Any]:
+        return _read_json(self.config_path, "cloud config")
+
+    def store_url(self) -> str:
+        store = self.config().get("store")
+        if not isinstance(store, str) or not store:
+            raise ConfigError(f"{self.config_path}: 'store' must name a SQLite path or a DSN")
+        return store
+
+    def ca(self, passphrase: bytes | None = None) -> tuple[_crypto.SigningKey, bytes]:
+        return (
+            _crypto.load_signing_key(self.ca_dir / "ca.key", passphrase),
+            _read(self.ca_dir / "ca.crt", "CA certificate"),
+        )
+
+    def keys(self, passphrase: bytes | None = None) -> CloudKeys:
+        return CloudKeys(
+            inbox_key=_crypto.load_inbox_key(self.root / "inbox.key", passphrase),
+            receipt_key=_crypto.load_signing_key(self.root / "receipt.key", passphrase),
+            device_ca_der=_read(self.ca_dir / "ca.crt", "CA certificate"),
+        )
+
+    def server_tls(self, *, mtls: bool) -> ServerTls:
+        return ServerTls(
+            key_pem=load_tls_key(self.root / "tls" / "server.key").private_pem(),
+            cert_pem=_read(self.root / "tls" / "server.crt", "server certificate"),
+            client_ca_pem=_crypto.certificate_pem(_read(self.ca_dir / "ca.crt", "CA certificate")),
+            require_client_auth=mtls,
+        )
+
+    def provision_device(
+        self,
+        device_root: Path,
+        device_id: str,
+        *,
+        target: str,
+        now_ms: int,
+        passphrase: bytes | None = None,
+    ) -> DeviceWorkspace:
+        """Factory provisioning: make a device's keys and certificates with this workspace's CA."""
+        ca_key, ca_cert = self.ca(passphrase)
+        return DeviceWorkspace.init(
+            device_root,
+            device_id=device_id,
+            ca_key=ca_key,
+            ca_cert=ca_cert,
+            target=target,
+            now_ms=now_ms,
+            inbox_public_pem=_read(self.root / "inbox.pub", "inbox public key"),
+            server_name=self.config().get("hostnames", ["localhost"])[0],
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Device
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceWorkspace:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "device.json"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def receipts(self) -> Path:
+        return self.root / "receipts"
+
+    @property
+    def release_dir(self) -> Path:
+        return self.root / "release"
+
+    @classmethod
+    def init(
+        cls,
+        root: Path,
+        *,
+        device_id: str,
+        ca_key: _crypto.SigningKey,
+        ca_cert: bytes,
+        target: str,
+        now_ms: int,
+        inbox_public_pem: bytes | None = None,
+        server_name: str | None = None,
+        epsilon_budget: float = DEFAULT_POLICY.lifetime_epsilon_budget,
+        passphrase: bytes | None = None,
+    ) -> DeviceWorkspace:
+        """Provision a device workspace: Ed25519 signing key + certificate, TLS key + certificate."""
+        _crypto.validate_device_id(device_id)
+        ws = cls(Path(root))
+        if ws.config_path.exists():
+            raise ConfigError(f"{ws.root} is already a device workspace")
+        ws.root.mkdir(parents=True, exist_ok=True)
+        key = _crypto.generate_signing_key()
+        cert = _crypto.issue_device_certificate(
+            ca_key,
+            ca_cert,
+            device_id=device_id,
+            device_public_key=key.public_key,
+            serial=_serial(),
+            now_ms=now_ms,
+        )
+        _crypto.save_signing_key(key, ws.root / "device.key", passphrase)
+        atomic_write_bytes(ws.root / "device.crt", cert)
+        tls_key = generate_tls_key()
+        tls_cert = issue_tls_device_certificate(
+            ca_key, ca_cert, device_id=device_id, tls_key=tls_key, serial=_serial(), now_ms=now_ms
+        )
+        save_tls_key(tls_key, ws.root / "tls.key")
+        atomic_write_bytes(ws.root / "tls.crt", _crypto.certificate_pem(tls_cert))
+        atomic_write_bytes(ws.root / "ca.crt", ca_cert)
+        if inbox_public_pem is not None:
+            _crypto.load_inbox_public_key(inbox_public_pem)  # refuse a malformed key now
+            atomic_write_bytes(ws.root / "inbox.pub", inbox_public_pem)
+        _write_json(
+            ws.config_path,
+            {
+                "format": 1,
+                "device_id": device_id,
+                "target": target,
+                "server_name": server_name,
+                "receipt_public_key": None,
+            },
+        )
+        _write_json(
+            ws.root / "ledger.json", {"budget": epsilon_budget, "spent": 0.0, "packets": {}}
+        )
+        atomic_write_bytes(ws.root / "counter", b"0\n")
+        ws.outbox.mkdir(exist_ok=True)
+        ws.receipts.mkdir(exist_ok=True)
+        return ws
+
+    @classmethod
+    def open(cls, root: Path) -> DeviceWorkspace:
+        ws = cls(Path(root))
+        if not ws.config_path.is_file():
+            raise ConfigError(
+                f"{ws.root} is not a device workspace (no device.json): run `diredi edge init`"
+            )
+        return ws
+
+    # -- configuration -------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return _read_json(self.config_path, "device config")
+
+    def update_config(self, **changes: Any) -> None:
+        data = self.config()
+        data.update(changes)
+        _write_json(self.config_path, data)
+
+    @property
+    def device_id(self) -> str:
+        return str(self.config()["device_id"])
+
+    def signing_key(self, passphrase: bytes | None = None) -> _crypto.SigningKey:
+        return _crypto.load_signing_key(self.root / "device.key", passphrase)
+
+    def certificate(self) -> bytes:
+        return _read(self.root / "device.crt", "device certificate")
+
+    def ca_certificate(self) -> bytes:
+        return _read(self.root / "ca.crt", "CA certificate")
+
+    def client_tls(self, *, mtls: bool = True) -> ClientTls:
+        server_name = self.config().get("server_name")
+        return ClientTls(
+            root_pem=_crypto.certificate_pem(self.ca_certificate()),
+            key_pem=load_tls_key(self.root / "tls.key").private_pem() if mtls else None,
+            cert_pem=_read(self.root / "tls.crt", "TLS certificate") if mtls else None,
+            server_name=server_name if isinstance(server_name, str) else None,
+        )
+
+    def inbox_public_key(self) -> _crypto.InboxPublicKey:
+        path = self.root / "inbox.pub"
+        if not path.is_file():
+            raise KeyFileError(
+                f"{path} is missing: provision the inbox key or install a release first"
+            )
+        return _crypto.load_inbox_public_key(_read(path, "inbox public key"))
+
+    def set_inbox_public_key(self, pem: bytes) -> None:
+        _crypto.load_inbox_public_key(pem)
+        atomic_write_bytes(self.root / "inbox.pub", pem)
+
+    def receipt_public_key(self) -> _crypto.VerifyKey:
+        raw = self.config().get("receipt_public_key")
+        if not isinstance(raw, str):
+            raise KeyFileError(f"{self.root} has no receipt key yet: enrol the device first")
+        return _crypto.VerifyKey.from_raw(bytes.fromhex(raw))
+
+    # -- counter and ledger ---------------------------------------------------------------------
+    def last_counter(self) -> int:
+        text = _read(self.root / "counter", "counter file").decode("ascii", "replace").strip()
+        if not text.isdigit():
+            raise StoreError(f"counter file in {self.root} is corrupt: {text[:20]!r}")
+        return int(text)
+
+    def reserve_counter(self) -> int:
+        """The next counter, persisted (fsync'd) before it is used: a crash never reuses one."""
+        counter = self.last_counter() + 1
+        atomic_write_bytes(self.root / "counter", f"{counter}\n".encode())
+        return counter
+
+    def ledger(self) -> dict[str, Any]:
+        return _read_json(self.root / "ledger.json", "epsilon ledger")
+
+    def charge_epsilon(self, packet_id: bytes, epsilon: float) -> float:
+        """Charge a packet to the device's own ledger; raises BudgetExceeded. Returns the new total."""
+        ledger = self.ledger()
+        spent = float(ledger["spent"])
+        check_budget(
+            device_id=self.device_id, spent=spent, requested=epsilon, budget=float(ledger["budget"])
+        )
+        ledger["spent"] = spent + epsilon
+        ledger["packets"][packet_id.hex()] = epsilon
+        _write_json(self.root / "ledger.json", ledger)
+        return spent + epsilon
+
+    # -- outbox and receipts --------------------------------------------------------------------
+    def put_outbox(self, packet_id: bytes, data: bytes) -> None:
+        atomic_write_bytes(self.outbox / f"{packet_id.hex()}.packet", data)
+
+    def pending(self) -> list[tuple[bytes, bytes]]:
+        """Sealed packets not yet acknowledged, oldest first (by counter order of creation)."""
+        files = sorted(self.outbox.glob("*.packet"), key=lambda p: p.stat().st_mtime_ns)
+        return [(bytes.fromhex(p.stem), p.read_bytes()) for p in files]
+
+    def acknowledge(self, packet_id: bytes, receipt: bytes) -> None:
+        atomic_write_bytes(self.receipts / f"{packet_id.hex()}.receipt", receipt)
+        (self.outbox / f"{packet_id.hex()}.packet").unlink(missing_ok=True)

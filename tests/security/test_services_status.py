@@ -1,0 +1,88 @@
+"""The error -> status table covers every DirediError subclass, and round-trips on the device."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from diredi_secure.services import status
+from diredi_secure.services.status import (
+    STATUS_TABLE,
+    ServiceUnavailable,
+    error_from_rpc,
+    status_for,
+)
+
+import diredi_secure.release.errors
+import diredi_secure.store  # noqa: F401
+from diredi_secure import errors as E
+
+
+def _all_subclasses(cls: type) -> set[type]:
+    out: set[type] = set()
+    for sub in cls.__subclasses__():
+        out |= {sub, *_all_subclasses(sub)}
+    return out
+
+
+def test_every_error_of_errors_py_has_its_own_row() -> None:
+    named = {getattr(E, n) for n in E.__all__}
+    missing = sorted(c.__name__ for c in named if c not in STATUS_TABLE)
+    assert missing == []
+
+
+def test_every_subclass_anywhere_maps_to_a_definite_code() -> None:
+    for cls in _all_subclasses(E.DirediError):
+        err = cls.__new__(cls)
+        E.DirediError.__init__(err, "x")
+        assert status_for(err) != grpc.StatusCode.UNKNOWN, cls
+        assert status_for(err) != grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(("cls", "code"), [
+    (E.TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.ReplayDetected, grpc.StatusCode.ALREADY_EXISTS),
+    (E.CertificateRevoked, grpc.StatusCode.PERMISSION_DENIED),
+    (E.SignatureInvalid, grpc.StatusCode.UNAUTHENTICATED),
+    (E.StoreError, grpc.StatusCode.UNAVAILABLE),
+    (E.BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+])
+def test_pinned_rows(cls: type[E.DirediError], code: grpc.StatusCode) -> None:
+    assert STATUS_TABLE[cls] == code
+
+
+class _FakeCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A finished call as the client sees it (a real RpcError carries exactly these two)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> None: ...
+    def trailing_metadata(self) -> None: ...
+    def is_active(self) -> bool: return False
+    def time_remaining(self) -> None: ...
+    def cancel(self) -> bool: return False
+    def add_callback(self, cb: object) -> bool: return False
+
+
+def test_round_trip_by_reason() -> None:
+    for cls in STATUS_TABLE:
+        err = cls.__new__(cls)
+        E.DirediError.__init__(err, "why")
+        back = error_from_rpc(_FakeCall(status_for(err), status.details_for(err)), "call")
+        assert type(back) is cls or isinstance(back, ServiceUnavailable), cls
+
+
+def test_local_errors_do_not_leak_their_message() -> None:
+    err = E.StoreError("store postgresql://admin@db.internal/prod: timeout")
+    assert "db.internal" not in status.details_for(err)
+
+
+def test_transport_failures_are_retryable() -> None:
+    assert isinstance(error_from_rpc(_FakeCall(grpc.StatusCode.UNAVAILABLE, "connect failed"), "x"), ServiceUnavailable)
+    assert isinstance(error_from_rpc(_FakeCall(grpc.StatusCode.DEADLINE_EXCEEDED, ""), "x"), ServiceUnavailable)
