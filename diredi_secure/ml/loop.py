@@ -1,0 +1,149 @@
+"""The whole DiReDi loop in one process: KD -> RD per user -> merge -> re-KD, with its figures."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from ..knowledge import DPParameters, PayloadKind, encode_payload
+from .data import Scenario
+from .distill import KDConfig, TrainConfig, distill_student, train_classifier
+from .evaluate import accuracy
+from .merge import DeviceKnowledge, MergeConfig, merge_into_teacher
+from .models import build_model, student_spec, teacher_spec
+from .rekd import ReKDConfig, rekd_student
+from .reverse import RDConfig, reverse_distill
+
+__all__ = ["LoopConfig", "LoopResult", "UserOutcome", "run_loop"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    teacher: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    rd: RDConfig = field(default_factory=lambda: RDConfig(kinds=(
+        PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA, PayloadKind.DP_PROTOTYPES)))
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    rekd: ReKDConfig = field(default_factory=ReKDConfig)
+
+
+@dataclass(frozen=True)
+class UserOutcome:
+    name: str
+    shifted: bool
+    before: float          # shipped student on the user's test set
+    after: float           # the user's re-KD edge model on the user's test set
+    fleet_after: float     # the fleet edge model on the user's test set
+    local_dp: float        # the DP-adapted model itself (never leaves the device): reference
+    presumed_after: float  # the user's re-KD model on the presumed test set
+    dp: DPParameters
+    payload_bytes: int
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    users: tuple[UserOutcome, ...]
+    teacher_presumed_before: float
+    teacher_presumed_after: float
+    teacher_user_before: tuple[float, ...]
+    teacher_user_after: tuple[float, ...]
+    presumed_before: float       # shipped student
+    presumed_after_fleet: float  # fleet re-KD student
+    seconds: dict[str, float]
+    merge_weights: dict[str, float]
+
+    @property
+    def user_gain_pts(self) -> float:
+        return 100.0 * float(np.mean([u.after - u.before for u in self.users]))
+
+    @property
+    def presumed_drop_pts(self) -> float:
+        """Mean over users of the drop of their re-KD model on the presumed test set."""
+        return 100.0 * float(np.mean([self.presumed_before - u.presumed_after for u in self.users]))
+
+    @property
+    def epsilon(self) -> float:
+        return max(u.dp.composed_epsilon for u in self.users)
+
+    @property
+    def payload_bytes(self) -> int:
+        return int(np.mean([u.payload_bytes for u in self.users]))
+
+    def summary_line(self) -> str:
+        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:.2f}"
+        return (f"loop: user_gain={self.user_gain_pts:+.1f} pts presumed_drop="
+                f"{self.presumed_drop_pts:.1f} pts epsilon={eps} payload_bytes={self.payload_bytes}")
+
+
+def run_loop(scenario: Scenario, config: LoopConfig, seed: int, *, epsilon: float | None = None) -> LoopResult:
+    """Run KD, RD on every user, the merge and re-KD; deterministic for a seed on CPU.
+
+    ``epsilon`` overrides ``config.rd.epsilon`` (``math.inf``: the non-private baseline).
+    """
+    rd_cfg = config.rd if epsilon is None else replace(config.rd, epsilon=epsilon)
+    rng = np.random.default_rng(seed)
+    secs: dict[str, float] = {}
+    t0 = time.perf_counter()
+    teacher = build_model(teacher_spec(), seed=seed)
+    train_classifier(teacher, scenario.presumed_train, config.teacher, seed=seed)
+    shipped = build_model(student_spec(), seed=seed + 1)
+    distill_student(shipped, teacher, scenario.presumed_train, scenario.reference_x, config.kd,
+                    seed=seed)
+    secs["kd"] = time.perf_counter() - t0
+    log.info("KD done in %.1f s", secs["kd"])
+
+    t0 = time.perf_counter()
+    devices, results = [], []
+    for i, user in enumerate(scenario.users):
+        res = reverse_distill(shipped, user.train, scenario.reference_x, rd_cfg, seed=seed + 10 + i,
+                              rng=np.random.default_rng(rng.integers(2**32)))
+        results.append(res)
+        devices.append(DeviceKnowledge(user.name, res.payload))
+    secs["rd"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    merged = merge_into_teacher(teacher, shipped, devices, scenario.reference_x,
+                                scenario.presumed_train, config.merge, seed=seed,
+                                rng=np.random.default_rng(rng.integers(2**32)))
+    secs["merge"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n_ref = len(scenario.reference_x)
+    fleet = rekd_student(merged.teacher, student_spec(), scenario.presumed_train, merged.transfer_x,
+                         config.rekd, seed=seed + 2)
+    outcomes = []
+    for user, res in zip(scenario.users, results, strict=True):
+        support = merged.supports[user.name]
+        per_user = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
+                                merged.transfer_x, config.rekd, seed=seed + 2, support=support)
+        data, _ = encode_payload(res.payload)
+        outcomes.append(UserOutcome(
+            name=user.name, shifted=user.shifted,
+            before=accuracy(shipped, user.test), after=accuracy(per_user, user.test),
+            fleet_after=accuracy(fleet, user.test), local_dp=accuracy(res.adapted, user.test),
+            presumed_after=accuracy(per_user, scenario.presumed_test), dp=res.dp,
+            payload_bytes=len(data)))
+    secs["rekd"] = time.perf_counter() - t0
+    del n_ref
+    return LoopResult(
+        users=tuple(outcomes),
+        teacher_presumed_before=accuracy(teacher, scenario.presumed_test),
+        teacher_presumed_after=accuracy(merged.teacher, scenario.presumed_test),
+        teacher_user_before=tuple(accuracy(teacher, u.test) for u in scenario.users),
+        teacher_user_after=tuple(accuracy(merged.teacher, u.test) for u in scenario.users),
+        presumed_before=accuracy(shipped, scenario.presumed_test),
+        presumed_after_fleet=accuracy(fleet, scenario.presumed_test),
+        seconds=secs,
+        merge_weights=merged.weights,
+    )
+
+
+def _torch_threads() -> None:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

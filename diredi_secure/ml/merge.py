@@ -1,0 +1,363 @@
+"""Cloud merge: aggregate device knowledge without voting minorities away, then distil it up.
+
+Aggregation (ours; the paper gives none). Averaging, the median and the trimmed mean across devices
+all erased classes that only one device knew (METHOD-NOTES.md), so devices are *summed*, each with
+bounded influence:
+
+1. **Clip** each device's logit-difference matrix: every row to L2 ``row_clip``, then the whole
+   matrix to Frobenius norm ``device_clip * sqrt(rows)``. An oversized device is scaled down, never
+   allowed to dominate.
+2. **Support weighting**: a device's positive logit changes for class c are scaled by
+   ``min(1, support_c / support_threshold)``, where ``support_c`` is its noised label-histogram share
+   (uniform when it sent no histogram). A device may only push up classes it declares data for.
+3. **Outlier score**: the share of a device's positive change that lies on classes outside its
+   declared support. Above ``off_support_tolerance`` its whole weight ramps down to 0.
+4. Sum the bounded contributions on top of the teacher's own logits (temperature 1).
+
+Transfer inputs: the public reference set, plus inputs derived from each device's
+``dp_prototypes`` (noised class means in the user's own domain, jittered), plus -- when a device
+sent a ``weight_delta`` -- inputs synthesised from its adapted model (data-free: gradient ascent on
+the adapted model's class score, starting from the prototypes). The last two carry domains the
+reference set does not cover. Both are post-processing of DP outputs: no extra privacy cost.
+
+Reverse distillation into the teacher: fine-tune it on presumed data (cross entropy, keeps old
+knowledge) plus KL toward the merged targets on the transfer inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, PayloadInvalid
+from ..knowledge import KnowledgePayload, PayloadKind
+from .data import NUM_CLASSES, Dataset
+from .evaluate import predict_logits
+from .models import flat_parameters, set_flat_parameters
+
+__all__ = [
+    "DeviceKnowledge",
+    "MergeConfig",
+    "MergeResult",
+    "aggregate_differences",
+    "device_support",
+    "merge_into_teacher",
+    "transfer_inputs",
+]
+
+
+@dataclass(frozen=True)
+class DeviceKnowledge:
+    """One accepted packet's payload, by device."""
+
+    device_id: str
+    payload: KnowledgePayload
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Merge settings; defaults calibrated on the digits scenario's validation splits."""
+
+    row_clip: float = 40.0
+    device_clip: float = 30.0
+    logit_floor_gap: float = 8.0
+    gate_rows: bool = True
+    support_threshold: float = 0.05
+    off_support_tolerance: float = 0.25
+    min_class_count: float = 3.0
+    use_prototypes: bool = True
+    synthesize: bool = True
+    jitter_per_class: int = 24
+    jitter_std: float = 0.08
+    synth_steps: int = 20
+    synth_lr: float = 0.05
+    kd_temperature: float = 1.0
+    transfer_weight: float = 1.0
+    epochs: int = 25
+    lr: float = 0.002
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.row_clip <= 0 or self.device_clip <= 0 or self.kd_temperature <= 0:
+            raise ConfigError("clip norms and temperature must be > 0")
+        if not (0 <= self.off_support_tolerance < 1) or self.support_threshold <= 0:
+            raise ConfigError("off_support_tolerance must lie in [0, 1), support_threshold > 0")
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size <= 0 or self.jitter_per_class < 0:
+            raise ConfigError("invalid training settings in the merge config")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """The updated teacher and what the merge decided per device."""
+
+    teacher: nn.Module
+    transfer_x: np.ndarray
+    weights: dict[str, float]
+    off_support: dict[str, float]
+    supports: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def device_support(payload: KnowledgePayload) -> np.ndarray:
+    """The device's class shares from its noised histogram (uniform if it sent none)."""
+    hist = payload.get(PayloadKind.LABEL_HISTOGRAM)
+    if hist is None:
+        return np.full(NUM_CLASSES, 1.0 / NUM_CLASSES)
+    counts = np.clip(hist.values.astype(np.float64).reshape(-1), 0.0, None)
+    if counts.shape != (NUM_CLASSES,):
+        raise PayloadInvalid(f"label_histogram must have {NUM_CLASSES} values")
+    total = counts.sum()
+    return counts / total if total > 0 else np.full(NUM_CLASSES, 1.0 / NUM_CLASSES)
+
+
+def _dense_reference_diff(payload: KnowledgePayload, n_ref: int) -> np.ndarray | None:
+    entry = payload.get(PayloadKind.REFERENCE_LOGITS)
+    if entry is None:
+        return None
+    values = entry.values.astype(np.float64)
+    if values.ndim != 2 or values.shape[1] != NUM_CLASSES:
+        raise PayloadInvalid(f"reference_logits must be [M, {NUM_CLASSES}], got {values.shape}")
+    if entry.index is None:
+        if values.shape[0] != n_ref:
+            raise PayloadInvalid(f"reference_logits has {values.shape[0]} rows, reference has {n_ref}")
+        return values
+    if entry.index.size and int(entry.index.max()) >= n_ref:
+        raise PayloadInvalid("reference_logits index points past the reference set")
+    dense = np.zeros((n_ref, NUM_CLASSES))
+    dense[entry.index] = values
+    return dense
+
+
+def adapted_model(shipped: nn.Module, payload: KnowledgePayload) -> nn.Module | None:
+    """``shipped + weight_delta`` when the device sent a weight delta (post-processing)."""
+    entry = payload.get(PayloadKind.WEIGHT_DELTA)
+    if entry is None:
+        return None
+    base = flat_parameters(shipped)
+    delta = np.zeros_like(base)
+    if entry.index is None:
+        if entry.values.size != base.size:
+            raise PayloadInvalid(f"weight_delta has {entry.values.size} values, model {base.size}")
+        delta = entry.values.reshape(-1).astype(np.float32)
+    else:
+        if entry.index.size and int(entry.index.max()) >= base.size:
+            raise PayloadInvalid("weight_delta index points past the model's parameters")
+        delta[entry.index] = entry.values.reshape(-1)
+    model = copy.deepcopy(shipped)
+    set_flat_parameters(model, base + delta)
+    return model.eval()
+
+
+def bound_difference(
+    diff: np.ndarray, support: np.ndarray, config: MergeConfig, z_shipped: np.ndarray | None = None
+) -> tuple[np.ndarray, float, float]:
+    """Clip one device's difference, scale by support; returns (bounded, weight, off_support).
+
+    With ``z_shipped`` (the cloud shipped that model, so it knows its logits) a row counts only
+    where the adapted model changed its decision to a class the device supports: elsewhere the
+    difference is DP noise or a global bias shift that would spill onto other users' inputs.
+    """
+    d = np.nan_to_num(diff.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    norms = np.linalg.norm(d, axis=1, keepdims=True)
+    d = d * np.minimum(1.0, config.row_clip / np.maximum(norms, 1e-12))
+    limit = config.device_clip * np.sqrt(max(d.shape[0], 1))
+    total = float(np.linalg.norm(d))
+    if total > limit:
+        d = d * (limit / total)
+    pos = np.clip(d, 0.0, None)
+    off = support < config.support_threshold
+    pos_mass = float(pos.sum())
+    off_share = float(pos[:, off].sum() / pos_mass) if pos_mass > 0 else 0.0
+    tol = config.off_support_tolerance
+    weight = float(np.clip(1.0 - max(0.0, off_share - tol) / (1.0 - tol), 0.0, 1.0))
+    if z_shipped is not None and config.gate_rows:
+        new_pred = (z_shipped + d).argmax(1)
+        gate = (new_pred != z_shipped.argmax(1)) & (support[new_pred] >= config.support_threshold)
+        d = d * gate[:, None]
+    gain = np.minimum(1.0, support / config.support_threshold)
+    d = np.where(d > 0, d * gain[None, :], d)
+    return d * weight, weight, off_share
+
+
+def aggregate_differences(
+    diffs: list[np.ndarray], supports: list[np.ndarray], config: MergeConfig,
+    z_shipped: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[float], list[float]]:
+    """Sum of the bounded differences (rows x classes) with each device's weight and score."""
+    if not diffs:
+        raise ConfigError("nothing to aggregate")
+    out = np.zeros_like(diffs[0], dtype=np.float64)
+    weights, scores = [], []
+    for d, s in zip(diffs, supports, strict=True):
+        bounded, w, off = bound_difference(d, s, config, z_shipped)
+        out += bounded
+        weights.append(w)
+        scores.append(off)
+    return out, weights, scores
+
+
+def _synthesize(
+    model: nn.Module, start: np.ndarray, labels: np.ndarray, config: MergeConfig
+) -> np.ndarray:
+    """Data-free inputs: nudge ``start`` to raise the adapted model's score for ``labels``."""
+    x = torch.from_numpy(start.astype(np.float32)).clone().requires_grad_(True)
+    y = torch.from_numpy(labels.astype(np.int64))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _ in range(config.synth_steps):
+        loss = F.cross_entropy(model(x), y)
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            x -= config.synth_lr * grad.sign()
+            x.clamp_(0.0, 1.0)
+    return x.detach().numpy()
+
+
+def transfer_inputs(
+    devices: list[DeviceKnowledge],
+    shipped: nn.Module,
+    config: MergeConfig,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs beyond the reference set that cover the users' domains.
+
+    Returns ``(x, label, device_index)``: jittered noised prototypes of every class a device
+    declares enough (noised) examples of, optionally moved by data-free synthesis toward what the
+    device's adapted model calls that class.
+    """
+    xs, ys, owners = [], [], []
+    for i, dev in enumerate(devices):
+        protos = dev.payload.get(PayloadKind.DP_PROTOTYPES)
+        hist = dev.payload.get(PayloadKind.LABEL_HISTOGRAM)
+        if protos is None or not config.use_prototypes or config.jitter_per_class == 0:
+            continue
+        p = protos.values.reshape(NUM_CLASSES, -1)
+        if p.shape[1] != 64:
+            raise PayloadInvalid(f"dp_prototypes must be [{NUM_CLASSES}, 64], got {protos.values.shape}")
+        counts = hist.values if hist is not None else np.full(NUM_CLASSES, np.inf)
+        for c in range(NUM_CLASSES):
+            if counts[c] < config.min_class_count:
+                continue
+            k = config.jitter_per_class
+            jit = p[c][None, :] + rng.normal(0.0, config.jitter_std, size=(k, 64))
+            xs.append(np.clip(jit, 0.0, 1.0).reshape(k, 1, 8, 8).astype(np.float32))
+            ys.append(np.full(k, c, np.int64))
+            owners.append(np.full(k, i, np.int64))
+        if config.synthesize and xs and owners[-1][0] == i:
+            model = adapted_model(shipped, dev.payload)
+            if model is not None:
+                mine = [j for j, o in enumerate(owners) if o[0] == i]
+                for j in mine:
+                    xs.append(_synthesize(model, xs[j], ys[j], config))
+                    ys.append(ys[j].copy())
+                    owners.append(owners[j].copy())
+    if not xs:
+        return np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(owners)
+
+
+def merge_into_teacher(
+    teacher: nn.Module,
+    shipped_student: nn.Module,
+    devices: list[DeviceKnowledge],
+    reference_x: np.ndarray,
+    presumed: Dataset,
+    config: MergeConfig,
+    *,
+    seed: int,
+    rng: np.random.Generator | None = None,
+) -> MergeResult:
+    """Aggregate ``devices``' knowledge and distil it into a copy of ``teacher``.
+
+    ``devices`` hold payloads that already passed packet verification and policy. Raises
+    :class:`PayloadInvalid` for a payload whose shapes do not fit the reference set or model.
+    """
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    n_ref = len(reference_x)
+    supports = [device_support(d.payload) for d in devices]
+    extra_x, extra_y, extra_owner = transfer_inputs(devices, shipped_student, config, rng)
+    transfer_x = np.concatenate([reference_x.astype(np.float32), extra_x])
+    n_t = len(transfer_x)
+
+    # Each device's logit difference on every transfer input: from its adapted model when it sent a
+    # weight delta (it can be queried anywhere), else its reference logits (reference rows only).
+    diffs: list[np.ndarray] = []
+    has_diff = np.zeros((len(devices), n_t), bool)
+    z_shipped = predict_logits(shipped_student, transfer_x)
+    for i, dev in enumerate(devices):
+        model = adapted_model(shipped_student, dev.payload)
+        d = np.zeros((n_t, NUM_CLASSES))
+        if model is not None:
+            d = predict_logits(model, transfer_x).astype(np.float64) - z_shipped
+            has_diff[i] = True
+        else:
+            ref = _dense_reference_diff(dev.payload, n_ref)
+            if ref is not None:
+                d[:n_ref] = ref
+                has_diff[i, :n_ref] = True
+        diffs.append(d)
+    names = [d.device_id for d in devices]
+    if devices:
+        merged, weights, scores = aggregate_differences(diffs, supports, config,
+                                                         z_shipped.astype(np.float64))
+    else:
+        merged, weights, scores = np.zeros((n_t, NUM_CLASSES)), [], []
+
+    teacher = copy.deepcopy(teacher)
+    z_teacher = predict_logits(teacher, transfer_x).astype(np.float64)
+    # A CE-trained teacher pushes classes it never saw to very low logits (-18 on digits); floor
+    # them at ``max - logit_floor_gap`` so a bounded device difference can still raise them.
+    z_teacher = np.maximum(z_teacher, z_teacher.max(1, keepdims=True) - config.logit_floor_gap)
+    target = z_teacher + merged
+    # Prototype inputs a device owns but could not label through a model: its class label.
+    hard = np.full(n_t, -1, np.int64)
+    hard_w = np.zeros(n_t, np.float32)
+    for j in range(len(extra_x)):
+        i = int(extra_owner[j])
+        hard[n_ref + j] = extra_y[j]
+        hard_w[n_ref + j] = weights[i] * min(1.0, supports[i][extra_y[j]] / config.support_threshold)
+    _finetune_teacher(teacher, presumed, transfer_x, target.astype(np.float32), hard, hard_w,
+                      config, seed=seed)
+    return MergeResult(
+        teacher=teacher,
+        transfer_x=transfer_x,
+        weights=dict(zip(names, weights, strict=True)),
+        off_support=dict(zip(names, scores, strict=True)),
+        supports=dict(zip(names, supports, strict=True)),
+    )
+
+
+def _finetune_teacher(
+    teacher: nn.Module, presumed: Dataset, tx: np.ndarray, target: np.ndarray,
+    hard: np.ndarray, hard_w: np.ndarray, config: MergeConfig, *, seed: int,
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    px, py = torch.from_numpy(presumed.x), torch.from_numpy(presumed.y)
+    x, z = torch.from_numpy(tx), torch.from_numpy(target)
+    hy, hw = torch.from_numpy(hard), torch.from_numpy(hard_w)
+    t = config.kd_temperature
+    opt = torch.optim.Adam(teacher.parameters(), lr=config.lr)
+    teacher.train()
+    n, m = len(tx), len(py)
+    steps = max(1, int(np.ceil(n / config.batch_size)))
+    for _ in range(config.epochs):
+        perm = torch.randperm(n, generator=gen)
+        pperm = torch.randperm(m, generator=gen)
+        for s in range(steps):
+            idx = perm[s * config.batch_size : (s + 1) * config.batch_size]
+            pidx = pperm[(s * config.batch_size) % m :][: config.batch_size]
+            out = teacher(x[idx])
+            kl = (t * t) * F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(z[idx] / t, 1),
+                                    log_target=True, reduction="none").sum(1)
+            ce_h = F.cross_entropy(out, hy[idx].clamp(min=0), reduction="none") * hw[idx]
+            loss = config.transfer_weight * (kl + ce_h).mean()
+            if m:
+                loss = loss + F.cross_entropy(teacher(px[pidx]), py[pidx])
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    teacher.eval()
