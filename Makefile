@@ -10,6 +10,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The PostgreSQL backend's tests run against this server; scripts/ensure_postgres.sh starts one.
+export DIREDI_TEST_POSTGRES_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 
 .PHONY: all venv demo test test-fast test-slow lint typecheck protos protos-check bench bench-quick clean
 
