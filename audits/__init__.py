@@ -1,0 +1,13 @@
+"""Privacy-leakage audit suite for DiReDi knowledge packets (installed as
+``diredi_secure.audits``).
+
+Modules: :mod:`.accounting` (epsilon recomputation, RDP/PRV, lifetime composition),
+:mod:`.metrics` (ROC, AUC, TPR at low FPR with Clopper-Pearson intervals, DP consistency),
+:mod:`.canary` (one-run audit of Steinke, Nasr & Jagielski 2023), :mod:`.membership` (loss
+threshold, offline LiRA), :mod:`.reconstruction`, :mod:`.inspection`, :mod:`.suite` (the end-to-end
+audit), :mod:`.report` and :mod:`.cli`. Heavy modules (torch) are imported on use only.
+"""
+
+from __future__ import annotations
+
+__all__ = ["accounting", "canary", "membership", "metrics"]
