@@ -247,17 +247,31 @@ class EdgeAgent:
         return bodies
 
     # -- updates ----------------------------------------------------------------------------------
-    def updater(self, *, trusted_root: bytes | None = None, clock: Callable[[], Any] | None = None) -> Any:
-        """A :class:`~diredi_secure.release.updater.DeviceUpdater` fetching over this channel."""
+    def updater(
+        self,
+        *,
+        trusted_root: bytes | None = None,
+        clock: Callable[[], Any] | None = None,
+        policy: Any = None,
+    ) -> Any:
+        """A :class:`~diredi_secure.release.updater.DeviceUpdater` fetching over this channel.
+
+        ``trusted_root`` defaults to the root the workspace was provisioned with (used only on
+        the first update; afterwards the updater keeps its own verified copy). ``policy``: an
+        :class:`~diredi_secure.release.updater.UpdatePolicy` (prefix and role of the release).
+        """
         from datetime import UTC, datetime
 
         from diredi_secure.release.updater import DeviceUpdater
 
         from .fetcher import GrpcReleaseFetcher
 
+        if trusted_root is None and not (self.workspace.release_dir / "trusted_root.json").exists():
+            trusted_root = self.workspace.trusted_root()
         return DeviceUpdater(
             self.workspace.release_dir,
             GrpcReleaseFetcher(self.channel, config=self.config),
             clock=clock or (lambda: datetime.now(UTC)),
             trusted_root=trusted_root,
+            policy=policy,
         )

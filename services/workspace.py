@@ -7,8 +7,12 @@ Cloud workspace (``diredi cloud init W``)::
     inbox.key, inbox.pub        HPKE inbox key (X25519 + ML-KEM-768); devices seal packets to it
     receipt.key                 Ed25519 key signing receipts
     tls/server.key, server.crt  the gRPC endpoint's TLS identity (ECDSA P-256, from the device CA)
-    cloud.db                    the SQLite store (``store`` in cloud.json may name a PostgreSQL DSN)
-    repository/                 the TUF release repository folder the UpdateService serves
+    cloud.db                    the SQLite store (``store`` in cloud.json may name a PostgreSQL DSN,
+                                ``store_schema`` the PostgreSQL schema)
+    repository/                 the TUF release repository (python-tuf; made at init, keys in
+                                repository/keys/) that the UpdateService serves
+    scenario/, models/, audits/ written by the learning jobs (services/jobs.py)
+    releases.json               index of published models (version, prefix, role, sha256)
     cloud.json                  {"store": ..., "hostnames": [...]}
 
 Device workspace (``diredi edge init W``; keys made at provisioning)::
@@ -17,6 +21,7 @@ Device workspace (``diredi edge init W``; keys made at provisioning)::
     tls.key, tls.crt            mTLS client identity (ECDSA P-256, PEM certificate, same device id)
     ca.crt                      device CA certificate (DER): the TLS trust root for the cloud
     inbox.pub                   the cloud's inbox public key (from provisioning or a release)
+    trusted_root.json           the release repository's root metadata v1 (TUF trust anchor)
     device.json                 {"device_id", "target", "server_name", "receipt_public_key", ...}
     counter                     last packet counter used (written atomically BEFORE sealing)
     ledger.json                 the device's own epsilon ledger
@@ -32,6 +37,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,8 @@ from diredi_secure._crypto import (
 from diredi_secure.checkpoint import atomic_write_bytes
 from diredi_secure.errors import ConfigError, KeyFileError, StoreError
 from diredi_secure.policy import DEFAULT_POLICY, check_budget
+from diredi_secure.release import ReleaseRepository
+from diredi_secure.store import Store, open_store
 
 from .cloud import CloudKeys
 from .transport import ClientTls, ServerTls
@@ -109,9 +117,15 @@ class CloudWorkspace:
         now_ms: int,
         hostnames: tuple[str, ...] = ("localhost", "127.0.0.1"),
         store: str | None = None,
+        store_schema: str | None = None,
         passphrase: bytes | None = None,
+        create_repository: bool = True,
     ) -> CloudWorkspace:
-        """Create a cloud workspace; refuses to overwrite one (ConfigError)."""
+        """Create a cloud workspace; refuses to overwrite one (ConfigError).
+
+        With ``create_repository`` the TUF release repository is made too (root v1 is what
+        :meth:`provision_device` hands each device as its trust anchor).
+        """
         ws = cls(Path(root))
         if ws.config_path.exists():
             raise ConfigError(f"{ws.root} is already a cloud workspace")
@@ -139,15 +153,19 @@ class CloudWorkspace:
         )
         save_tls_key(tls_key, ws.root / "tls" / "server.key")  # gRPC needs it in clear in memory
         atomic_write_bytes(ws.root / "tls" / "server.crt", _crypto.certificate_pem(server_cert))
+        if create_repository:
+            ReleaseRepository.create(
+                ws.repository_dir, now=datetime.fromtimestamp(now_ms / 1000, UTC), passphrase=passphrase
+            )
         ws.repository_dir.mkdir(exist_ok=True)
-        _write_json(
-            ws.config_path,
-            {
-                "format": 1,
-                "store": store or str(ws.root / "cloud.db"),
-                "hostnames": list(hostnames),
-            },
-        )
+        config: dict[str, Any] = {
+            "format": 1,
+            "store": store or str(ws.root / "cloud.db"),
+            "hostnames": list(hostnames),
+        }
+        if store_schema is not None:
+            config["store_schema"] = store_schema
+        _write_json(ws.config_path, config)
         return ws
 
     @classmethod
@@ -167,6 +185,21 @@ class CloudWorkspace:
         if not isinstance(store, str) or not store:
             raise ConfigError(f"{self.config_path}: 'store' must name a SQLite path or a DSN")
         return store
+
+    def store_schema(self) -> str | None:
+        schema = self.config().get("store_schema")
+        if schema is not None and not isinstance(schema, str):
+            raise ConfigError(f"{self.config_path}: 'store_schema' must be a string")
+        return schema
+
+    def open_store(self) -> Store:
+        """The workspace's store (SQLite file or PostgreSQL DSN + schema), migrated."""
+        return open_store(self.store_url(), schema=self.store_schema())
+
+    def trusted_root(self) -> bytes | None:
+        """Root metadata v1 of the release repository (None if the workspace has none)."""
+        path = self.repository_dir / "metadata" / "1.root.json"
+        return _read(path, "root metadata") if path.is_file() else None
 
     def ca(self, passphrase: bytes | None = None) -> tuple[_crypto.SigningKey, bytes]:
         return (
@@ -200,7 +233,7 @@ class CloudWorkspace:
     ) -> DeviceWorkspace:
         """Factory provisioning: make a device's keys and certificates with this workspace's CA."""
         ca_key, ca_cert = self.ca(passphrase)
-        return DeviceWorkspace.init(
+        ws = DeviceWorkspace.init(
             device_root,
             device_id=device_id,
             ca_key=ca_key,
@@ -210,6 +243,10 @@ class CloudWorkspace:
             inbox_public_pem=_read(self.root / "inbox.pub", "inbox public key"),
             server_name=self.config().get("hostnames", ["localhost"])[0],
         )
+        root = self.trusted_root()
+        if root is not None:
+            atomic_write_bytes(ws.trusted_root_path, root)
+        return ws
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,6 +271,15 @@ class DeviceWorkspace:
     @property
     def release_dir(self) -> Path:
         return self.root / "release"
+
+    @property
+    def trusted_root_path(self) -> Path:
+        return self.root / "trusted_root.json"
+
+    def trusted_root(self) -> bytes | None:
+        """The TUF root this device was provisioned with (None if provisioning gave none)."""
+        path = self.trusted_root_path
+        return _read(path, "trusted root", 4 * 1024 * 1024) if path.is_file() else None
 
     @classmethod
     def init(

@@ -114,7 +114,7 @@ def test_update_service_serves_metadata_and_chunked_targets(tmp_path: Path) -> N
     config = TransportConfig(chunk_bytes=1000)
     with running_cloud(tmp_path, config=config) as cloud:
         repo = cloud.workspace.repository_dir
-        (repo / "metadata").mkdir()
+        (repo / "metadata").mkdir(exist_ok=True)
         (repo / "metadata" / "1.root.json").write_bytes(b'{"root": 1}')
         (repo / "metadata" / "timestamp.json").write_bytes(b'{"ts": 1}')
         (repo / "targets" / "fleet").mkdir(parents=True)

@@ -1,0 +1,696 @@
+"""The learning loop as cloud and device jobs over workspaces: KD + release, RD + seal, merge + release.
+
+Cloud (a :class:`~.workspace.CloudWorkspace`):
+
+* :func:`distill_and_release` -- build (or load) the scenario, train the teacher on the presumed
+  data, distil the edge student (KD) and publish it as release v1 through the TUF
+  :class:`~diredi_secure.release.ReleaseRepository`: weights (safetensors), architecture JSON, the
+  public reference set, the inbox public key, and an in-toto attestation (no parent, 0 packets).
+* :func:`merge_and_release` -- open every unmerged stored packet again with the inbox key (packets
+  are stored as received, still encrypted), merge them into the teacher, re-distil a fleet model
+  and one model per contributing device (weighted by that device's noised class histogram), run
+  the audit gate, and publish release N+1: the fleet model at the top level and each device's
+  model under ``devices/<id>/`` signed by a delegated role of its own. The merged packets are
+  marked in the store in the same transaction that records the release.
+
+Device (an :class:`~.edge.EdgeAgent`):
+
+* :func:`update_device` -- install the newest release meant for this device: its own delegated
+  release when one is published, else the fleet release.
+* :func:`reverse_on_device` -- load the INSTALLED model and the reference set of its release, run
+  reverse distillation with DP (Opacus) on the user's data, and seal the packet (queued in the
+  outbox; :meth:`EdgeAgent.submit` sends it).
+
+Extra cloud workspace files: ``scenario/`` (the split every job shares), ``models/teacher.safetensors``
+(the current cloud model), ``models/<sha256>.safetensors`` (every edge model released: the base a
+packet names), ``audits/release-v<N>.json`` (the gate's report), ``releases.json`` (index).
+
+Crash ordering: a release is published (TUF metadata written atomically) before the store records it
+and marks its packets merged. A crash in between leaves the packets unmerged; the next merge uses
+them again in a higher version, which is safe (a release never claims packets it did not use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from diredi_secure.checkpoint import atomic_write_bytes, checkpoint_bytes, load_checkpoint_bytes
+from diredi_secure.errors import (
+    CertificateRevoked,
+    ConfigError,
+    DirediError,
+    ModelFormatError,
+    ReleaseRefused,
+    StoreError,
+    UnknownDevice,
+)
+from diredi_secure.knowledge import DPParameters, PayloadKind, encode_payload
+from diredi_secure.ml.data import Dataset, Scenario, load_scenario, make_scenario, save_scenario
+from diredi_secure.ml.distill import KDConfig, TrainConfig, distill_student, train_classifier
+from diredi_secure.ml.evaluate import accuracy
+from diredi_secure.ml.merge import DeviceKnowledge, MergeConfig, merge_into_teacher
+from diredi_secure.ml.models import (
+    build_model,
+    load_model_bytes,
+    model_bytes,
+    student_spec,
+    teacher_spec,
+)
+from diredi_secure.ml.rekd import ReKDConfig, rekd_student
+from diredi_secure.ml.reverse import RDConfig, reverse_distill
+from diredi_secure.packet import MemoryReplayState, OpenedPacket, SealedPacket, open_packet
+from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
+from diredi_secure.release import (
+    AuditVerdict,
+    DeviceEpsilon,
+    ReleaseBundle,
+    ReleasePredicate,
+    ReleaseRepository,
+    UpdatePolicy,
+    UpdateResult,
+)
+from diredi_secure.release.errors import ReleaseUnavailable
+from diredi_secure.release.repository import (
+    ATTESTATION_TARGET,
+    INBOX_KEY_TARGET,
+    MODEL_TARGET,
+    REFERENCE_SET_TARGET,
+)
+from diredi_secure.store import Store, StoredPacket
+
+from .edge import EdgeAgent
+from .workspace import CloudWorkspace, _read, _read_json, _write_json
+
+__all__ = [
+    "AuditGate",
+    "DeviceRound",
+    "GateInput",
+    "GateOutcome",
+    "JobSettings",
+    "ReleaseOutcome",
+    "accounting_gate",
+    "default_audit_gate",
+    "device_prefix",
+    "device_role",
+    "distill_and_release",
+    "export_user_data",
+    "merge_and_release",
+    "reverse_on_device",
+    "update_device",
+]
+
+log = logging.getLogger("diredi.jobs")
+
+REFERENCE_TENSOR = "reference_x"
+REFERENCE_FORMAT = "diredi-reference-set-v1"
+AUDIT_REPORT_FORMAT = "diredi-release-audit-v1"
+_MAX_MODEL_BYTES = 64 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# Names and settings
+# ------------------------------------------------------------------------------------------------
+def device_prefix(device_id: str) -> str:
+    """Where a device's own release lives in the repository: ``devices/<id>/``."""
+    return f"devices/{device_id}/"
+
+
+def device_role(device_id: str) -> str:
+    """The delegated TUF role that signs a device's release.
+
+    Device ids allow upper case and dots, role names do not; a hash keeps the mapping one-to-one.
+    """
+    return "device-" + hashlib.sha256(device_id.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Training settings of the cloud jobs (defaults: ``diredi_secure.ml``'s documented ones)."""
+
+    teacher: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    rekd: ReKDConfig = field(default_factory=ReKDConfig)
+
+    @classmethod
+    def tiny(cls) -> JobSettings:
+        """One or two epochs everywhere: for tests and smoke runs, not for accuracy."""
+        kd = KDConfig(epochs=2)
+        return cls(
+            teacher=TrainConfig(epochs=2),
+            kd=kd,
+            merge=replace(MergeConfig(), epochs=2, synth_steps=2, jitter_per_class=4),
+            rekd=ReKDConfig(kd=kd),
+        )
+
+    def digest(self) -> str:
+        """SHA-256 of the settings as canonical JSON (the attestation's trainingConfig)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    """What a cloud job published."""
+
+    version: int
+    model_sha256: str
+    audit_verdict: str
+    audit_forced: bool
+    packet_count: int
+    device_models: dict[str, str]
+    """Device id -> SHA-256 of its own model in this release (empty for v1)."""
+    skipped_packets: dict[str, str]
+    """Packet id (hex) -> why it was left unmerged."""
+    metrics: dict[str, float]
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------------
+# The audit gate (a hook: diredi_secure.audits provides the checks)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateInput:
+    """What the audit gate sees: the opened packets of the round and the scenario."""
+
+    release_version: int
+    packets: tuple[OpenedPacket, ...]
+    scenario: Scenario
+    seed: int
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """The gate's verdict and its report (bytes, stored and digested into the attestation)."""
+
+    verdict: AuditVerdict
+    report: bytes
+
+
+AuditGate = Callable[[GateInput], GateOutcome]
+"""The release gate: a failing verdict blocks the release unless it is forced (and recorded)."""
+
+
+def _report(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True, default=str).encode() + b"\n"
+
+
+def accounting_gate(gate: GateInput) -> GateOutcome:
+    """Fast gate: recompute every packet's epsilon from its declared DP parameters.
+
+    Uses ``diredi_secure.audits.accounting.check_packet_accounting``; any fatal finding fails.
+    """
+    from diredi_secure.audits.accounting import check_packet_accounting
+
+    checks = []
+    for opened in gate.packets:
+        check = check_packet_accounting(opened.header.dp, opened.payload.tensors)
+        checks.append({"packet": opened.header.packet_id.hex(), "device": opened.header.device_id,
+                       **check.to_json()})
+    ok = all(c["ok"] for c in checks)
+    return GateOutcome(
+        AuditVerdict.PASS if ok else AuditVerdict.FAIL,
+        _report({"format": AUDIT_REPORT_FORMAT, "release": gate.release_version,
+                 "profile": "accounting", "verdict": "pass" if ok else "fail",
+                 "packets": checks}),
+    )
+
+
+def default_audit_gate(profile: str = "fast") -> AuditGate:
+    """The accounting gate, plus (``fast``/``full``) the privacy-leakage audit suite run on the
+    scenario at the largest epsilon the round's packets claim (``audits.suite.run_audit``).
+
+    ``profile="accounting"`` runs the accounting checks only (seconds, for tests).
+    """
+
+    def gate(inputs: GateInput) -> GateOutcome:
+        base = accounting_gate(inputs)
+        if profile == "accounting":
+            return base
+        from diredi_secure.audits.report import report_json
+        from diredi_secure.audits.suite import PROFILES, AuditConfig, run_audit
+
+        if profile not in PROFILES:
+            raise ConfigError(f"unknown audit profile {profile!r} (accounting, {', '.join(PROFILES)})")
+        claimed = max((p.epsilon for p in inputs.packets), default=8.0)
+        if not math.isfinite(claimed):
+            return GateOutcome(AuditVerdict.FAIL, _report({
+                "format": AUDIT_REPORT_FORMAT, "release": inputs.release_version, "profile": profile,
+                "verdict": "fail", "reason": "a packet declares no DP (epsilon infinite)"}))
+        result = run_audit(AuditConfig(epsilon=claimed, profile=PROFILES[profile], seed=inputs.seed),
+                           scenario=inputs.scenario)
+        ok = base.verdict is AuditVerdict.PASS and result.verdict == "pass"
+        return GateOutcome(
+            AuditVerdict.PASS if ok else AuditVerdict.FAIL,
+            _report({"format": AUDIT_REPORT_FORMAT, "release": inputs.release_version,
+                     "profile": profile, "verdict": "pass" if ok else "fail",
+                     "accounting": json.loads(base.report), "suite": report_json(result)}),
+        )
+
+    return gate
+
+
+# ------------------------------------------------------------------------------------------------
+# Cloud workspace state used by the jobs
+# ------------------------------------------------------------------------------------------------
+def _scenario_dir(ws: CloudWorkspace) -> Path:
+    return ws.root / "scenario"
+
+
+def _models_dir(ws: CloudWorkspace) -> Path:
+    return ws.root / "models"
+
+
+def _index_path(ws: CloudWorkspace) -> Path:
+    return ws.root / "releases.json"
+
+
+def _index(ws: CloudWorkspace) -> dict[str, Any]:
+    path = _index_path(ws)
+    if not path.is_file():
+        return {"format": 1, "models": {}, "fleet": []}
+    return _read_json(path, "release index")
+
+
+def _save_model(ws: CloudWorkspace, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(_models_dir(ws) / f"{digest}.safetensors", data)
+    return digest
+
+
+def _load_model(path: Path, what: str) -> nn.Module:
+    model, _, _ = load_model_bytes(_read(path, what, _MAX_MODEL_BYTES))
+    return model
+
+
+def _scenario(ws: CloudWorkspace) -> Scenario:
+    if not (_scenario_dir(ws) / "scenario.json").is_file():
+        raise ConfigError(f"{ws.root} has no scenario yet: run `diredi cloud distill` first")
+    return load_scenario(_scenario_dir(ws))
+
+
+def reference_set_bytes(reference_x: np.ndarray) -> bytes:
+    """The public reference set as it ships in a release (safetensors, one float32 tensor)."""
+    return checkpoint_bytes({REFERENCE_TENSOR: np.asarray(reference_x, np.float32)},
+                            {"format": REFERENCE_FORMAT})
+
+
+def load_reference_set(data: bytes) -> np.ndarray:
+    """Parse a release's reference set; raises :class:`ModelFormatError`."""
+    tensors, meta = load_checkpoint_bytes(data, max_bytes=_MAX_MODEL_BYTES)
+    if meta.get("format") != REFERENCE_FORMAT or REFERENCE_TENSOR not in tensors:
+        raise ModelFormatError("the release's reference set is not a diredi reference set")
+    x = tensors[REFERENCE_TENSOR].astype(np.float32)
+    if x.ndim != 4 or x.shape[1:] != (1, 8, 8) or not np.all(np.isfinite(x)):
+        raise ModelFormatError(f"reference set has shape {list(x.shape)}, expected [N, 1, 8, 8]")
+    return x
+
+
+def _repository(ws: CloudWorkspace, passphrase: bytes | None) -> ReleaseRepository:
+    if not (ws.repository_dir / "metadata" / "1.root.json").is_file():
+        raise ConfigError(f"{ws.repository_dir} holds no release repository (made by `cloud init`)")
+    return ReleaseRepository(ws.repository_dir, passphrase=passphrase)
+
+
+def _attestation_sha(published: Any, prefix: str) -> str:
+    return str(published.targets[prefix + ATTESTATION_TARGET])
+
+
+# ------------------------------------------------------------------------------------------------
+# Cloud: KD and release v1
+# ------------------------------------------------------------------------------------------------
+def distill_and_release(
+    workspace: CloudWorkspace,
+    *,
+    now: datetime,
+    seed: int = 0,
+    scenario_dir: Path | None = None,
+    settings: JobSettings | None = None,
+    passphrase: bytes | None = None,
+) -> ReleaseOutcome:
+    """Scenario, teacher, KD student, release v1 (published through TUF, recorded in the store).
+
+    Refuses (:class:`ConfigError`) when a fleet release is already published: v1 is made once.
+    The attestation records no parent and no packets; no packet was merged, so the privacy
+    audit has nothing to audit: the verdict field says ``pass`` (the only values a device knows
+    are pass/fail) and the audit report it digests says ``not_applicable`` and why.
+    """
+    settings = settings or JobSettings()
+    t0 = time.perf_counter()
+    repo = _repository(workspace, passphrase)
+    if repo.current_release("") is not None:
+        raise ConfigError(f"{workspace.root} already published v{repo.current_release('')}: "
+                          "use `diredi cloud merge` for the next release")
+    scenario = load_scenario(scenario_dir) if scenario_dir is not None else make_scenario(seed)
+    save_scenario(scenario, _scenario_dir(workspace))
+
+    teacher = build_model(teacher_spec(), seed=seed)
+    train_classifier(teacher, scenario.presumed_train, settings.teacher, seed=seed)
+    student = build_model(student_spec(), seed=seed + 1)
+    distill_student(student, teacher, scenario.presumed_train, scenario.reference_x, settings.kd,
+                    seed=seed)
+    atomic_write_bytes(_models_dir(workspace) / "teacher.safetensors",
+                       model_bytes(teacher, teacher_spec()))
+    model = model_bytes(student, student_spec())
+    sha = _save_model(workspace, model)
+
+    report = _report({
+        "format": AUDIT_REPORT_FORMAT, "release": 1, "verdict": "not_applicable",
+        "recorded_verdict": "pass",
+        "reason": "no knowledge packet was merged: the model is distilled from the manufacturer's "
+                  "presumed data and the public reference set only; no user data to audit",
+    })
+    report_sha = _write_audit_report(workspace, 1, report)
+    predicate = ReleasePredicate.build(
+        release_version=1, parent_digest=None, parent_version=None, packet_digests=[], epsilon=[],
+        accountant="none", audit_report_digest=report_sha, audit_verdict=AuditVerdict.PASS,
+        training_config_digest=settings.digest(),
+    )
+    published = repo.publish(
+        ReleaseBundle(
+            version=1, model=model, architecture=student_spec().to_json().encode(),
+            predicate=predicate, reference_set=reference_set_bytes(scenario.reference_x),
+            inbox_public_key=_read(workspace.root / "inbox.pub", "inbox public key"),
+        ),
+        now=now,
+    )
+    index = _index(workspace)
+    index["models"][sha] = {"version": 1, "prefix": "", "device": None}
+    index["fleet"].append({"version": 1, "sha256": sha})
+    _write_json(_index_path(workspace), index)
+    with workspace.open_store() as store:
+        store.record_release("1", sha, _attestation_sha(published, ""), int(now.timestamp() * 1000))
+    metrics = {
+        "teacher_presumed_acc": accuracy(teacher, scenario.presumed_test),
+        "student_presumed_acc": accuracy(student, scenario.presumed_test),
+        **{f"student_user_{u.name}_acc": accuracy(student, u.test) for u in scenario.users},
+    }
+    log.info("release v1 published (%s)", sha[:16])
+    return ReleaseOutcome(1, sha, "not_applicable", False, 0, {}, {}, metrics,
+                          time.perf_counter() - t0)
+
+
+def _write_audit_report(ws: CloudWorkspace, version: int, report: bytes) -> str:
+    atomic_write_bytes(ws.root / "audits" / f"release-v{version}.json", report)
+    return hashlib.sha256(report).hexdigest()
+
+
+def export_user_data(workspace: CloudWorkspace, user: str, out: Path, *, part: str = "train") -> int:
+    """Write one scenario user's split as ``npz`` (``x``, ``y``): a lab device's private data.
+
+    Returns the number of examples. Raises :class:`ConfigError` for an unknown user or part.
+    """
+    scenario = _scenario(workspace)
+    try:
+        split = scenario.user(user)
+    except (KeyError, ValueError, DirediError) as exc:
+        names = ", ".join(u.name for u in scenario.users)
+        raise ConfigError(f"no user {user!r} in the scenario ({names})") from exc
+    if part not in ("train", "val", "test"):
+        raise ConfigError(f"part must be train, val or test, not {part!r}")
+    data: Dataset = getattr(split, part)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as handle:
+        np.savez(handle, x=data.x, y=data.y)
+    return len(data)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cloud: merge, re-KD, gate, release N+1
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Opened:
+    stored: StoredPacket
+    opened: OpenedPacket
+
+
+def _open_stored(
+    workspace: CloudWorkspace, store: Store, packets: Sequence[StoredPacket], policy: PacketPolicy,
+    passphrase: bytes | None,
+) -> tuple[list[_Opened], dict[str, str]]:
+    """Open stored packets again (decrypt + verify) at the time each was received."""
+    keys = workspace.keys(passphrase)
+    opened: list[_Opened] = []
+    skipped: dict[str, str] = {}
+    for stored in packets:
+        try:
+            result = open_packet(
+                stored.packet_bytes, inbox_key=keys.inbox_key, device_ca=keys.device_ca_der,
+                devices=store, replay=MemoryReplayState(), now_ms=stored.received_at_ms,
+                policy=policy,
+            )
+        except (CertificateRevoked, UnknownDevice) as exc:
+            skipped[stored.packet_id.hex()] = exc.one_line()
+            log.warning("packet %s left unmerged: %s", stored.packet_id.hex(), exc.one_line())
+            continue
+        if result.packet_sha256 != stored.packet_sha256:
+            raise StoreError(f"stored packet {stored.packet_id.hex()} does not match its digest")
+        opened.append(_Opened(stored, result))
+    return opened, skipped
+
+
+def merge_and_release(
+    workspace: CloudWorkspace,
+    store: Store,
+    *,
+    now: datetime,
+    seed: int = 0,
+    settings: JobSettings | None = None,
+    audit_gate: AuditGate | None = None,
+    force_release: bool = False,
+    policy: PacketPolicy = DEFAULT_POLICY,
+    passphrase: bytes | None = None,
+) -> ReleaseOutcome:
+    """Merge every unmerged stored packet and publish the next release (fleet + per device).
+
+    ``audit_gate`` defaults to :func:`default_audit_gate` (``fast``). A failing verdict raises
+    :class:`ReleaseRefused` (reason ``audit_failed``) before anything is published, unless
+    ``force_release``; then the attestations record ``verdict: fail, forced: true``.
+    Packets of revoked or unknown devices, or computed against a model this cloud never released,
+    are left unmerged (listed in ``skipped_packets``). Raises :class:`ConfigError` when there is
+    nothing to merge.
+    """
+    settings = settings or JobSettings()
+    gate = audit_gate or default_audit_gate("fast")
+    t0 = time.perf_counter()
+    repo = _repository(workspace, passphrase)
+    fleet_version = repo.current_release("")
+    if fleet_version is None:
+        raise ConfigError("no release is published yet: run `diredi cloud distill` first")
+    version = fleet_version + 1
+    index = _index(workspace)
+    scenario = _scenario(workspace)
+    pending = store.list_packets(unmerged_only=True)
+    if not pending:
+        raise ConfigError("there are no unmerged packets in the store")
+    opened, skipped = _open_stored(workspace, store, pending, policy, passphrase)
+
+    # Group by the model each packet was computed against (the device's installed model).
+    groups: dict[str, list[_Opened]] = {}
+    for item in opened:
+        base = item.opened.header.base_model_version
+        if base not in index["models"]:
+            skipped[item.stored.packet_id.hex()] = f"base model {base[:16]} was never released here"
+            continue
+        groups.setdefault(base, []).append(item)
+    used = [item for group in groups.values() for item in group]
+    if not used:
+        raise ConfigError(f"no packet can be merged ({len(skipped)} skipped: {skipped})")
+
+    teacher = _load_model(_models_dir(workspace) / "teacher.safetensors", "cloud model")
+    transfer: list[np.ndarray] = []
+    supports: dict[str, list[np.ndarray]] = {}
+    weights: dict[str, float] = {}
+    rng = np.random.default_rng(seed + version)
+    for base_sha in sorted(groups):
+        base_model = _load_model(_models_dir(workspace) / f"{base_sha}.safetensors", "released model")
+        devices = [DeviceKnowledge(f"{i.opened.header.device_id}#{i.opened.header.counter}",
+                                   i.opened.payload) for i in groups[base_sha]]
+        merged = merge_into_teacher(teacher, base_model, devices, scenario.reference_x,
+                                    scenario.presumed_train, settings.merge, seed=seed + version,
+                                    rng=rng)
+        teacher = merged.teacher
+        transfer.append(merged.transfer_x)
+        for item, dev in zip(groups[base_sha], devices, strict=True):
+            supports.setdefault(item.opened.header.device_id, []).append(merged.supports[dev.device_id])
+            weights[dev.device_id] = float(merged.weights[dev.device_id])
+    transfer_x = np.concatenate(transfer)
+
+    gate_outcome = gate(GateInput(version, tuple(i.opened for i in used), scenario, seed))
+    forced = False
+    if gate_outcome.verdict is AuditVerdict.FAIL:
+        _write_audit_report(workspace, version, gate_outcome.report)
+        if not force_release:
+            raise ReleaseRefused(
+                f"release v{version} failed the audit gate (report in audits/release-v{version}.json);"
+                " pass --force-release to publish it anyway (recorded in the attestation)",
+                reason="audit_failed",
+            )
+        forced = True
+        log.warning("release v%d FORCED despite a failed audit", version)
+    report_sha = _write_audit_report(workspace, version, gate_outcome.report)
+
+    fleet = rekd_student(teacher, student_spec(), scenario.presumed_train, transfer_x,
+                         settings.rekd, seed=seed + 2)
+    fleet_bytes = model_bytes(fleet, student_spec())
+    per_device: dict[str, bytes] = {}
+    for device_id, shares in sorted(supports.items()):
+        support = np.mean(np.stack(shares), axis=0)
+        model = rekd_student(teacher, student_spec(), scenario.presumed_train, transfer_x,
+                             settings.rekd, seed=seed + 2, support=support)
+        per_device[device_id] = model_bytes(model, student_spec())
+
+    ledger = {d.device_id: d.epsilon_spent for d in store.list_devices()}
+
+    def predicate(items: list[_Opened], parent_sha: str | None) -> ReleasePredicate:
+        rounds: dict[str, float] = {}
+        for i in items:
+            rounds[i.opened.header.device_id] = rounds.get(i.opened.header.device_id, 0.0) + i.opened.epsilon
+        parent_version = None if parent_sha is None else int(index["models"][parent_sha]["version"])
+        return ReleasePredicate.build(
+            release_version=version, parent_digest=parent_sha, parent_version=parent_version,
+            packet_digests=[i.opened.packet_sha256 for i in items],
+            epsilon=[DeviceEpsilon(d, e, max(e, ledger.get(d, e))) for d, e in rounds.items()],
+            accountant=",".join(sorted({i.opened.header.dp.accountant for i in items})),
+            audit_report_digest=report_sha, audit_verdict=gate_outcome.verdict,
+            audit_forced=forced, training_config_digest=settings.digest(),
+        )
+
+    architecture = student_spec().to_json().encode()
+    reference = reference_set_bytes(scenario.reference_x)
+    inbox_pem = _read(workspace.root / "inbox.pub", "inbox public key")
+    fleet_parent = str(index["fleet"][-1]["sha256"])
+    published = repo.publish(
+        ReleaseBundle(version=version, model=fleet_bytes, architecture=architecture,
+                      predicate=predicate(used, fleet_parent), reference_set=reference,
+                      inbox_public_key=inbox_pem),
+        now=now,
+    )
+    fleet_sha = _save_model(workspace, fleet_bytes)
+    index["models"][fleet_sha] = {"version": version, "prefix": "", "device": None}
+    index["fleet"].append({"version": version, "sha256": fleet_sha})
+    device_records: list[tuple[str, str, str]] = []
+    delegated = repo.targets().signed.delegations
+    roles = set(delegated.roles or {}) if delegated is not None else set()
+    for device_id, data in per_device.items():
+        prefix, role = device_prefix(device_id), device_role(device_id)
+        if role not in roles:
+            repo.add_delegation(role, paths=[prefix + "*"], now=now)
+        items = [i for i in used if i.opened.header.device_id == device_id]
+        # The device runs the model its newest packet was computed against: that is the parent.
+        parent_sha = max(items, key=lambda i: i.opened.header.counter).opened.header.base_model_version
+        dev_published = repo.publish(
+            ReleaseBundle(version=version, model=data, architecture=architecture,
+                          predicate=predicate(items, parent_sha), reference_set=reference,
+                          inbox_public_key=inbox_pem),
+            now=now, role=role, prefix=prefix,
+        )
+        sha = _save_model(workspace, data)
+        index["models"][sha] = {"version": version, "prefix": prefix, "device": device_id}
+        device_records.append((device_id, sha, _attestation_sha(dev_published, prefix)))
+    atomic_write_bytes(_models_dir(workspace) / f"teacher-v{version}.safetensors",
+                       model_bytes(teacher, teacher_spec()))
+    atomic_write_bytes(_models_dir(workspace) / "teacher.safetensors",
+                       model_bytes(teacher, teacher_spec()))
+    _write_json(_index_path(workspace), index)
+    now_ms = int(now.timestamp() * 1000)
+    for device_id, sha, att in device_records:
+        store.record_release(f"{version}/{device_id}", sha, att, now_ms)
+    store.record_release(str(version), fleet_sha, _attestation_sha(published, ""), now_ms,
+                         merged_packet_ids=[i.stored.packet_id for i in used])
+    metrics = {
+        "fleet_presumed_acc": accuracy(fleet, scenario.presumed_test),
+        "teacher_presumed_acc": accuracy(teacher, scenario.presumed_test),
+        **{f"merge_weight[{k}]": v for k, v in weights.items()},
+    }
+    log.info("release v%d published: fleet %s + %d device models", version, fleet_sha[:16],
+             len(device_records))
+    return ReleaseOutcome(
+        version=version, model_sha256=fleet_sha, audit_verdict=gate_outcome.verdict.value,
+        audit_forced=forced, packet_count=len(used),
+        device_models={d: s for d, s, _ in device_records}, skipped_packets=skipped,
+        metrics=metrics, seconds=time.perf_counter() - t0,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Device: update, reverse distillation, seal
+# ------------------------------------------------------------------------------------------------
+def update_device(agent: EdgeAgent, *, trusted_root: bytes | None = None) -> UpdateResult:
+    """Install the newest release for this device: its own (``devices/<id>/``, its delegated
+    role) if the cloud published one, else the fleet release. Then adopt the release's inbox key.
+
+    Raises what :meth:`DeviceUpdater.update` raises (rollback, freeze, bad attestation, parent
+    mismatch...). The running model is kept on any error.
+    """
+    device_id = agent.workspace.device_id
+    own = UpdatePolicy(prefix=device_prefix(device_id), role=device_role(device_id))
+    try:
+        result: UpdateResult = agent.updater(trusted_root=trusted_root, policy=own).update()
+    except ReleaseUnavailable:
+        result = agent.updater(trusted_root=trusted_root).update()
+    inbox = agent.workspace.release_dir / "slots" / result.release.slot / INBOX_KEY_TARGET
+    if inbox.is_file():
+        agent.workspace.set_inbox_public_key(inbox.read_bytes())
+    return result
+
+
+@dataclass(frozen=True)
+class DeviceRound:
+    """What one RD run on the device produced (the sealed packet waits in the outbox)."""
+
+    sealed: SealedPacket
+    dp: DPParameters
+    payload_bytes: int
+    packet_bytes: int
+    base_model_sha256: str
+    base_version: int
+    seconds: float
+
+
+def reverse_on_device(
+    agent: EdgeAgent,
+    data: Dataset,
+    *,
+    epsilon: float,
+    kinds: Sequence[PayloadKind] = (PayloadKind.REFERENCE_LOGITS,),
+    seed: int = 0,
+    rd: RDConfig | None = None,
+) -> DeviceRound:
+    """Run DP reverse distillation against the INSTALLED model and seal the packet.
+
+    Loads the installed release (verified safetensors; its sha256 names the base model in the
+    packet header), its reference set, fine-tunes with Opacus at ``epsilon`` (``math.inf``: the
+    non-private baseline, which the cloud's default policy refuses) and seals with the device key
+    (the counter is reserved and the device's own ledger charged first; ``BudgetExceeded``).
+    ``rd`` supplies the other RD settings (epochs, batch size...).
+    """
+    t0 = time.perf_counter()
+    updater = agent.updater()
+    installed = updater.current_model()  # checks the slot still holds the verified bytes
+    slot = installed.slot_dir
+    model, _, _ = load_model_bytes(_read(slot / MODEL_TARGET, "installed model", _MAX_MODEL_BYTES))
+    ref_path = slot / REFERENCE_SET_TARGET
+    if not ref_path.is_file():
+        raise ConfigError(f"release v{installed.release.version} carries no reference set")
+    reference_x = load_reference_set(_read(ref_path, "reference set", _MAX_MODEL_BYTES))
+    config = replace(rd or RDConfig(), epsilon=epsilon, kinds=tuple(kinds))
+    result = reverse_distill(model, data, reference_x, config, seed=seed,
+                             rng=np.random.default_rng(seed))
+    payload, _ = encode_payload(result.payload)
+    sealed = agent.seal(result.payload, dp=result.dp,
+                        base_model_version=installed.release.model_sha256)
+    return DeviceRound(sealed, result.dp, len(payload), len(sealed.data),
+                       installed.release.model_sha256, installed.release.version,
+                       time.perf_counter() - t0)
