@@ -36,6 +36,7 @@ test: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/ruff check .
 	$(BIN)/mypy diredi_secure
+	$(BIN)/mypy services audits benchmarks
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
@@ -46,6 +47,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy diredi_secure
+	$(BIN)/mypy services audits benchmarks
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

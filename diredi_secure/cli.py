@@ -379,7 +379,8 @@ def _mount_demo() -> None:
             demo_protocol
         )
         return
-    app.command("demo", help=module.__doc__)(module.demo_command)
+    app.command("demo", help="Run the whole DiReDi loop: a cloud and three devices over gRPC.")(module.demo_command)
+    app.command("demo-device", hidden=True)(module.demo_device_command)
 
 
 _mount_subapps()
