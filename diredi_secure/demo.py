@@ -352,8 +352,8 @@ def demo_command(
             f"v{r['version_before']} -> v{r['version_after']}",
             audit["verdict"],
         )
-    Console().print(table)
-    out = Console()
+    out = Console(width=None if sys.stdout.isatty() else 150)  # logs and CI get the whole table
+    out.print(table)
     out.print(f"audit report: {audit['report']}", markup=False)
     out.print(f"logs: {paths.logs}", markup=False)
     out.print(f"workspace: {paths.root} ({time.perf_counter() - started:.0f} s)", markup=False)

@@ -35,7 +35,8 @@ def loop_cmd(
     """Run KD -> RD per user -> merge -> re-KD and print the per-user table and summary line."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO)
     sc = load_scenario(scenario) if scenario is not None else make_scenario(seed)
-    r = run_loop(sc, LoopConfig(), seed, epsilon=math.inf if math.isinf(epsilon) else epsilon)
+    r = run_loop(sc, LoopConfig(), seed, epsilon=math.inf if math.isinf(epsilon) else epsilon,
+                 progress=not quiet)
     typer.echo("user  shifted  before  after  fleet  local_dp  presumed_after  epsilon  bytes")
     for u in r.users:
         typer.echo(f"{u.name:5} {u.shifted!s:8} {u.before:6.3f} {u.after:6.3f} {u.fleet_after:6.3f}"

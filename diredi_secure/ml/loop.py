@@ -9,6 +9,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from ..knowledge import DPParameters, PayloadKind, encode_payload
 from .data import Scenario
@@ -17,7 +27,7 @@ from .evaluate import accuracy
 from .merge import DeviceKnowledge, MergeConfig, merge_into_teacher
 from .models import build_model, student_spec, teacher_spec
 from .rekd import ReKDConfig, rekd_student
-from .reverse import RDConfig, reverse_distill
+from .reverse import RDConfig, reverse_distill, select_rd_config
 
 __all__ = ["LoopConfig", "LoopResult", "UserOutcome", "run_loop"]
 
@@ -32,6 +42,10 @@ class LoopConfig:
         PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA, PayloadKind.DP_PROTOTYPES)))
     merge: MergeConfig = field(default_factory=MergeConfig)
     rekd: ReKDConfig = field(default_factory=ReKDConfig)
+    # Choose lr / pull weight per user on their validation split (``select_rd_config``) before RD.
+    # Off by default: it runs one extra DP training per candidate (3x the RD time); the fixed
+    # per-noise-level lr (``default_learning_rate``) is what the validation runs chose.
+    select_rd: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,47 +96,103 @@ class LoopResult:
                 f"{self.presumed_drop_pts:.1f} pts epsilon={eps} payload_bytes={self.payload_bytes}")
 
 
-def run_loop(scenario: Scenario, config: LoopConfig, seed: int, *, epsilon: float | None = None) -> LoopResult:
+def run_loop(
+    scenario: Scenario, config: LoopConfig, seed: int, *, epsilon: float | None = None,
+    progress: bool = False,
+) -> LoopResult:
     """Run KD, RD on every user, the merge and re-KD; deterministic for a seed on CPU.
 
     ``epsilon`` overrides ``config.rd.epsilon`` (``math.inf``: the non-private baseline).
+    ``progress`` shows a rich progress bar on stderr (one step per phase and user).
     """
+    with _Steps(2 + 2 * len(scenario.users) + 1, enabled=progress) as steps:
+        return _run_loop(scenario, config, seed, epsilon, steps)
+
+
+class _Steps:
+    """A rich progress bar over the loop's steps, or nothing when disabled."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        if enabled:
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      console=Console(stderr=True), transient=True)
+            self._task = self._progress.add_task("loop", total=total)
+
+    def __enter__(self) -> _Steps:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def start(self, what: str) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=what)
+
+    def done(self) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task)
+
+
+def _run_loop(
+    scenario: Scenario, config: LoopConfig, seed: int, epsilon: float | None, steps: _Steps
+) -> LoopResult:
     rd_cfg = config.rd if epsilon is None else replace(config.rd, epsilon=epsilon)
     rng = np.random.default_rng(seed)
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
+    steps.start("KD: teacher and edge student")
     teacher = build_model(teacher_spec(), seed=seed)
     train_classifier(teacher, scenario.presumed_train, config.teacher, seed=seed)
     shipped = build_model(student_spec(), seed=seed + 1)
     distill_student(shipped, teacher, scenario.presumed_train, scenario.reference_x, config.kd,
                     seed=seed)
     secs["kd"] = time.perf_counter() - t0
+    steps.done()
     log.info("KD done in %.1f s", secs["kd"])
 
     t0 = time.perf_counter()
     devices, results = [], []
     for i, user in enumerate(scenario.users):
-        res = reverse_distill(shipped, user.train, scenario.reference_x, rd_cfg, seed=seed + 10 + i,
-                              rng=np.random.default_rng(rng.integers(2**32)))
+        steps.start(f"RD on device {user.name}")
+        user_cfg = rd_cfg
+        if config.select_rd and len(user.val):
+            user_cfg, _ = select_rd_config(shipped, user.train, user.val, scenario.reference_x,
+                                           rd_cfg, seed=seed + 10 + i)
+        res = reverse_distill(shipped, user.train, scenario.reference_x, user_cfg,
+                              seed=seed + 10 + i, rng=np.random.default_rng(rng.integers(2**32)))
         results.append(res)
         devices.append(DeviceKnowledge(user.name, res.payload))
+        steps.done()
     secs["rd"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    steps.start("merge into the teacher")
     merged = merge_into_teacher(teacher, shipped, devices, scenario.reference_x,
                                 scenario.presumed_train, config.merge, seed=seed,
-                                rng=np.random.default_rng(rng.integers(2**32)))
+                                rng=np.random.default_rng(rng.integers(2**32)),
+                                presumed_val=scenario.presumed_val,
+                                prototype_clip=rd_cfg.prototype_clip)
     secs["merge"] = time.perf_counter() - t0
+    steps.done()
 
     t0 = time.perf_counter()
-    n_ref = len(scenario.reference_x)
+    steps.start("re-KD: fleet model")
     fleet = rekd_student(merged.teacher, student_spec(), scenario.presumed_train, merged.transfer_x,
                          config.rekd, seed=seed + 2)
+    steps.done()
     outcomes = []
     for user, res in zip(scenario.users, results, strict=True):
+        steps.start(f"re-KD: model for {user.name}")
         support = merged.supports[user.name]
         per_user = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
                                 merged.transfer_x, config.rekd, seed=seed + 2, support=support)
+        steps.done()
         data, _ = encode_payload(res.payload)
         outcomes.append(UserOutcome(
             name=user.name, shifted=user.shifted,
@@ -131,7 +201,6 @@ def run_loop(scenario: Scenario, config: LoopConfig, seed: int, *, epsilon: floa
             presumed_after=accuracy(per_user, scenario.presumed_test), dp=res.dp,
             payload_bytes=len(data)))
     secs["rekd"] = time.perf_counter() - t0
-    del n_ref
     return LoopResult(
         users=tuple(outcomes),
         teacher_presumed_before=accuracy(teacher, scenario.presumed_test),

@@ -20,19 +20,27 @@ from .distill import KDConfig, kd_train
 from .evaluate import predict_logits
 from .models import ModelSpec, build_model
 
-__all__ = ["ReKDConfig", "rekd_student", "user_weights"]
+__all__ = ["ReKDConfig", "rekd_student", "rekd_weights", "user_weights"]
 
 
 @dataclass(frozen=True)
 class ReKDConfig:
-    """``beta`` in [0, 1] is how far samples are re-weighted toward the user's histogram."""
+    """``beta`` in [0, 1] is how far samples are re-weighted toward the user's histogram.
 
-    beta: float = 0.5
+    ``presumed_floor``: the manufacturer's labelled presumed samples weigh at least this much
+    (before normalisation; 1 is their fleet weight), so a per-user model keeps covering the
+    presumed classes whatever the user's histogram says: only the transfer inputs follow it.
+    """
+
+    beta: float = 0.8
     kd: KDConfig = field(default_factory=KDConfig)
+    presumed_floor: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must lie in [0, 1], got {self.beta}")
+        if self.presumed_floor < 0:
+            raise ConfigError(f"presumed_floor must be >= 0, got {self.presumed_floor}")
 
 
 def user_weights(teacher_logits: np.ndarray, support: np.ndarray, beta: float) -> np.ndarray:
@@ -42,6 +50,16 @@ def user_weights(teacher_logits: np.ndarray, support: np.ndarray, beta: float) -
     s = s / s.sum() if s.sum() > 0 else np.full(NUM_CLASSES, 1.0 / NUM_CLASSES)
     out: np.ndarray = ((1.0 - beta) + beta * NUM_CLASSES * s[pred]).astype(np.float32)
     return out
+
+
+def rekd_weights(
+    teacher_logits: np.ndarray, n_presumed: int, support: np.ndarray, config: ReKDConfig
+) -> np.ndarray:
+    """Per-user sample weights: the first ``n_presumed`` rows (labelled presumed data) are floored
+    at ``config.presumed_floor``; the rest follow :func:`user_weights`."""
+    w = user_weights(teacher_logits, support, config.beta)
+    w[:n_presumed] = np.maximum(w[:n_presumed], config.presumed_floor)
+    return w
 
 
 def rekd_student(
@@ -63,5 +81,5 @@ def rekd_student(
     x = np.concatenate([presumed.x, transfer_x.astype(np.float32)])
     y = np.concatenate([presumed.y, -np.ones(len(transfer_x), np.int64)])
     z = predict_logits(teacher, x)
-    w = None if support is None else user_weights(z, support, config.beta)
+    w = None if support is None else rekd_weights(z, len(presumed), support, config)
     return kd_train(student, x, y, z, config.kd, seed=seed, sample_weights=w)

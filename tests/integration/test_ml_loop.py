@@ -10,14 +10,17 @@ from diredi_secure.ml.loop import LoopConfig, run_loop
 
 
 @pytest.mark.slow
-def test_loop_teaches_classes_presumed_data_lacked() -> None:
+def test_loop_teaches_classes_presumed_data_lacked(capsys: pytest.CaptureFixture[str]) -> None:
     scenario = make_scenario(0)
     result = run_loop(scenario, LoopConfig(), seed=0, epsilon=8.0)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""  # progress=False (the default) keeps the loop silent
     # The teacher gains on user A's test set (classes 7 and 8, absent from presumed data).
-    # Measured at seed 0: 0.226 -> 0.887; asserted margin leaves room for CPU nondeterminism.
+    # Measured at seed 0: 0.226 -> 0.79; asserted margin leaves room for CPU nondeterminism.
     assert result.teacher_user_after[0] - result.teacher_user_before[0] >= 0.4
-    assert result.user_gain_pts >= 30.0  # measured +41.9
-    assert result.presumed_drop_pts <= 10.0  # measured 4.7
+    assert result.user_gain_pts >= 33.0  # measured +40.1
+    assert result.presumed_drop_pts <= 3.0  # measured 1.0 (4.7 before the anchor)
+    assert result.teacher_presumed_after >= result.teacher_presumed_before - 0.03
     assert all(u.dp.composed_epsilon < 9.0 for u in result.users)
     assert np.isfinite(result.payload_bytes) and result.payload_bytes < 20_000
     assert result.summary_line().startswith("loop: user_gain=+")
