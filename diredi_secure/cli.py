@@ -23,6 +23,7 @@ from rich.console import Console
 from typer.exceptions import TyperException
 
 from . import _crypto
+from ._secrets import passphrase_from_env as _passphrase
 from .errors import ConfigError, DirediError
 from .knowledge import DPParameters, KnowledgePayload, PayloadKind, PayloadTensor, WireDType
 from .packet import (
@@ -59,14 +60,6 @@ PassEnv = Annotated[
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
-
-def _passphrase(env_name: str | None) -> bytes | None:
-    if env_name is None:
-        return None
-    value = os.environ.get(env_name)
-    if not value:
-        raise ConfigError(f"environment variable {env_name} is not set or empty")
-    return value.encode()
 
 
 def _read(path: Path, what: str, cap: int = 256 * 1024 * 1024) -> bytes:

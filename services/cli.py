@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from diredi_secure._secrets import passphrase_from_env as _passphrase
 from diredi_secure.checkpoint import atomic_write_bytes
 from diredi_secure.errors import ConfigError
 from diredi_secure.knowledge import PayloadKind
@@ -56,14 +56,6 @@ def _settings(tiny: bool) -> object:
 
     return JobSettings.tiny() if tiny else JobSettings()
 
-
-def _passphrase(env_name: str | None) -> bytes | None:
-    if env_name is None:
-        return None
-    value = os.environ.get(env_name)
-    if not value:
-        raise ConfigError(f"environment variable {env_name} is not set or empty")
-    return value.encode()
 
 
 # ------------------------------------------------------------------------------------------------

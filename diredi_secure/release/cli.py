@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from diredi_secure._secrets import passphrase_from_env as _passphrase
 from diredi_secure.errors import ConfigError, DirediError
 
 from .attest import AuditVerdict, DeviceEpsilon, ReleasePredicate
@@ -63,14 +63,6 @@ def _now(value: str | None) -> datetime:
         raise ConfigError("--now needs a UTC offset, e.g. 2026-01-01T00:00:00+00:00")
     return parsed.astimezone(UTC)
 
-
-def _passphrase(env_name: str | None) -> bytes | None:
-    if env_name is None:
-        return None
-    value = os.environ.get(env_name)
-    if not value:
-        raise ConfigError(f"environment variable {env_name} is not set or empty")
-    return value.encode()
 
 
 def _read(path: Path, what: str) -> bytes:
