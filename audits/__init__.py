@@ -5,7 +5,8 @@ Modules: :mod:`.accounting` (epsilon recomputation, RDP/PRV, lifetime compositio
 :mod:`.metrics` (ROC, AUC, TPR at low FPR with Clopper-Pearson intervals, DP consistency),
 :mod:`.canary` (one-run audit of Steinke, Nasr & Jagielski 2023), :mod:`.membership` (loss
 threshold, offline LiRA), :mod:`.reconstruction`, :mod:`.inspection`, :mod:`.suite` (the end-to-end
-audit), :mod:`.report` and :mod:`.cli`. Heavy modules (torch) are imported on use only.
+audit), :mod:`.profiles` (fast/full), :mod:`.gate` (the release gate: ``run_release_gate``),
+:mod:`.report` and :mod:`.cli`. Heavy modules (torch) are imported on use only.
 """
 
 from __future__ import annotations

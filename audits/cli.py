@@ -8,10 +8,14 @@ Mounted by the lead as ``diredi audit`` (``app.add_typer(audits.cli.app, name="a
 Exit status is 0 for a pass and 1 for a failing verdict (the report is written either way);
 configuration errors raise :class:`~diredi_secure.errors.ConfigError` (the lead's main() maps them
 to status 2).
+
+This module imports only typer and the error types at import time; the suite (torch, Opacus) is
+imported inside :func:`run`.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -43,14 +47,20 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the audit on the default (or a given) scenario and write the report."""
+    # torch, opacus and the suite are imported here, not at module level: `diredi --help` and
+    # every other sub-command must not pay for them (tests/audits/test_audit_cli.py checks it)
     from diredi_secure.ml.data import load_scenario
 
-    from .report import write_report
-    from .suite import PROFILES, AuditConfig, run_audit
+    from .profiles import PROFILES
 
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    cfg = AuditConfig(epsilon=epsilon, dp=not no_dp, profile=PROFILES[profile], seed=seed,
+    from .report import write_report
+    from .suite import AuditConfig, run_audit
+
+    # an infinite claim is a run without DP (the positive control), like --no-dp
+    cfg = AuditConfig(epsilon=epsilon, dp=not no_dp and math.isfinite(epsilon),
+                      profile=PROFILES[profile], seed=seed,
                       user=user, leak=leak)
     scenario = load_scenario(scenario_dir) if scenario_dir is not None else None
     with warnings.catch_warnings():

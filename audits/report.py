@@ -9,6 +9,7 @@ import html
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,8 +50,11 @@ def _clean(obj: object) -> object:
     return obj
 
 
-def report_json(result: AuditResult) -> dict[str, object]:
-    """The report as JSON-ready data (non-finite floats as strings)."""
+def report_json(
+    result: AuditResult, *, release_gate: Mapping[str, object] | None = None
+) -> dict[str, object]:
+    """The report as JSON-ready data (non-finite floats as strings). ``release_gate``, when the
+    release gate wrote the report, records its decision (profile, claimed epsilon, forced)."""
     dp = result.dp
     out: dict[str, object] = {
         "format": REPORT_FORMAT,
@@ -82,6 +86,8 @@ def report_json(result: AuditResult) -> dict[str, object]:
         "settings": result.settings,
         "seconds": result.seconds,
     }
+    if release_gate is not None:
+        out["release_gate"] = dict(release_gate)
     return _clean(out)  # type: ignore[return-value]
 
 
@@ -142,6 +148,16 @@ def _img(png: bytes, alt: str) -> str:
             f'{base64.b64encode(png).decode("ascii")}">')
 
 
+def _gate_html(data: dict[str, object]) -> str:
+    gate = data.get("release_gate")
+    if not isinstance(gate, dict):
+        return ""
+    forced = bool(gate.get("forced"))
+    note = ("<p class=bad>Release FORCED despite the failing verdict.</p>" if forced else "")
+    return (f"<h2>Release gate</h2>{note}<pre>"
+            f"{html.escape(json.dumps(gate, indent=1, sort_keys=True))}</pre>")
+
+
 def report_html(result: AuditResult, data: dict[str, object] | None = None) -> str:
     """One self-contained HTML page (no scripts, no external links)."""
     from . import metrics
@@ -183,6 +199,7 @@ overflow:auto}}</style></head><body>
 <h1>Privacy audit: verdict <span class={'ok' if result.verdict == 'pass' else 'bad'}>
 {e(result.verdict)}</span></h1>
 <p><code>{e(result.summary_line())}</code></p>
+{_gate_html(data)}
 <h2>Threat model</h2><p>{e(THREAT_MODEL)}</p>
 <h2>Verdict criteria</h2><table><tr><th>criterion</th><th>result</th><th>detail</th></tr>
 {rows}</table>
@@ -208,11 +225,14 @@ point is consistent with at that confidence.</p>
 """
 
 
-def write_report(result: AuditResult, out_dir: Path) -> tuple[Path, Path, str]:
+def write_report(
+    result: AuditResult, out_dir: Path, *, release_gate: Mapping[str, object] | None = None
+) -> tuple[Path, Path, str]:
     """Write ``audit.json`` and ``audit.html`` into ``out_dir``; returns both paths and the
-    SHA-256 (hex) of the JSON bytes (what a release attestation records).
+    SHA-256 (hex) of the JSON bytes (what a release attestation records). ``release_gate`` is
+    written into the JSON (so the digest covers a forced release).
     Raises :class:`LocalError` if the directory cannot be written."""
-    data = report_json(result)
+    data = report_json(result, release_gate=release_gate)
     raw = json.dumps(data, indent=2, sort_keys=True).encode()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

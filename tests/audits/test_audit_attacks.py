@@ -1,11 +1,9 @@
-"""Attack scoring, inspection and reconstruction helpers on synthetic data (fast), and the
-end-to-end audit: DP run passes, positive control (no DP) fails and shows the leak (slow)."""
+"""Attack scoring, inspection and reconstruction helpers on synthetic data (fast). The end-to-end
+audits (positive control, DP run) are in test_audit_gate.py."""
 
 from __future__ import annotations
 
 import math
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,35 +98,3 @@ def test_inspection_flags_unnoised_prototypes_and_copies() -> None:
     wire, desc = encode_payload(payload)
     res = inspection.inspect_payload(payload, desc, wire, private=private, reference_x=reference)
     assert res.ok, res.findings
-
-
-def _run(epsilon: float, dp: bool, tmp_path: Path) -> object:
-    from diredi_secure.audits.report import write_report
-    from diredi_secure.audits.suite import PROFILES, AuditConfig, run_audit
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = run_audit(AuditConfig(epsilon=epsilon, dp=dp, profile=PROFILES["fast"], seed=0))
-    jp, hp, digest = write_report(res, tmp_path)
-    assert jp.exists() and len(digest) == 64
-    text = hp.read_text()
-    assert "data:image/png;base64," in text and "http" not in text.replace("http-equiv", "")
-    return res
-
-
-@pytest.mark.slow
-def test_positive_control_without_dp_fails_and_sees_the_leak(tmp_path: Path) -> None:
-    res = _run(8.0, False, tmp_path)
-    assert res.verdict == "fail"  # type: ignore[attr-defined]
-    assert res.leak_detected  # type: ignore[attr-defined]
-    best_auc_low = max(a.metrics.auc_interval[0] for a in res.attacks)  # type: ignore[attr-defined]
-    assert best_auc_low > 0.5, "the audit has no power: it cannot see a leak without DP"
-
-
-@pytest.mark.slow
-def test_dp_run_passes(tmp_path: Path) -> None:
-    res = _run(1.0, True, tmp_path)
-    assert res.verdict == "pass", res.criteria  # type: ignore[attr-defined]
-    assert res.eps_lower_bound <= 1.0  # type: ignore[attr-defined]
-    line = res.summary_line()  # type: ignore[attr-defined]
-    assert line.startswith("audit: verdict=pass eps_lb=") and "claimed_eps=1 " in line
