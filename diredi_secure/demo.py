@@ -378,8 +378,8 @@ def _audit_summary(paths: _Paths) -> dict[str, str]:
         data = json.loads(latest.read_text())
     except json.JSONDecodeError:
         return {"verdict": "unknown", "report": str(latest)}
-    verdict = str(data.get("verdict", data.get("gate", {}).get("verdict", "unknown")))
-    html = data.get("html") or data.get("report_path")
+    verdict = str(data.get("verdict", "unknown"))
+    html = (data.get("suite") or {}).get("html")
     return {"verdict": verdict, "report": str(html or latest)}
 
 

@@ -188,6 +188,8 @@ class GateInput:
     packets: tuple[OpenedPacket, ...]
     scenario: Scenario
     seed: int
+    out_dir: Path | None = None
+    """Where the audit suite writes its HTML/JSON report (None: a folder is not kept)."""
 
 
 @dataclass(frozen=True)
@@ -238,8 +240,10 @@ def default_audit_gate(profile: str = "fast") -> AuditGate:
         base = accounting_gate(inputs)
         if profile == "accounting":
             return base
-        from diredi_secure.audits.report import report_json
-        from diredi_secure.audits.suite import PROFILES, AuditConfig, run_audit
+        import tempfile
+
+        from diredi_secure.audits.gate import run_release_gate
+        from diredi_secure.audits.profiles import PROFILES
 
         if profile not in PROFILES:
             raise ConfigError(f"unknown audit profile {profile!r} (accounting, {', '.join(PROFILES)})")
@@ -248,14 +252,21 @@ def default_audit_gate(profile: str = "fast") -> AuditGate:
             return GateOutcome(AuditVerdict.FAIL, _report({
                 "format": AUDIT_REPORT_FORMAT, "release": inputs.release_version, "profile": profile,
                 "verdict": "fail", "reason": "a packet declares no DP (epsilon infinite)"}))
-        result = run_audit(AuditConfig(epsilon=claimed, profile=PROFILES[profile], seed=inputs.seed),
-                           scenario=inputs.scenario)
-        ok = base.verdict is AuditVerdict.PASS and result.verdict == "pass"
+        out_dir = inputs.out_dir or Path(tempfile.mkdtemp(prefix="diredi-audit-"))
+        # The suite audits the DP mechanism at the round's largest claimed epsilon on the
+        # scenario (the cloud never sees private data, so it audits a stand-in user it controls).
+        outcome = run_release_gate(epsilon=claimed, out_dir=out_dir, profile=profile,
+                                   seed=inputs.seed, scenario=inputs.scenario)
+        ok = base.verdict is AuditVerdict.PASS and outcome.verdict == "pass"
         return GateOutcome(
             AuditVerdict.PASS if ok else AuditVerdict.FAIL,
             _report({"format": AUDIT_REPORT_FORMAT, "release": inputs.release_version,
                      "profile": profile, "verdict": "pass" if ok else "fail",
-                     "accounting": json.loads(base.report), "suite": report_json(result)}),
+                     "accounting": json.loads(base.report),
+                     "suite": {"verdict": outcome.verdict, "summary": outcome.summary_line,
+                               "report_sha256": outcome.report_sha256,
+                               "report_json": str(outcome.report_path),
+                               "html": str(outcome.html_path)}}),
         )
 
     return gate
@@ -527,7 +538,8 @@ def merge_and_release(
             weights[dev.device_id] = float(merged.weights[dev.device_id])
     transfer_x = np.concatenate(transfer)
 
-    gate_outcome = gate(GateInput(version, tuple(i.opened for i in used), scenario, seed))
+    gate_outcome = gate(GateInput(version, tuple(i.opened for i in used), scenario, seed,
+                                  out_dir=workspace.root / "audits" / f"release-v{version}"))
     forced = False
     if gate_outcome.verdict is AuditVerdict.FAIL:
         _write_audit_report(workspace, version, gate_outcome.report)
