@@ -315,18 +315,17 @@ def _authenticate_device(
     now_ms: int,
     limits: Limits,
 ) -> DeviceIdentity:
-    if env.device_certificate:
-        # A certificate in the packet must itself be from our CA (a rogue CA is named as such)
-        # and must be the one the device enrolled with.
-        check_device_certificate(
-            env.device_certificate, device_ca, now_ms=now_ms, max_bytes=limits.max_certificate_bytes
-        )
     record = devices.device_record(header.device_id)
     if record is None:
         raise UnknownDevice(f"device {header.device_id} is not enrolled")
     if record.status == DeviceStatus.REVOKED:
         raise CertificateRevoked(f"device {header.device_id} is revoked")
     if env.device_certificate and env.device_certificate != record.certificate_der:
+        # Name a certificate from another CA as such; one from our CA that is not the enrolled
+        # one (a re-provisioned or cloned device) is an unknown identity.
+        check_device_certificate(
+            env.device_certificate, device_ca, now_ms=now_ms, max_bytes=limits.max_certificate_bytes
+        )
         raise UnknownDevice(
             f"packet carries a certificate other than the one device {header.device_id} enrolled"
         )
@@ -394,7 +393,7 @@ def open_packet(
     """Verify, decrypt and validate an untrusted packet. Changes no state.
 
     Order: size cap; envelope and header parse (versions, suite); declared sizes (before any
-    decryption); recipient key; device enrolment, revocation and certificate; signature; policy
+    decryption); recipient key; device enrolment, revocation and certificate (checked once); signature; policy
     (suite, clock window, DP declaration, base model); replay; HPKE open; payload decode
     (safetensors only; dtype, shape, finiteness, norm bound). Raises the first failure as a
     :class:`~diredi_secure.errors.DirediError` subclass naming it.
