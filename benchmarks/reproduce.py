@@ -1,0 +1,830 @@
+"""Reproduction benchmark: DiReDi against the alternatives, over seeds and privacy budgets.
+
+``diredi bench reproduce`` (see :mod:`diredi_secure.benchmarks.cli`) runs, on the default digits
+scenario and for every seed, the methods in :data:`METHODS` at every epsilon of the grid, and
+reports user-test accuracy, presumed-test accuracy, bytes uploaded per device, epsilon spent and
+seconds, as means with 95% confidence intervals (Student t over seeds).
+
+Work is shared so that every method sees the same artefacts: per seed one scenario, one teacher and
+one KD of the shipped student; per seed and epsilon one RD run per user (full payload: reference
+logits, weight delta, DP prototypes and histogram), reused by local fine-tuning (the adapted model
+itself), FedAvg (its weight delta), federated distillation (its reference-set logits) and DiReDi
+(its payload, or the subset of entries a payload-kind variant sends). Hyperparameters the
+benchmark picks itself (FedAvg's server step, federated distillation's epochs) are chosen on the
+users' validation splits; the ml defaults were chosen on validation splits by the ml layer.
+
+Seconds: wall time of the stages a method needs for all three devices and the cloud, counting a
+shared stage (RD) for every method that uses it and leaving out the KD that precedes all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from diredi_secure.errors import ConfigError
+from diredi_secure.knowledge import KnowledgePayload, PayloadKind, encode_payload
+from diredi_secure.ml import (
+    DeviceKnowledge,
+    KDConfig,
+    LoopConfig,
+    RDResult,
+    Scenario,
+    ScenarioConfig,
+    build_model,
+    distill_student,
+    make_scenario,
+    merge_into_teacher,
+    rekd_student,
+    reverse_distill,
+    train_classifier,
+)
+from diredi_secure.ml.evaluate import accuracy, predict_logits
+from diredi_secure.ml.models import student_spec, teacher_spec
+
+from .baselines import (
+    fedavg_model,
+    fedavg_upload_bytes,
+    federated_distillation_model,
+    logits_upload_bytes,
+    oracle_teacher,
+    raw_data_bytes,
+    select_on_validation,
+    user_class_shares,
+)
+
+__all__ = [
+    "ALL_METHODS",
+    "METHODS",
+    "QUICK_METHODS",
+    "MethodRun",
+    "ReproduceConfig",
+    "ReproduceResult",
+    "SummaryRow",
+    "format_accuracy",
+    "format_epsilon",
+    "format_spent",
+    "load_result",
+    "mean_ci",
+    "quick_config",
+    "quick_figures",
+    "quick_line",
+    "render_outputs",
+    "run_reproduce",
+    "scaled_loop_config",
+    "smoke_config",
+    "stage_count",
+    "update_readme",
+    "write_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "diredi-reproduce/1"
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+# Method key -> label. Methods marked in _GRID run at every epsilon of the grid (inf: without DP).
+METHODS: dict[str, str] = {
+    "no_update": "no update (shipped student)",
+    "local_ft": "local fine-tuning on the device",
+    "oracle": "centralised oracle (raw data + per-user re-KD)",
+    "fedavg": "FedAvg, weight deltas (one round)",
+    "fedmd": "federated distillation, reference logits (FedMD/DS-FL)",
+    "diredi_logits": "DiReDi, reference_logits payload",
+    "diredi_delta": "DiReDi, weight_delta payload",
+    "diredi_full": "DiReDi, full payload (default)",
+    "diredi_generic": "DiReDi, generic re-KD (fleet model, full payload)",
+}
+ALL_METHODS: tuple[str, ...] = tuple(METHODS)
+QUICK_METHODS: tuple[str, ...] = ("no_update", "local_ft", "oracle", "fedavg", "diredi_full",
+                                  "diredi_generic")
+_GRID = {"local_ft", "fedavg", "fedmd", "diredi_logits", "diredi_delta", "diredi_full",
+         "diredi_generic"}
+_DIREDI_KINDS: dict[str, tuple[PayloadKind, ...] | None] = {
+    "diredi_logits": (PayloadKind.REFERENCE_LOGITS,),
+    "diredi_delta": (PayloadKind.WEIGHT_DELTA,),
+    "diredi_full": None,  # every entry RD produced
+}
+_NOISED_KINDS = (PayloadKind.LABEL_HISTOGRAM, PayloadKind.DP_PROTOTYPES)
+
+ProgressHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """What :func:`run_reproduce` runs. ``loop`` holds every training setting (its RD config must
+    ask for the full payload so that each payload-kind variant is a subset of one RD run)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    epsilons: tuple[float, ...] = (1.0, 4.0, 8.0, math.inf)
+    methods: tuple[str, ...] = ALL_METHODS
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    fd_epochs: tuple[int, ...] = (5, 20, 40)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds must be a non-empty tuple without repeats")
+        if not self.epsilons or any(not e > 0 for e in self.epsilons):
+            raise ConfigError("epsilons must be > 0 (inf: without DP)")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise ConfigError(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
+        if "diredi_generic" in self.methods and "diredi_full" not in self.methods:
+            raise ConfigError("diredi_generic is the fleet model of diredi_full: run both")
+        if not self.fd_epochs or any(e <= 0 for e in self.fd_epochs):
+            raise ConfigError("fd_epochs must be positive")
+
+
+def quick_config(loop: LoopConfig | None = None, *, seeds: int = 1) -> ReproduceConfig:
+    """``--quick``: one seed, epsilon 8 only, the methods the summary line needs (+ generic)."""
+    return ReproduceConfig(seeds=tuple(range(seeds)), epsilons=(8.0,), methods=QUICK_METHODS,
+                           loop=loop or LoopConfig(), fd_epochs=(20,))
+
+
+def smoke_config() -> ReproduceConfig:
+    """A seconds-long variant of ``--quick`` for CI: a smaller scenario, one or two epochs per
+    stage, the RDP accountant (its noise search is fast). Its figures mean nothing; it checks
+    that every stage runs and the orderings that must hold even so."""
+    loop = scaled_loop_config(0.1, accountant="rdp")
+    loop = replace(loop, merge=replace(loop.merge, jitter_per_class=4, synth_steps=3))
+    scenario = ScenarioConfig(reference_size=100, user_train_size=60, user_test_size=40)
+    return replace(quick_config(loop), scenario=scenario, fd_epochs=(2,))
+
+
+def scaled_loop_config(
+    scale: float = 1.0, *, accountant: str | None = None, base: LoopConfig | None = None
+) -> LoopConfig:
+    """``base`` (default :class:`LoopConfig`) with every epoch count multiplied by ``scale`` (at
+    least 1 epoch each) and optionally another accountant ("prv" or "rdp"): for smoke runs."""
+    if not 0 < scale <= 10:
+        raise ConfigError(f"scale must lie in (0, 10], got {scale}")
+    base = base or LoopConfig()
+
+    def ep(n: int) -> int:
+        return max(1, round(n * scale))
+
+    rd = replace(base.rd, epochs=ep(base.rd.epochs))
+    if accountant is not None:
+        if accountant not in ("prv", "rdp"):
+            raise ConfigError(f"accountant must be 'prv' or 'rdp', got {accountant!r}")
+        rd = replace(rd, accountant=accountant)  # type: ignore[arg-type]
+    return replace(
+        base,
+        teacher=replace(base.teacher, epochs=ep(base.teacher.epochs)),
+        kd=replace(base.kd, epochs=ep(base.kd.epochs)),
+        rd=rd,
+        merge=replace(base.merge, epochs=ep(base.merge.epochs)),
+        rekd=replace(base.rekd, kd=replace(base.rekd.kd, epochs=ep(base.rekd.kd.epochs))),
+    )
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method on one seed at one epsilon setting (``None``: the method has no DP setting)."""
+
+    method: str
+    seed: int
+    epsilon: float | None
+    epsilon_spent: float
+    user_acc: dict[str, float]
+    presumed_acc: float
+    upload_bytes: int
+    seconds: float
+
+    @property
+    def user_mean(self) -> float:
+        return float(np.mean(list(self.user_acc.values())))
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """Mean over seeds of one (method, epsilon) with 95% CI half-widths (NaN for one seed)."""
+
+    method: str
+    label: str
+    epsilon: float | None
+    n: int
+    user_mean: float
+    user_ci: float
+    presumed_mean: float
+    presumed_ci: float
+    per_user: dict[str, float]
+    upload_bytes: float
+    epsilon_spent: float
+    seconds: float
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the ``confidence`` interval (Student t, n - 1 degrees of freedom);
+    the half-width is NaN for fewer than two values."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, math.nan
+    t = float(stats.t.ppf(0.5 + confidence / 2.0, v.size - 1))
+    return mean, t * float(v.std(ddof=1)) / math.sqrt(v.size)
+
+
+@dataclass(frozen=True)
+class ReproduceResult:
+    config: ReproduceConfig
+    runs: tuple[MethodRun, ...]
+    choices: tuple[dict[str, Any], ...]
+    users: tuple[str, ...]
+
+    def select(self, method: str, epsilon: float | None) -> list[MethodRun]:
+        return [r for r in self.runs if r.method == method and _same_eps(r.epsilon, epsilon)]
+
+    def summary(self) -> list[SummaryRow]:
+        rows: list[SummaryRow] = []
+        keys: list[tuple[str, float | None]] = []
+        for r in self.runs:
+            k = (r.method, r.epsilon)
+            if not any(m == k[0] and _same_eps(e, k[1]) for m, e in keys):
+                keys.append(k)
+        order = {m: i for i, m in enumerate(METHODS)}
+        keys.sort(key=lambda k: (order[k[0]], _eps_sort(k[1])))
+        for method, eps in keys:
+            runs = self.select(method, eps)
+            um, uci = mean_ci([r.user_mean for r in runs])
+            pm, pci = mean_ci([r.presumed_acc for r in runs])
+            rows.append(SummaryRow(
+                method=method, label=METHODS[method], epsilon=eps, n=len(runs),
+                user_mean=um, user_ci=uci, presumed_mean=pm, presumed_ci=pci,
+                per_user={u: float(np.mean([r.user_acc[u] for r in runs])) for u in self.users},
+                upload_bytes=float(np.mean([r.upload_bytes for r in runs])),
+                epsilon_spent=float(np.mean([r.epsilon_spent for r in runs])),
+                seconds=float(np.mean([r.seconds for r in runs])),
+            ))
+        return rows
+
+    def redundant_knowledge(self) -> list[dict[str, float | int | None]]:
+        """Per-user re-KD against the generic (fleet) re-KD model of the same size, on user-test
+        accuracy, paired by seed: mean difference and its 95% CI, per epsilon."""
+        out: list[dict[str, float | int | None]] = []
+        for eps in sorted({r.epsilon for r in self.runs if r.method == "diredi_full"},
+                          key=_eps_sort):
+            per = {r.seed: r.user_mean for r in self.select("diredi_full", eps)}
+            gen = {r.seed: r.user_mean for r in self.select("diredi_generic", eps)}
+            seeds = sorted(set(per) & set(gen))
+            if not seeds:
+                continue
+            diff, ci = mean_ci([per[s] - gen[s] for s in seeds])
+            out.append({"epsilon": eps, "n": len(seeds),
+                        "per_user": float(np.mean([per[s] for s in seeds])),
+                        "generic": float(np.mean([gen[s] for s in seeds])),
+                        "difference": diff, "difference_ci": ci})
+        return out
+
+
+def _same_eps(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a == b
+
+
+def _eps_sort(e: float | None) -> float:
+    return -1.0 if e is None else e
+
+
+def stage_count(config: ReproduceConfig) -> int:
+    """How many times :func:`run_reproduce` calls its progress hook for ``config``."""
+    per_eps = 1 + sum(1 for m in _DIREDI_KINDS if m in config.methods)
+    per_seed = 1 + ("oracle" in config.methods) + len(config.epsilons) * per_eps
+    return len(config.seeds) * per_seed
+
+
+def _subset(payload: KnowledgePayload, kinds: tuple[PayloadKind, ...] | None) -> KnowledgePayload:
+    if kinds is None:
+        return payload
+    return KnowledgePayload(tuple(t for t in payload.tensors if t.kind in kinds))
+
+
+def _spent(res: RDResult, payload: KnowledgePayload) -> float:
+    """Epsilon the sent entries cost: training alone, or composed with the noised entries."""
+    if any(t.kind in _NOISED_KINDS for t in payload.tensors):
+        return float(res.dp.composed_epsilon)
+    return float(res.dp.epsilon)
+
+
+def _presumed_mean(models: Sequence[nn.Module], scenario: Scenario) -> float:
+    return float(np.mean([accuracy(m, scenario.presumed_test) for m in models]))
+
+
+def _user_accs(models: Sequence[nn.Module], scenario: Scenario) -> dict[str, float]:
+    return {u.name: accuracy(m, u.test) for m, u in zip(models, scenario.users, strict=True)}
+
+
+def _run_seed(
+    config: ReproduceConfig, seed: int, progress: ProgressHook
+) -> tuple[list[MethodRun], list[dict[str, Any]]]:
+    loop = config.loop
+    want = set(config.methods)
+    scenario = make_scenario(seed, config.scenario)
+    users = scenario.users
+    runs: list[MethodRun] = []
+    choices: list[dict[str, Any]] = []
+
+    def record(method: str, eps: float | None, spent: float, models: Sequence[nn.Module],
+               nbytes: float, secs: float) -> None:
+        runs.append(MethodRun(method, seed, eps, spent, _user_accs(models, scenario),
+                              _presumed_mean(models, scenario), round(nbytes), secs))
+
+    # KD once per seed (as run_loop does it).
+    teacher = train_classifier(build_model(teacher_spec(), seed=seed), scenario.presumed_train,
+                               loop.teacher, seed=seed)
+    shipped = build_model(student_spec(), seed=seed + 1)
+    distill_student(shipped, teacher, scenario.presumed_train, scenario.reference_x, loop.kd,
+                    seed=seed)
+    progress(f"seed {seed}: KD")
+    if "no_update" in want:
+        record("no_update", None, 0.0, [shipped] * len(users), 0, 0.0)
+
+    if "oracle" in want:
+        t0 = time.perf_counter()
+        oracle = oracle_teacher(teacher_spec(), scenario.presumed_train, users, loop.teacher,
+                                seed=seed)
+        transfer = np.concatenate([scenario.reference_x, *(u.train.x for u in users)])
+        models = [rekd_student(oracle, student_spec(), scenario.presumed_train, transfer,
+                               loop.rekd, seed=seed + 2, support=user_class_shares(u.train))
+                  for u in users]
+        record("oracle", None, math.inf, models,
+               float(np.mean([raw_data_bytes(u.train) for u in users])), time.perf_counter() - t0)
+        progress(f"seed {seed}: oracle")
+
+    for k, eps in enumerate(config.epsilons):
+        rd_cfg = replace(loop.rd, epsilon=eps)
+        results: list[RDResult] = []
+        t0 = time.perf_counter()
+        for i, u in enumerate(users):
+            rng = np.random.default_rng([seed, k, i])
+            results.append(reverse_distill(shipped, u.train, scenario.reference_x, rd_cfg,
+                                           seed=seed + 10 + i, rng=rng))
+        rd_secs = time.perf_counter() - t0
+        adapted = [r.adapted for r in results]
+        eps_train = float(np.mean([r.dp.epsilon for r in results]))
+        progress(f"seed {seed}, epsilon {eps:g}: RD x{len(users)}")
+
+        if "local_ft" in want:
+            record("local_ft", eps, eps_train, adapted, 0, rd_secs)
+
+        if "fedavg" in want:
+            t0 = time.perf_counter()
+            lrs = (1.0, float(len(users)))  # mean of the deltas, or their sum
+
+            def avg(server_lr: float, a: list[nn.Module] = adapted) -> list[nn.Module]:
+                return [fedavg_model(shipped, a, server_lr)] * len(users)
+
+            lr, scores = select_on_validation(lrs, avg, users)
+            model = fedavg_model(shipped, adapted, lr)
+            choices.append({"seed": seed, "epsilon": eps, "method": "fedavg",
+                            "param": "server_lr", "chosen": lr, "val": scores})
+            nbytes = float(np.mean([fedavg_upload_bytes(m, shipped) for m in adapted]))
+            record("fedavg", eps, eps_train, [model] * len(users), nbytes,
+                   rd_secs + time.perf_counter() - t0)
+
+        if "fedmd" in want:
+            t0 = time.perf_counter()
+            built: dict[int, nn.Module] = {}
+
+            def fd(epochs: int, a: list[nn.Module] = adapted,
+                   built: dict[int, nn.Module] = built) -> list[nn.Module]:
+                kd = replace(KDConfig(), epochs=epochs)
+                m, _ = federated_distillation_model(shipped, a, scenario.reference_x, kd,
+                                                    seed=seed)
+                built[epochs] = m
+                return [m] * len(users)
+
+            chosen, scores = select_on_validation(config.fd_epochs, fd, users)
+            choices.append({"seed": seed, "epsilon": eps, "method": "fedmd",
+                            "param": "epochs", "chosen": chosen, "val": scores})
+            nbytes = float(np.mean([logits_upload_bytes(predict_logits(m, scenario.reference_x))
+                                    for m in adapted]))
+            record("fedmd", eps, eps_train, [built[chosen]] * len(users), nbytes,
+                   rd_secs + time.perf_counter() - t0)
+
+        for method, kinds in _DIREDI_KINDS.items():
+            if method not in want:
+                continue
+            t0 = time.perf_counter()
+            payloads = [_subset(r.payload, kinds) for r in results]
+            devices = [DeviceKnowledge(u.name, p) for u, p in zip(users, payloads, strict=True)]
+            merged = merge_into_teacher(teacher, shipped, devices, scenario.reference_x,
+                                        scenario.presumed_train, loop.merge, seed=seed,
+                                        rng=np.random.default_rng([seed, k, 99]))
+            merge_secs = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            models = [rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
+                                   merged.transfer_x, loop.rekd, seed=seed + 2,
+                                   support=merged.supports[u.name]) for u in users]
+            rekd_secs = time.perf_counter() - t0
+            nbytes = float(np.mean([len(encode_payload(p)[0]) for p in payloads]))
+            spent = float(np.mean([_spent(r, p) for r, p in zip(results, payloads, strict=True)]))
+            record(method, eps, spent, models, nbytes, rd_secs + merge_secs + rekd_secs)
+            if method == "diredi_full" and "diredi_generic" in want:
+                t0 = time.perf_counter()
+                fleet = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
+                                     merged.transfer_x, loop.rekd, seed=seed + 2)
+                record("diredi_generic", eps, spent, [fleet] * len(users), nbytes,
+                       rd_secs + merge_secs + time.perf_counter() - t0)
+            progress(f"seed {seed}, epsilon {eps:g}: {method}")
+    return runs, choices
+
+
+def run_reproduce(config: ReproduceConfig, *, progress: ProgressHook | None = None) -> ReproduceResult:
+    """Run every method of ``config`` on every seed. ``progress`` is called once per finished stage
+    (``stage_count(config)`` calls in all). Deterministic per seed on CPU up to torch's own
+    nondeterminism. Raises :class:`ConfigError` for an invalid configuration."""
+    hook = progress or (lambda _msg: None)
+    runs: list[MethodRun] = []
+    choices: list[dict[str, Any]] = []
+    for seed in config.seeds:
+        r, c = _run_seed(config, seed, hook)
+        runs.extend(r)
+        choices.extend(c)
+    users = tuple(runs[0].user_acc) if runs else ()
+    return ReproduceResult(config=config, runs=tuple(runs), choices=tuple(choices), users=users)
+
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def quick_figures(result: ReproduceResult, epsilon: float = 8.0) -> dict[str, float]:
+    """R (DiReDi's user gain over the oracle's), D (presumed drop in points), U (DiReDi's upload
+    bytes over FedAvg's), for the default full payload at ``epsilon``; raises :class:`ConfigError`
+    when a method they need was not run."""
+    def mean_of(method: str, eps: float | None, attr: str) -> float:
+        runs = result.select(method, eps)
+        if not runs:
+            raise ConfigError(f"the summary needs {method} at epsilon {eps}")
+        if attr == "user":
+            return float(np.mean([r.user_mean for r in runs]))
+        if attr == "presumed":
+            return float(np.mean([r.presumed_acc for r in runs]))
+        return float(np.mean([r.upload_bytes for r in runs]))
+
+    base_u = mean_of("no_update", None, "user")
+    gain_oracle = mean_of("oracle", None, "user") - base_u
+    gain = mean_of("diredi_full", epsilon, "user") - base_u
+    recovery = gain / gain_oracle if gain_oracle > 0 else math.nan
+    drop = 100.0 * (mean_of("no_update", None, "presumed")
+                    - mean_of("diredi_full", epsilon, "presumed"))
+    upload = mean_of("diredi_full", epsilon, "bytes") / mean_of("fedavg", epsilon, "bytes")
+    return {"recovery": recovery, "presumed_drop_pts": drop, "upload_vs_fedavg": upload,
+            "user_gain_pts": 100.0 * gain, "oracle_gain_pts": 100.0 * gain_oracle}
+
+
+def quick_line(figures: Mapping[str, float]) -> str:
+    return (f"reproduce: recovery_eps8={figures['recovery']:.2f} "
+            f"presumed_drop_eps8={figures['presumed_drop_pts']:.1f} "
+            f"upload_vs_fedavg={figures['upload_vs_fedavg']:.2f}")
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+
+def format_epsilon(e: float | None) -> str:
+    """A target epsilon for tables: ``-`` for methods without DP setting, ``inf (no DP)``."""
+    if e is None:
+        return "-"
+    return "inf (no DP)" if math.isinf(e) else f"{e:g}"
+
+
+def format_accuracy(mean: float, ci: float) -> str:
+    return f"{mean:.3f}" if math.isnan(ci) else f"{mean:.3f} ± {ci:.3f}"
+
+
+def format_spent(e: float) -> str:
+    return "inf" if math.isinf(e) else f"{e:.2f}"
+
+
+def markdown_table(rows: Sequence[SummaryRow]) -> str:
+    lines = ["| method | ε target | ε spent | user-test acc | presumed-test acc | bytes/device | s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.label} | {format_epsilon(r.epsilon)} | {format_spent(r.epsilon_spent)} | "
+                     f"{format_accuracy(r.user_mean, r.user_ci)} | "
+                     f"{format_accuracy(r.presumed_mean, r.presumed_ci)} | {r.upload_bytes:,.0f} | "
+                     f"{r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def _per_user_table(rows: Sequence[SummaryRow], users: Sequence[str]) -> str:
+    head = "| method | ε target | " + " | ".join(users) + " |"
+    lines = [head, "|---|---|" + "---|" * len(users)]
+    for r in rows:
+        lines.append(f"| {r.label} | {format_epsilon(r.epsilon)} | "
+                     + " | ".join(f"{r.per_user[u]:.3f}" for u in users) + " |")
+    return "\n".join(lines)
+
+
+def _redundant_table(entries: Sequence[Mapping[str, float | int | None]]) -> str:
+    lines = ["| ε target | seeds | per-user re-KD | generic re-KD | difference (95% CI) |",
+             "|---|---|---|---|---|"]
+    for e in entries:
+        eps = e["epsilon"]
+        diff, ci = float(e["difference"] or 0.0), float(e["difference_ci"] or math.nan)
+        lines.append(f"| {format_epsilon(None if eps is None else float(eps))} | {e['n']} | "
+                     f"{float(e['per_user'] or 0):.3f} | {float(e['generic'] or 0):.3f} | "
+                     f"{diff:+.3f}" + ("" if math.isnan(ci) else f" ± {ci:.3f}") + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
+
+
+def plot(result: ReproduceResult, path: Path) -> None:
+    """Accuracy against epsilon per method (user test and presumed test), matplotlib Agg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.summary()
+    grid = sorted({r.epsilon for r in rows if r.epsilon is not None})
+    xs = {e: i for i, e in enumerate(grid)}
+    labels = ["∞\n(no DP)" if math.isinf(e) else f"{e:g}" for e in grid]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    for ax, attr, title in ((axes[0], "user", "user-test accuracy"),
+                            (axes[1], "presumed", "presumed-test accuracy")):
+        for method in METHODS:
+            mrows = [r for r in rows if r.method == method]
+            if not mrows:
+                continue
+            mean = [r.user_mean if attr == "user" else r.presumed_mean for r in mrows]
+            ci = [r.user_ci if attr == "user" else r.presumed_ci for r in mrows]
+            ci = [0.0 if math.isnan(c) else c for c in ci]
+            if mrows[0].epsilon is None:
+                ax.axhline(mean[0], linestyle="--", linewidth=1, label=METHODS[method],
+                           color="black" if method == "no_update" else "tab:gray")
+                continue
+            x = [xs[r.epsilon] for r in mrows if r.epsilon is not None]
+            ax.errorbar(x, mean, yerr=ci, marker="o", capsize=3, label=METHODS[method])
+        ax.set_title(title)
+        ax.set_xticks(range(len(grid)), labels)
+        ax.set_xlabel("target ε per device (δ = 1/(10 N))")
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (mean over seeds, 95% CI)")
+    handles, legend_labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, legend_labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> str:
+    rows = result.summary()
+    cfg = result.config
+    seeds = len(cfg.seeds)
+    parts = [
+        "# Reproduction results",
+        "",
+        f"Generated by `{command}` (do not edit by hand: rerun it). Seeds: {list(cfg.seeds)}; "
+        f"target ε grid: {[format_epsilon(e) for e in cfg.epsilons]}.",
+        "",
+        "## Setup",
+        "",
+        "Default digits scenario (`diredi_secure.ml.make_scenario`): the manufacturer's presumed "
+        "data holds classes 0-6; a public unlabelled reference set of 300 images; users A (mostly "
+        "7 and 8), B (mostly 9) and C (all classes through a fixed shift + blur), each with about "
+        "120 training, 30 validation and 60 test images. Teacher: CNN (about 37k parameters); edge "
+        "student: MLP 64-32-10 (2,410 parameters). DP-SGD through Opacus (PRV accountant, "
+        "δ = 1/(10 N)); ε is per device for this one round. Per seed: one KD, then one RD per "
+        "user and ε, reused by every method (see `benchmarks/reproduce.py`).",
+        "",
+        "- *user-test acc*: mean over the three users of each user's model on their own test set.",
+        "- *presumed-test acc*: mean over the users' models on the presumed test set (classes 0-6)",
+        "  -- the \"malfunction\" check: does the update break what the device already knew?",
+        "- *bytes/device*: what one device uploads (encoded payload; FedAvg: a float32 weight "
+        "delta; oracle: its raw training data).",
+        "- *s*: wall seconds for all three devices and the cloud on a shared 2-core CPU (shared "
+        "RD counted for each method that needs it; the common KD left out).",
+        f"- ± is the half-width of a 95% t-interval over {seeds} seed(s)"
+        + (" (none with one seed)." if seeds < 2 else "."),
+        "- FedAvg's server step (mean or sum of deltas) and federated distillation's epochs are "
+        "chosen per seed on the users' validation splits; the ml defaults were chosen on "
+        "validation splits by the ml layer. No test set is used for any choice.",
+        "",
+        "## Methods",
+        "",
+        markdown_table(rows),
+        "",
+        f"![accuracy against epsilon]({plot_name})",
+        "",
+        "## By user (user-test accuracy)",
+        "",
+        _per_user_table(rows, result.users),
+        "",
+    ]
+    red = result.redundant_knowledge()
+    if red:
+        parts += [
+            "## Redundant knowledge reduced?",
+            "",
+            "Per-user re-KD (samples weighted toward the user's noised class histogram) against "
+            "the generic re-KD model of the same size from the same updated teacher, on "
+            "user-test accuracy, paired by seed:",
+            "",
+            _redundant_table(red),
+            "",
+        ]
+    try:
+        fig = quick_figures(result)
+    except ConfigError:
+        fig = None
+    if fig is not None:
+        parts += [
+            "## Summary at ε = 8",
+            "",
+            f"DiReDi (full payload) gains {fig['user_gain_pts']:+.1f} pts of user-test accuracy "
+            f"against the oracle's {fig['oracle_gain_pts']:+.1f} (recovery "
+            f"{fig['recovery']:.2f}); its presumed-test accuracy drops by "
+            f"{fig['presumed_drop_pts']:.1f} pts; it uploads {fig['upload_vs_fedavg']:.2f}x the "
+            "bytes of FedAvg.",
+            "",
+            "```",
+            quick_line(fig),
+            "```",
+            "",
+        ]
+        local = result.select("local_ft", 8.0)
+        full = result.select("diredi_full", 8.0)
+        if local and full:
+            parts += [
+                "Against local DP fine-tuning at ε = 8 (user-test / presumed-test accuracy): "
+                f"DiReDi {np.mean([r.user_mean for r in full]):.3f} / "
+                f"{np.mean([r.presumed_acc for r in full]):.3f}, local "
+                f"{np.mean([r.user_mean for r in local]):.3f} / "
+                f"{np.mean([r.presumed_acc for r in local]):.3f}.",
+                "",
+            ]
+    parts += [
+        "## What these numbers do and do not show",
+        "",
+        "- One small scenario (8x8 digits, three simulated users, one round): they compare "
+        "methods on the same data and budget; they do not predict accuracy on other data.",
+        "- The oracle needs every user's raw data in the cloud: an upper bound, not an option.",
+        "- Local fine-tuning keeps the adapted model on the device (nothing uploaded); it uses "
+        "the same DP-SGD run as DiReDi's RD, including its pull toward the shipped model, so it "
+        "is a strong version of that baseline.",
+        "- ε is the per-device cost of this one round; a device's lifetime budget composes "
+        "rounds. The full payload adds the DP histogram and prototypes (their own ε, composed), "
+        "so its ε spent exceeds the target.",
+        "- The reference_logits-only and weight_delta-only variants carry the same knowledge "
+        "here: without prototypes the cloud's transfer set is the reference set, where a weight "
+        "delta only yields the same logit differences. The delta pays off with the prototypes "
+        "(data-free synthesis in the user's domain), which only the full payload sends.",
+        "- Seconds are wall times on a shared machine: compare orders of magnitude only.",
+        *_fedavg_note(result),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _fedavg_note(result: ReproduceResult) -> list[str]:
+    picks = [c for c in result.choices if c.get("method") == "fedavg"]
+    summed = sum(1 for c in picks if float(c.get("chosen", 1.0)) > 1.0)
+    if not picks:
+        return []
+    return [f"- FedAvg's server step was chosen on the users' validation splits: the sum of the "
+            f"deltas in {summed} of {len(picks)} (seed, ε) settings, the mean otherwise. The sum "
+            "helps the users' classes and can wreck the presumed ones, hence FedAvg's wide "
+            "presumed-test intervals."]
+
+
+def write_outputs(
+    result: ReproduceResult, out: Path, *, command: str = "diredi bench reproduce"
+) -> dict[str, Path]:
+    """Write ``results.json``, ``RESULTS.md`` and ``results.png`` under ``out``; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "RESULTS.md",
+             "plot": out / "results.png"}
+    try:
+        quick: dict[str, float] | None = quick_figures(result)
+    except ConfigError:
+        quick = None
+    cfg = result.config
+    doc = {
+        "format": RESULTS_FORMAT,
+        "command": command,
+        "config": {"seeds": list(cfg.seeds), "epsilons": list(cfg.epsilons),
+                   "methods": list(cfg.methods), "fd_epochs": list(cfg.fd_epochs),
+                   "loop": asdict(cfg.loop)},
+        "runs": [{**asdict(r), "user_mean": r.user_mean} for r in result.runs],
+        "summary": [asdict(r) for r in result.summary()],
+        "redundant_knowledge": result.redundant_knowledge(),
+        "choices": list(result.choices),
+        "quick": quick,
+        "quick_line": quick_line(quick) if quick else None,
+    }
+    paths["json"].write_text(json.dumps(_jsonable(doc), indent=2, sort_keys=True, default=str))
+    render_outputs(result, out, command=command)
+    return paths
+
+
+def _eps_from_json(value: Any) -> float:
+    if value == "inf":
+        return math.inf
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"not an epsilon: {value!r}")
+
+
+def load_result(path: Path) -> ReproduceResult:
+    """Read the ``results.json`` :func:`write_outputs` wrote (trusted: our own output) back into a
+    :class:`ReproduceResult`, to re-render tables, plot and README without rerunning. The loop
+    settings are not restored (the result keeps the default ``LoopConfig``). Raises
+    :class:`ConfigError` for a missing or malformed file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        if doc.get("format") != RESULTS_FORMAT:
+            raise ConfigError(f"{path} is not a {RESULTS_FORMAT} file")
+        cfg = doc["config"]
+        config = ReproduceConfig(
+            seeds=tuple(int(s) for s in cfg["seeds"]),
+            epsilons=tuple(_eps_from_json(e) for e in cfg["epsilons"]),
+            methods=tuple(str(m) for m in cfg["methods"]),
+            fd_epochs=tuple(int(e) for e in cfg["fd_epochs"]),
+        )
+        runs = tuple(
+            MethodRun(
+                method=str(r["method"]), seed=int(r["seed"]),
+                epsilon=None if r["epsilon"] is None else _eps_from_json(r["epsilon"]),
+                epsilon_spent=_eps_from_json(r["epsilon_spent"]),
+                user_acc={str(k): float(v) for k, v in r["user_acc"].items()},
+                presumed_acc=float(r["presumed_acc"]), upload_bytes=int(r["upload_bytes"]),
+                seconds=float(r["seconds"]),
+            )
+            for r in doc["runs"]
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path} is malformed: {exc}") from exc
+    users = tuple(runs[0].user_acc) if runs else ()
+    return ReproduceResult(config=config, runs=runs, choices=tuple(doc.get("choices", [])),
+                           users=users)
+
+
+def render_outputs(result: ReproduceResult, out: Path, *, command: str) -> dict[str, Path]:
+    """Rewrite ``RESULTS.md`` and ``results.png`` under ``out`` (not the JSON)."""
+    out = Path(out)
+    paths = {"markdown": out / "RESULTS.md", "plot": out / "results.png"}
+    plot(result, paths["plot"])
+    paths["markdown"].write_text(results_markdown(result, paths["plot"].name, command))
+    return paths
+
+
+def update_readme(readme: Path, result: ReproduceResult, plot_path: Path) -> None:
+    """Rewrite only the block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in
+    ``readme`` with the generated table and a link to the plot. Raises :class:`ConfigError` when
+    the markers are missing or out of order (the file is then left untouched)."""
+    readme = Path(readme)
+    try:
+        text = readme.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {readme}: {exc.strerror}") from exc
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < 0 or end < start or text.count(README_START) != 1:
+        raise ConfigError(f"{readme} needs exactly one {README_START} ... {README_END} block")
+    rel = Path(os.path.relpath(Path(plot_path).resolve(), readme.resolve().parent)).as_posix()
+    seeds = len(result.config.seeds)
+    block = (f"{README_START}\n<!-- generated by `diredi bench reproduce`; do not edit -->\n\n"
+             f"Mean over {seeds} seed(s); ± is a 95% t-interval.\n\n"
+             f"{markdown_table(result.summary())}\n\n![accuracy against epsilon]({rel})\n\n")
+    new = text[:start] + block + text[end:]
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(readme)

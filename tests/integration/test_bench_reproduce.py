@@ -1,0 +1,218 @@
+"""The reproduction benchmark: a smoke run of ``diredi bench reproduce`` and its output machinery.
+
+The smoke run (``--smoke``: tiny scenario, one or two epochs per stage, RDP accountant) takes
+about 20 s on two busy cores; its accuracies mean little, but the orderings asserted here hold
+even so (measured: oracle 0.45 vs no update 0.17 on user-test accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diredi_secure.benchmarks import baselines
+from diredi_secure.benchmarks import reproduce as rp
+from diredi_secure.benchmarks.cli import app
+from typer.testing import CliRunner
+
+from diredi_secure.errors import ConfigError
+from diredi_secure.ml import build_model
+from diredi_secure.ml.models import student_spec
+
+QUICK_LINE = re.compile(
+    r"^reproduce: recovery_eps8=(-?\d+\.\d\d|nan) presumed_drop_eps8=-?\d+\.\d "
+    r"upload_vs_fedavg=\d+\.\d\d$"
+)
+LOOP_LINE = re.compile(
+    r"^loop: user_gain=[+-]\d+\.\d pts presumed_drop=-?\d+\.\d pts epsilon=(\d+\.\d\d|inf) "
+    r"payload_bytes=\d+$"
+)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp("reproduce")
+    result = CliRunner().invoke(app, ["reproduce", "--smoke", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return result.stdout, out
+
+
+def _mean_user(doc: dict[str, object], method: str) -> float:
+    rows = [r for r in doc["summary"] if r["method"] == method]  # type: ignore[attr-defined]
+    assert len(rows) == 1, method
+    return float(rows[0]["user_mean"])
+
+
+def test_smoke_run_ends_with_the_summary_line(smoke: tuple[str, Path]) -> None:
+    stdout, _ = smoke
+    last = stdout.rstrip("\n").splitlines()[-1]
+    assert QUICK_LINE.match(last), last
+    assert sum(1 for line in stdout.splitlines() if line.startswith("reproduce: ")) == 1
+
+
+def test_smoke_run_writes_json_markdown_and_plot(smoke: tuple[str, Path]) -> None:
+    _, out = smoke
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["format"] == "diredi-reproduce/1"
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "RESULTS.md").read_text()
+    assert "| DiReDi, full payload (default) | 8 |" in md
+    assert "![accuracy against epsilon](results.png)" in md
+    assert doc["quick_line"] == md.split("```\n")[1].strip()
+    methods = {r["method"] for r in doc["runs"]}
+    assert methods == set(rp.QUICK_METHODS)
+    for run in doc["runs"]:
+        assert all(0.0 <= a <= 1.0 for a in run["user_acc"].values())
+        assert 0.0 <= run["presumed_acc"] <= 1.0
+
+
+def test_smoke_run_orderings_that_must_hold(smoke: tuple[str, Path]) -> None:
+    _, out = smoke
+    doc = json.loads((out / "results.json").read_text())
+    # The oracle saw every user's raw data: it must at least match the shipped student.
+    assert _mean_user(doc, "oracle") >= _mean_user(doc, "no_update")
+    by = {r["method"]: r for r in doc["summary"]}
+    assert by["no_update"]["upload_bytes"] == 0 and by["local_ft"]["upload_bytes"] == 0
+    # FedAvg sends a float32 weight delta of the 2,410-parameter student, plus a small header.
+    assert 2410 * 4 < by["fedavg"]["upload_bytes"] < 2410 * 4 + 1024
+    # Training alone is accounted at the target; the full payload composes histogram+prototypes.
+    assert by["local_ft"]["epsilon_spent"] == pytest.approx(8.0, abs=0.05)
+    assert 8.0 < by["diredi_full"]["epsilon_spent"] < 10.0
+    assert by["oracle"]["epsilon_spent"] == "inf"
+    # FedAvg's server step was chosen on validation splits, from the two candidates.
+    assert {c["method"] for c in doc["choices"]} == {"fedavg"}
+    assert all(c["chosen"] in (1.0, 3.0) for c in doc["choices"])
+
+
+def test_render_rebuilds_markdown_and_readme_from_the_json(
+    smoke: tuple[str, Path], tmp_path: Path
+) -> None:
+    _, out = smoke
+    doc = json.loads((out / "results.json").read_text())
+    loaded = rp.load_result(out / "results.json")
+    assert [r.user_mean for r in loaded.summary()] == pytest.approx(
+        [r["user_mean"] for r in doc["summary"]])
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- results:start -->\n<!-- results:end -->\ny\n")
+    result = CliRunner().invoke(app, ["render", "--results", str(out / "results.json"),
+                                      "--update-readme", str(readme)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n").splitlines()[-1] == doc["quick_line"]
+    assert "| centralised oracle (raw data + per-user re-KD) | - | inf |" in readme.read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something-else"}')
+    with pytest.raises(ConfigError, match="not a diredi-reproduce/1"):
+        rp.load_result(bad)
+
+
+def _run(method: str, seed: int, eps: float | None, user: float, presumed: float,
+         nbytes: int) -> rp.MethodRun:
+    return rp.MethodRun(method, seed, eps, 0.0 if eps is None else eps,
+                        {"A": user, "B": user}, presumed, nbytes, 1.0)
+
+
+def _synthetic() -> rp.ReproduceResult:
+    runs = []
+    for seed, jitter in ((0, 0.0), (1, 0.02)):
+        runs += [
+            _run("no_update", seed, None, 0.2 + jitter, 0.98, 0),
+            _run("oracle", seed, None, 0.9 + jitter, 0.97, 30000),
+            _run("fedavg", seed, 8.0, 0.3, 0.95, 10000),
+            _run("diredi_full", seed, 8.0, 0.55 + jitter, 0.96, 2000),
+            _run("diredi_generic", seed, 8.0, 0.5, 0.97, 2000),
+        ]
+    cfg = rp.ReproduceConfig(seeds=(0, 1), epsilons=(8.0,),
+                             methods=("no_update", "oracle", "fedavg", "diredi_full",
+                                      "diredi_generic"))
+    return rp.ReproduceResult(cfg, tuple(runs), (), ("A", "B"))
+
+
+def test_quick_figures_are_ratios_of_gains_and_bytes() -> None:
+    fig = rp.quick_figures(_synthetic())
+    assert fig["recovery"] == pytest.approx((0.56 - 0.21) / (0.91 - 0.21))
+    assert fig["presumed_drop_pts"] == pytest.approx(2.0)
+    assert fig["upload_vs_fedavg"] == pytest.approx(0.2)
+    assert rp.quick_line(fig) == "reproduce: recovery_eps8=0.50 presumed_drop_eps8=2.0 upload_vs_fedavg=0.20"
+    red = _synthetic().redundant_knowledge()
+    assert red[0]["difference"] == pytest.approx(0.06) and red[0]["n"] == 2
+
+
+def test_quick_figures_refuse_missing_methods() -> None:
+    res = _synthetic()
+    partial = rp.ReproduceResult(res.config, tuple(r for r in res.runs if r.method != "fedavg"),
+                                 (), res.users)
+    with pytest.raises(ConfigError, match="fedavg"):
+        rp.quick_figures(partial)
+
+
+def test_mean_ci_is_a_student_t_interval() -> None:
+    mean, half = rp.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(4.302652729911275 / math.sqrt(3))
+    assert math.isnan(rp.mean_ci([0.5])[1])
+
+
+def test_update_readme_rewrites_only_the_results_block(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    before = "# Title\n\nintro\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\nafter\n"
+    readme.write_text(before)
+    plot = tmp_path / "docs" / "results.png"
+    rp.update_readme(readme, _synthetic(), plot)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nintro\n\n<!-- results:start -->\n")
+    assert text.endswith("<!-- results:end -->\n\nafter\n")
+    assert "old table" not in text
+    assert "| DiReDi, full payload (default) | 8 | 8.00 | 0.560 ± 0.127 |" in text
+    assert "![accuracy against epsilon](docs/results.png)" in text
+
+
+@pytest.mark.parametrize("body", ["no markers\n", "<!-- results:end -->\n<!-- results:start -->\n",
+                                  "<!-- results:start -->\n<!-- results:start -->\n"
+                                  "<!-- results:end -->\n"])
+def test_update_readme_refuses_a_readme_without_one_block(tmp_path: Path, body: str) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(body)
+    with pytest.raises(ConfigError, match="results:start"):
+        rp.update_readme(readme, _synthetic(), tmp_path / "results.png")
+    assert readme.read_text() == body
+
+
+def test_fedavg_is_the_mean_of_the_deltas_and_the_sum_with_server_step_n() -> None:
+    shipped = build_model(student_spec(), seed=0)
+    a, b = build_model(student_spec(), seed=1), build_model(student_spec(), seed=2)
+    da, db = baselines.weight_delta(a, shipped), baselines.weight_delta(b, shipped)
+    base = baselines.weight_delta(shipped, build_model(student_spec(), seed=3))
+    mean = baselines.fedavg_model(shipped, [a, b])
+    summed = baselines.fedavg_model(shipped, [a, b], server_lr=2.0)
+    ref = build_model(student_spec(), seed=3)
+    np.testing.assert_allclose(baselines.weight_delta(mean, ref), base + (da + db) / 2, atol=1e-6)
+    np.testing.assert_allclose(baselines.weight_delta(summed, ref), base + da + db, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(next(shipped.parameters()), next(build_model(student_spec(),
+                                                                        seed=0).parameters()))
+    with pytest.raises(ConfigError):
+        baselines.fedavg_model(shipped, [])
+
+
+def test_config_refuses_unknown_methods_and_an_orphan_generic_model() -> None:
+    with pytest.raises(ConfigError, match="unknown methods"):
+        rp.ReproduceConfig(methods=("no_update", "magic"))
+    with pytest.raises(ConfigError, match="diredi_generic"):
+        rp.ReproduceConfig(methods=("diredi_generic",))
+    with pytest.raises(ConfigError):
+        rp.ReproduceConfig(epsilons=(0.0,))
+
+
+@pytest.mark.slow
+def test_bench_loop_prints_the_table_and_ends_with_the_loop_line() -> None:
+    result = CliRunner().invoke(app, ["loop", "--epsilon", "8", "--seed", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.rstrip("\n").splitlines()
+    assert LOOP_LINE.match(lines[-1]), lines[-1]
+    assert "seconds per phase" in result.stdout
+    assert sum(1 for line in lines if line.startswith("loop: ")) == 1
