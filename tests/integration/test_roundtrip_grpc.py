@@ -95,7 +95,6 @@ def _agent(ws: DeviceWorkspace) -> EdgeAgent:
 # ------------------------------------------------------------------------------------------------
 # The full round
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_full_round_through_grpc(cloud_ws: CloudWorkspace, tmp_path: Path) -> None:
     ws = cloud_ws
     v1 = jobs.distill_and_release(ws, now=datetime.now(UTC), seed=0, settings=_settings())
@@ -169,7 +168,6 @@ def test_full_round_through_grpc(cloud_ws: CloudWorkspace, tmp_path: Path) -> No
         store.close()
 
 
-@pytest.mark.slow
 def test_forced_release_is_recorded_in_the_attestation(tmp_path: Path) -> None:
     """A failed gate with force_release publishes, and the attestation says verdict fail, forced."""
     ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=_now_ms())
