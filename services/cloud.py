@@ -298,7 +298,7 @@ class ReleaseFolder:
         parts = path.split("/")
         if len(path) > 1024 or not parts or not all(_TARGET_PART.match(p) and p not in (".", "..") for p in parts):
             raise MalformedPacket(f"bad target path {path[:80]!r}")
-        file = self._confined(self.folder / "targets" / path)
+        file = self._confined(self.folder / "targets" / path, "targets")
         try:
             size = file.stat().st_size
         except OSError as exc:
@@ -317,15 +317,17 @@ class ReleaseFolder:
                 yield data, offset, size
                 offset += len(data)
 
-    def _confined(self, path: Path) -> Path:
-        base = self.folder.resolve()
+    def _confined(self, path: Path, area: str) -> Path:
+        # Per area, not per repository: the repository folder also holds keys/ (private signing
+        # keys), which a link under targets/ or metadata/ must never reach.
+        base = (self.folder / area).resolve()
         resolved = path.resolve()
         if not resolved.is_relative_to(base):
-            raise MalformedPacket("path escapes the repository folder")
+            raise MalformedPacket(f"path escapes the repository's {area}/ folder")
         return resolved
 
     def _read(self, path: Path, cap: int, what: str) -> bytes:
-        file = self._confined(path)
+        file = self._confined(path, "metadata")
         try:
             size = file.stat().st_size
             if size > cap:
