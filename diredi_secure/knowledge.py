@@ -32,8 +32,10 @@ __all__ = [
     "PayloadTensor",
     "WireDType",
     "decode_payload",
+    "dequantize_int4",
     "dequantize_int8",
     "encode_payload",
+    "quantize_int4",
     "quantize_int8",
 ]
 
@@ -45,12 +47,13 @@ class PayloadKind(StrEnum):
     DP_PROTOTYPES = "dp_prototypes"
 
 
-WireDType = Literal["float32", "float16", "int8"]
+WireDType = Literal["float32", "float16", "int8", "int4"]
 _WIRE_DTYPES: tuple[str, ...] = get_args(WireDType)
 _NP_DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
     "int8": np.dtype(np.int8),
+    "int4": np.dtype(np.uint8),  # two 4-bit codes per byte
 }
 _F16_MAX = float(np.finfo(np.float16).max)
 _INDEX_SUFFIX = ".index"
@@ -238,6 +241,47 @@ def dequantize_int8(q: np.ndarray, scale: float) -> np.ndarray:
     return (np.asarray(q, dtype=np.float32) * np.float32(scale)).astype(np.float32)
 
 
+_INT4_ZERO = 8  # code of 0.0; codes 1..15 stand for -7..7 steps, code 0 is never written
+
+
+def quantize_int4(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Symmetric per-tensor 4-bit quantisation, packed two codes per byte (low nibble first).
+
+    ``values ~= (code - 8) * scale`` with codes in 1..15; an odd count pads the last high nibble
+    with 8 (zero). Returns ``(packed uint8 of length ceil(n / 2), scale)``. Hand-written because no
+    library we use defines a 4-bit safetensors dtype; the format is pinned by tests.
+    """
+    flat = np.asarray(values, dtype=np.float32).reshape(-1)
+    peak = float(np.max(np.abs(flat))) if flat.size else 0.0
+    scale = peak / 7.0 if peak > 0 else 1.0
+    codes = (np.clip(np.rint(flat / scale), -7, 7).astype(np.int16) + _INT4_ZERO).astype(np.uint8)
+    if codes.size % 2:
+        codes = np.append(codes, np.uint8(_INT4_ZERO))
+    packed = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+    return packed, scale
+
+
+def dequantize_int4(packed: np.ndarray, scale: float, count: int) -> np.ndarray:
+    """Unpack ``count`` values from :func:`quantize_int4` output (unchecked; see decode_payload)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    codes = np.empty(packed.size * 2, dtype=np.int16)
+    codes[0::2] = packed & 0x0F
+    codes[1::2] = packed >> 4
+    return ((codes[:count] - _INT4_ZERO).astype(np.float32) * np.float32(scale)).astype(np.float32)
+
+
+def _check_int4(name: str, packed: np.ndarray, count: int) -> None:
+    if packed.shape != ((count + 1) // 2,):
+        raise PayloadInvalid(
+            f"entry {name}: int4 needs {(count + 1) // 2} packed bytes, got shape {packed.shape}"
+        )
+    low, high = packed & 0x0F, packed >> 4
+    if np.any(low == 0) or np.any(high[: count // 2] == 0):
+        raise PayloadInvalid(f"entry {name}: int4 code 0 is never written")
+    if count % 2 and packed.size and int(high[-1]) != _INT4_ZERO:
+        raise PayloadInvalid(f"entry {name}: int4 pad nibble must be {_INT4_ZERO}")
+
+
 def encode_payload(payload: KnowledgePayload) -> tuple[bytes, PayloadDescriptor]:
     """Encode ``payload`` as safetensors bytes and the descriptor the header will declare.
 
@@ -250,6 +294,8 @@ def encode_payload(payload: KnowledgePayload) -> tuple[bytes, PayloadDescriptor]
         scale = 0.0
         if t.dtype == "int8":
             wire, scale = quantize_int8(t.values)
+        elif t.dtype == "int4":
+            wire, scale = quantize_int4(t.values)
         else:
             wire = t.values.astype(_NP_DTYPES[t.dtype])
         tensors[t.name] = wire
@@ -295,9 +341,9 @@ def check_descriptor(descriptor: PayloadDescriptor, limits: Limits = DEFAULT_LIM
             or e.index_length > limits.max_tensor_elements
         ):
             raise PayloadInvalid(f"entry {e.name}: declared size over the element cap")
-        if e.dtype == "int8" and not (math.isfinite(e.scale) and e.scale > 0):
+        if e.dtype in ("int8", "int4") and not (math.isfinite(e.scale) and e.scale > 0):
             raise PayloadInvalid(
-                f"entry {e.name}: int8 needs a positive finite scale, got {e.scale}"
+                f"entry {e.name}: {e.dtype} needs a positive finite scale, got {e.scale}"
             )
 
 
@@ -341,15 +387,18 @@ def decode_payload(
             raise PayloadInvalid(
                 f"entry {e.name}: dtype {wire.dtype} but the header declares {e.dtype}"
             )
-        if tuple(wire.shape) != e.shape:
+        if e.dtype == "int4":
+            count = math.prod(e.shape)
+            _check_int4(e.name, wire, count)
+            values = dequantize_int4(wire, e.scale, count).reshape(e.shape)
+        elif tuple(wire.shape) != e.shape:
             raise PayloadInvalid(
                 f"entry {e.name}: shape {tuple(wire.shape)} but the header declares {e.shape}"
             )
-        values = (
-            dequantize_int8(wire, e.scale)
-            if e.dtype == "int8"
-            else np.asarray(wire, dtype=np.float32)  # no copy for float32
-        )
+        elif e.dtype == "int8":
+            values = dequantize_int8(wire, e.scale)
+        else:
+            values = np.asarray(wire, dtype=np.float32)  # no copy for float32
         if not np.all(np.isfinite(values)):
             raise PayloadInvalid(f"entry {e.name}: values contain NaN or Inf")
         if max_l2_norm is not None:

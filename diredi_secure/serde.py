@@ -45,11 +45,13 @@ _DTYPE_TO_PB: dict[str, int] = {
     "float32": pb.DTYPE_FLOAT32,
     "float16": pb.DTYPE_FLOAT16,
     "int8": pb.DTYPE_INT8,
+    "int4": pb.DTYPE_INT4,
 }
 _DTYPE_FROM_PB: dict[int, WireDType] = {
     pb.DTYPE_FLOAT32: "float32",
     pb.DTYPE_FLOAT16: "float16",
     pb.DTYPE_INT8: "int8",
+    pb.DTYPE_INT4: "int4",
 }
 
 M = TypeVar("M", bound=Message)

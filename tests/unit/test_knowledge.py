@@ -82,3 +82,55 @@ def test_decode_refuses_disagreement() -> None:
         decode_payload(data, desc, Limits(max_payload_bytes=16))
     with pytest.raises(PayloadInvalid, match="norm"):
         decode_payload(data, desc, max_l2_norm=1.0)
+
+
+@given(
+    hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=9), elements=finite)
+)
+@settings(max_examples=60, deadline=None)
+def test_int4_round_trip_error_is_bounded(values: np.ndarray) -> None:
+    from diredi_secure.knowledge import dequantize_int4, quantize_int4
+
+    packed, scale = quantize_int4(values)
+    assert packed.dtype == np.uint8 and packed.size == (values.size + 1) // 2
+    back = dequantize_int4(packed, scale, values.size).reshape(values.shape)
+    assert np.all(np.abs(back - values) <= scale / 2 + 1e-3 * scale + 1e-6)
+    t = PayloadTensor("w", PayloadKind.WEIGHT_DELTA, values, "int4")
+    data, desc = encode_payload(KnowledgePayload((t,)))
+    decoded = decode_payload(data, desc).tensors[0]
+    assert decoded.values.shape == values.shape and np.array_equal(decoded.values, back)
+
+
+def test_int4_packing_is_pinned() -> None:
+    from diredi_secure.knowledge import quantize_int4
+
+    packed, scale = quantize_int4(np.array([-7.0, 0.0, 7.0], np.float32))
+    assert scale == 1.0
+    # codes 1, 8, 15 (+ pad 8): low nibble first
+    assert packed.tolist() == [1 | (8 << 4), 15 | (8 << 4)]
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda b: b[:-1], "packed bytes"),  # wrong length
+        (lambda b: np.concatenate([[0x80], b[1:]]).astype(np.uint8), "code 0"),  # low nibble 0
+        (
+            lambda b: np.concatenate([b[:-1], [(b[-1] & 0x0F) | 0x30]]).astype(np.uint8),
+            "pad nibble",
+        ),
+    ],
+)
+def test_int4_decode_refuses_bad_codes(mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    from diredi_secure.checkpoint import checkpoint_bytes, load_checkpoint_bytes
+    from diredi_secure.knowledge import PayloadDescriptor
+
+    t = PayloadTensor("w", PayloadKind.WEIGHT_DELTA, np.array([1.0, -2.0, 3.0], np.float32), "int4")
+    data, desc = encode_payload(KnowledgePayload((t,)))
+    raw, meta = load_checkpoint_bytes(data)
+    bad = checkpoint_bytes({"w": mutate(raw["w"])}, meta)
+    desc2 = PayloadDescriptor(desc.entries, len(bad), hashlib.sha256(bad).digest())
+    with pytest.raises(PayloadInvalid, match=reason):
+        decode_payload(bad, desc2)

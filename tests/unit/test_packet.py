@@ -57,7 +57,7 @@ payload_strategy = st.lists(
         hnp.arrays(
             np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=8), elements=finite
         ),
-        st.sampled_from(["float32", "float16", "int8"]),
+        st.sampled_from(["float32", "float16", "int8", "int4"]),
     ),
     min_size=1,
     max_size=3,
@@ -105,6 +105,8 @@ def test_property_open_of_seal_is_identity(
             assert np.array_equal(got.values, sent.values)
         elif sent.dtype == "float16":
             assert np.array_equal(got.values, sent.values.astype(np.float16).astype(np.float32))
+        elif sent.dtype == "int4":
+            assert np.allclose(got.values, sent.values, atol=float(np.abs(sent.values).max(initial=0)) / 7 + 1e-6)
         else:
             assert np.allclose(
                 got.values, sent.values, atol=float(np.abs(sent.values).max(initial=0)) / 127 + 1e-6

@@ -92,6 +92,8 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DTYPE_FLOAT16: _DType.ValueType  # 2
     DTYPE_INT8: _DType.ValueType  # 3
     """quantised: real value = int8 * scale"""
+    DTYPE_INT4: _DType.ValueType  # 4
+    """quantised, two codes per byte (low nibble first): real value = (code - 8) * scale,"""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """Element type of one tensor of the payload."""
@@ -101,6 +103,8 @@ DTYPE_FLOAT32: DType.ValueType  # 1
 DTYPE_FLOAT16: DType.ValueType  # 2
 DTYPE_INT8: DType.ValueType  # 3
 """quantised: real value = int8 * scale"""
+DTYPE_INT4: DType.ValueType  # 4
+"""quantised, two codes per byte (low nibble first): real value = (code - 8) * scale,"""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 @_typing.final
@@ -171,7 +175,7 @@ class PayloadEntry(_message.Message):
     kind: Global___PayloadKind.ValueType
     dtype: Global___DType.ValueType
     scale: _builtins.float
-    """int8 dequantisation scale; 0 for float dtypes"""
+    """int8/int4 dequantisation scale; 0 for float dtypes"""
     noise_multiplier: _builtins.float
     """Gaussian mechanism of this entry (histogram, prototypes); 0 if none"""
     epsilon: _builtins.float
