@@ -191,7 +191,8 @@ def _run_loop(
         steps.start(f"re-KD: model for {user.name}")
         support = merged.supports[user.name]
         per_user = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
-                                merged.transfer_x, config.rekd, seed=seed + 2, support=support)
+                                merged.transfer_x, config.rekd, seed=seed + 2, support=support,
+                                domain_kernel=merged.sensor_kernels.get(user.name))
         steps.done()
         data, _ = encode_payload(res.payload)
         outcomes.append(UserOutcome(

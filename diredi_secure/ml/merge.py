@@ -22,6 +22,9 @@ reference set does not cover. Both are post-processing of DP outputs: no extra p
 
 Reverse distillation into the teacher: fine-tune it on presumed data (cross entropy, keeps old
 knowledge) plus KL toward the merged targets on the transfer inputs.
+
+Each device's sensor kernel (``sensor.py``: a small convolution fitted to its DP prototypes) is
+estimated here and returned for per-user re-KD, which renders presumed images through it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from ..knowledge import KnowledgePayload, PayloadKind, PayloadTensor
 from .data import NUM_CLASSES, Dataset
 from .evaluate import predict_logits
 from .models import flat_parameters, set_flat_parameters
+from .sensor import estimate_sensor_kernel
+
+# RDConfig's default prototype clip norm, used when the caller does not pass the policy's.
+DEFAULT_PROTOTYPE_CLIP = 3.5
 
 __all__ = [
     "DeviceKnowledge",
@@ -76,8 +83,12 @@ class MergeConfig:
     synthesize: bool = True
     transfer_mode: Literal["both", "prototypes", "synthesis"] = "both"
     max_prototype_noise: float | None = None
-    anchor_quantiles: tuple[float, float] | None = (0.0, 0.1)
+    anchor_quantiles: tuple[float, float] | None = (0.0, 0.15)
     presumed_kd_weight: float = 1.0
+    # Sensor kernel per device from its DP prototypes (``sensor.py``), kept when its
+    # leave-one-class-out residual is below ``sensor_gate`` x the identity's; None: never fit.
+    sensor_gate: float | None = 0.7
+    sensor_kernel_size: int = 5
     jitter_per_class: int = 24
     jitter_std: float = 0.08
     synth_steps: int = 20
@@ -105,6 +116,10 @@ class MergeConfig:
                 raise ConfigError(f"anchor_quantiles must satisfy 0 <= lo < hi <= 1, got {self.anchor_quantiles}")
         if self.presumed_kd_weight < 0:
             raise ConfigError("presumed_kd_weight must be >= 0")
+        if self.sensor_gate is not None and self.sensor_gate <= 0:
+            raise ConfigError("sensor_gate must be > 0 (or None)")
+        if self.sensor_kernel_size < 1 or self.sensor_kernel_size % 2 == 0:
+            raise ConfigError("sensor_kernel_size must be odd and >= 1")
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,12 @@ class MergeResult:
     weights: dict[str, float]
     off_support: dict[str, float]
     supports: dict[str, np.ndarray] = field(default_factory=dict)
+    # Which device's packet each transfer row came from (its id), "" for the public reference set:
+    # per-user re-KD can give a device's own-domain rows more weight or its adapted model's logits.
+    transfer_owner: tuple[str, ...] = ()
+    # Each device's estimated sensor kernel (only devices whose fit passed the gate): per-user
+    # re-KD renders the presumed images through it (``rekd_student(domain_kernel=...)``).
+    sensor_kernels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def device_support(payload: KnowledgePayload) -> np.ndarray:
@@ -373,12 +394,23 @@ def merge_into_teacher(
     presumed_z = predict_logits(teacher, presumed.x) if config.presumed_kd_weight > 0 else None
     _finetune_teacher(teacher, presumed, transfer_x, target.astype(np.float32), hard, hard_w,
                       config, seed=seed, presumed_z=presumed_z)
+    kernels: dict[str, np.ndarray] = {}
+    if config.sensor_gate is not None:
+        clip = prototype_clip if prototype_clip is not None else DEFAULT_PROTOTYPE_CLIP
+        for dev in devices:
+            fit = estimate_sensor_kernel(dev.payload, presumed, clip=clip,
+                                         size=config.sensor_kernel_size,
+                                         min_class_count=config.min_class_count)
+            if fit is not None and fit.ratio < config.sensor_gate:
+                kernels[dev.device_id] = fit.kernel
     return MergeResult(
         teacher=teacher,
         transfer_x=transfer_x,
         weights=dict(zip(names, weights, strict=True)),
         off_support=dict(zip(names, scores, strict=True)),
         supports=dict(zip(names, supports, strict=True)),
+        transfer_owner=tuple([""] * n_ref + [names[int(i)] for i in extra_owner]),
+        sensor_kernels=kernels,
     )
 
 

@@ -4,7 +4,9 @@ Per-user: every transfer sample is weighted by ``(1 - beta) + beta * C * h[c]`` 
 teacher's predicted class and ``h`` the user's *noised* class shares (from their DP histogram), so
 the student's small capacity goes to what the user needs and knowledge they never use gives way
 ("initial redundant knowledge is reduced", Sun et al. 2024). The user's own domain inputs (derived
-from their DP prototypes) are added to the transfer set. Fleet: uniform weights over everything.
+from their DP prototypes) are added to the transfer set; with the user's estimated sensor kernel
+(``MergeResult.sensor_kernels``), so are the labelled presumed images rendered through it. Fleet:
+uniform weights over everything.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .data import NUM_CLASSES, Dataset
 from .distill import KDConfig, kd_train
 from .evaluate import predict_logits
 from .models import ModelSpec, build_model
+from .sensor import render
 
 __all__ = ["ReKDConfig", "rekd_student", "rekd_weights", "user_weights"]
 
@@ -35,8 +38,13 @@ class ReKDConfig:
     beta: float = 0.8
     kd: KDConfig = field(default_factory=KDConfig)
     presumed_floor: float = 1.0
+    # Weight of the presumed images rendered through the user's sensor kernel (``domain_kernel``),
+    # relative to the user's weight of the same image undistorted.
+    domain_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.domain_weight < 0:
+            raise ConfigError(f"domain_weight must be >= 0, got {self.domain_weight}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must lie in [0, 1], got {self.beta}")
         if self.presumed_floor < 0:
@@ -71,15 +79,25 @@ def rekd_student(
     *,
     seed: int,
     support: np.ndarray | None = None,
+    domain_kernel: np.ndarray | None = None,
 ) -> nn.Module:
     """Distil a fresh ``spec`` student from ``teacher`` on presumed data + ``transfer_x``.
 
     With ``support`` (the user's noised class shares) samples are weighted toward that user; without
     it this is the fleet model.
+    ``domain_kernel`` (``MergeResult.sensor_kernels[user]``) adds the labelled presumed images
+    rendered through the user's estimated sensor, with the teacher's logits on the clean image as
+    targets: labelled inputs in the user's own domain.
     """
-    student = build_model(spec, seed=seed)
+    n_p = len(presumed)
     x = np.concatenate([presumed.x, transfer_x.astype(np.float32)])
     y = np.concatenate([presumed.y, -np.ones(len(transfer_x), np.int64)])
     z = predict_logits(teacher, x)
-    w = None if support is None else rekd_weights(z, len(presumed), support, config)
+    w = np.ones(len(x), np.float32) if support is None else rekd_weights(z, n_p, support, config)
+    if domain_kernel is not None and n_p:
+        x = np.concatenate([x, render(presumed.x, domain_kernel)])
+        y = np.concatenate([y, presumed.y])
+        z = np.concatenate([z, z[:n_p]])
+        w = np.concatenate([w, w[:n_p] * config.domain_weight])
+    student = build_model(spec, seed=seed)
     return kd_train(student, x, y, z, config.kd, seed=seed, sample_weights=w)
