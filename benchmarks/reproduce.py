@@ -427,12 +427,15 @@ def _run_seed(
             devices = [DeviceKnowledge(u.name, p) for u, p in zip(users, payloads, strict=True)]
             merged = merge_into_teacher(teacher, shipped, devices, scenario.reference_x,
                                         scenario.presumed_train, loop.merge, seed=seed,
-                                        rng=np.random.default_rng([seed, k, 99]))
+                                        rng=np.random.default_rng([seed, k, 99]),
+                                        presumed_val=scenario.presumed_val,
+                                        prototype_clip=loop.rd.prototype_clip)
             merge_secs = time.perf_counter() - t0
             t0 = time.perf_counter()
             models = [rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
                                    merged.transfer_x, loop.rekd, seed=seed + 2,
-                                   support=merged.supports[u.name]) for u in users]
+                                   support=merged.supports[u.name],
+                                   domain_kernel=merged.sensor_kernels.get(u.name)) for u in users]
             rekd_secs = time.perf_counter() - t0
             nbytes = float(np.mean([len(encode_payload(p)[0]) for p in payloads]))
             spent = float(np.mean([_spent(r, p) for r, p in zip(results, payloads, strict=True)]))

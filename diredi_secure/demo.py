@@ -415,6 +415,7 @@ def demo_device_command(
     """One device of the demo, as its own process (hidden; `diredi demo` runs it)."""
     from .knowledge import PayloadKind
     from .ml.data import load_npz_dataset
+    from .ml.loop import LoopConfig
     from .services.edge import EdgeAgent
     from .services.jobs import reverse_on_device, update_device
     from .services.workspace import CloudWorkspace, DeviceWorkspace
@@ -428,12 +429,7 @@ def demo_device_command(
         with EdgeAgent(DeviceWorkspace.open(workspace)) as agent:
             agent.enroll()
             v1 = update_device(agent)
-            kinds = (
-                PayloadKind.REFERENCE_LOGITS,
-                PayloadKind.WEIGHT_DELTA,
-                PayloadKind.DP_PROTOTYPES,
-                PayloadKind.LABEL_HISTOGRAM,
-            )
+            kinds = (*LoopConfig().rd.kinds, PayloadKind.LABEL_HISTOGRAM)  # the loop's payload
             out = reverse_on_device(
                 agent, load_npz_dataset(data), epsilon=epsilon, kinds=kinds, seed=seed
             )

@@ -523,6 +523,7 @@ def merge_and_release(
     transfer: list[np.ndarray] = []
     supports: dict[str, list[np.ndarray]] = {}
     weights: dict[str, float] = {}
+    kernels: dict[str, np.ndarray] = {}  # per device: its sensor, fitted from its DP prototypes
     rng = np.random.default_rng(seed + version)
     for base_sha in sorted(groups):
         base_model = _load_model(_models_dir(workspace) / f"{base_sha}.safetensors", "released model")
@@ -530,12 +531,15 @@ def merge_and_release(
                                    i.opened.payload) for i in groups[base_sha]]
         merged = merge_into_teacher(teacher, base_model, devices, scenario.reference_x,
                                     scenario.presumed_train, settings.merge, seed=seed + version,
-                                    rng=rng)
+                                    rng=rng, presumed_val=scenario.presumed_val)
         teacher = merged.teacher
         transfer.append(merged.transfer_x)
         for item, dev in zip(groups[base_sha], devices, strict=True):
             supports.setdefault(item.opened.header.device_id, []).append(merged.supports[dev.device_id])
             weights[dev.device_id] = float(merged.weights[dev.device_id])
+            kernel = merged.sensor_kernels.get(dev.device_id)
+            if kernel is not None:
+                kernels[item.opened.header.device_id] = kernel
     transfer_x = np.concatenate(transfer)
 
     gate_outcome = gate(GateInput(version, tuple(i.opened for i in used), scenario, seed,
@@ -560,7 +564,8 @@ def merge_and_release(
     for device_id, shares in sorted(supports.items()):
         support = np.mean(np.stack(shares), axis=0)
         model = rekd_student(teacher, student_spec(), scenario.presumed_train, transfer_x,
-                             settings.rekd, seed=seed + 2, support=support)
+                             settings.rekd, seed=seed + 2, support=support,
+                             domain_kernel=kernels.get(device_id))
         per_device[device_id] = model_bytes(model, student_spec())
 
     ledger = {d.device_id: d.epsilon_spent for d in store.list_devices()}

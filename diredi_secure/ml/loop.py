@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 class LoopConfig:
     teacher: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    # The merge reads each device's reference-set logit differences from shipped + weight delta,
+    # so reference logits alongside a delta are dead weight (docs/PAYLOAD-SIZE.md): not sent.
     rd: RDConfig = field(default_factory=lambda: RDConfig(kinds=(
-        PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA, PayloadKind.DP_PROTOTYPES)))
+        PayloadKind.WEIGHT_DELTA, PayloadKind.DP_PROTOTYPES)))
     merge: MergeConfig = field(default_factory=MergeConfig)
     rekd: ReKDConfig = field(default_factory=ReKDConfig)
     # Choose lr / pull weight per user on their validation split (``select_rd_config``) before RD.
