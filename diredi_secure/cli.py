@@ -328,6 +328,24 @@ def demo_protocol() -> None:
     run_protocol_demo(out)
 
 
+scenario_app = typer.Typer(help="Build and save the digits scenario.", no_args_is_help=True)
+app.add_typer(scenario_app, name="scenario")
+
+
+@scenario_app.command("make")
+def scenario_make(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for scenario.npz + scenario.json")] = Path("scenario"),
+    seed: Annotated[int, typer.Option(help="Seed of the split")] = 0,
+) -> None:
+    """The default scenario from a seed: presumed data, reference set, three users (one shifted)."""
+    from .ml.data import make_scenario, save_scenario
+
+    scenario = make_scenario(seed)
+    save_scenario(scenario, out_dir)
+    users = ", ".join(f"{u.name} ({len(u.train)} train)" for u in scenario.users)
+    out.print(f"scenario (seed {seed}) written to {out_dir}: users {users}", markup=False)
+
+
 _SUBAPPS = (
     # (module, attribute, name, help)
     (
@@ -337,12 +355,12 @@ _SUBAPPS = (
         "Publish and verify signed model releases (TUF).",
     ),
     ("diredi_secure.audits.cli", "app", "audit", "Privacy-leakage audit of knowledge packets."),
-    ("diredi_secure.services.cli", "cloud_app", "cloud", "Run the cloud: serve, revoke, merge."),
+    ("diredi_secure.services.cli", "cloud_app", "cloud", "Run the cloud: init, distill, serve, revoke, merge."),
     (
         "diredi_secure.services.cli",
         "edge_app",
         "edge",
-        "Run a device: init, enroll, update, reverse.",
+        "Run a device: init, enroll, status, update, reverse, submit.",
     ),
     ("diredi_secure.ml.cli", "app", "ml", "The learning loop: scenarios, KD, RD, merge."),
     ("diredi_secure.benchmarks.cli", "app", "bench", "Reproduction and performance benchmarks."),

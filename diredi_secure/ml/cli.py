@@ -9,9 +9,6 @@ from typing import Annotated
 
 import typer
 
-from .data import load_scenario, make_scenario, save_scenario
-from .loop import LoopConfig, run_loop
-
 app = typer.Typer(help="The DiReDi learning loop (KD, DP reverse distillation, merge, re-KD).")
 
 
@@ -21,6 +18,8 @@ def scenario_cmd(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Build the default digits scenario from a seed and save it."""
+    from .data import make_scenario, save_scenario
+
     save_scenario(make_scenario(seed), out)
     typer.echo(f"scenario (seed {seed}) written to {out}")
 
@@ -33,6 +32,9 @@ def loop_cmd(
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Run KD -> RD per user -> merge -> re-KD and print the per-user table and summary line."""
+    from .data import load_scenario, make_scenario
+    from .loop import LoopConfig, run_loop
+
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO)
     sc = load_scenario(scenario) if scenario is not None else make_scenario(seed)
     r = run_loop(sc, LoopConfig(), seed, epsilon=math.inf if math.isinf(epsilon) else epsilon,
