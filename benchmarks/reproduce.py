@@ -114,7 +114,7 @@ _GRID = {"local_ft", "fedavg", "fedmd", "diredi_logits", "diredi_delta", "diredi
 _DIREDI_KINDS: dict[str, tuple[PayloadKind, ...] | None] = {
     "diredi_logits": (PayloadKind.REFERENCE_LOGITS,),
     "diredi_delta": (PayloadKind.WEIGHT_DELTA,),
-    "diredi_full": None,  # every entry RD produced
+    "diredi_full": None,  # the loop's default payload (LoopConfig().rd.kinds + noised histogram)
 }
 _NOISED_KINDS = (PayloadKind.LABEL_HISTOGRAM, PayloadKind.DP_PROTOTYPES)
 
@@ -369,7 +369,12 @@ def _run_seed(
         progress(f"seed {seed}: oracle")
 
     for k, eps in enumerate(config.epsilons):
-        rd_cfg = replace(loop.rd, epsilon=eps)
+        # One RD per user serves every DiReDi variant: it also extracts reference logits (pure
+        # post-processing of the DP-trained model: no extra privacy cost), which the default
+        # payload does not send but the reference-logits variant does.
+        rd_kinds = tuple(dict.fromkeys((*loop.rd.kinds, PayloadKind.REFERENCE_LOGITS)))
+        rd_cfg = replace(loop.rd, epsilon=eps, kinds=rd_kinds)
+        default_kinds = (*loop.rd.kinds, *_NOISED_KINDS)
         results: list[RDResult] = []
         t0 = time.perf_counter()
         for i, u in enumerate(users):
@@ -423,7 +428,7 @@ def _run_seed(
             if method not in want:
                 continue
             t0 = time.perf_counter()
-            payloads = [_subset(r.payload, kinds) for r in results]
+            payloads = [_subset(r.payload, kinds or default_kinds) for r in results]
             devices = [DeviceKnowledge(u.name, p) for u, p in zip(users, payloads, strict=True)]
             merged = merge_into_teacher(teacher, shipped, devices, scenario.reference_x,
                                         scenario.presumed_train, loop.merge, seed=seed,

@@ -6,7 +6,33 @@ See docs/METHOD.md for what comes from Sun et al. (2024) and what is ours.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the real names, for type checkers
+    from .data import (
+        Dataset,
+        Scenario,
+        ScenarioConfig,
+        load_digits_dataset,
+        load_npz_dataset,
+        load_scenario,
+        make_scenario,
+        save_scenario,
+    )
+    from .distill import KDConfig, TrainConfig, distill_student, train_classifier
+    from .evaluate import Evaluation, accuracy, evaluate
+    from .loop import LoopConfig, LoopResult, run_loop
+    from .merge import DeviceKnowledge, MergeConfig, MergeResult, merge_into_teacher
+    from .models import (
+        ModelSpec,
+        build_model,
+        load_model,
+        load_model_bytes,
+        model_bytes,
+        save_model,
+    )
+    from .rekd import ReKDConfig, rekd_student
+    from .reverse import RDConfig, RDResult, reverse_distill, select_rd_config
 
 # Names resolve lazily (PEP 562): importing diredi_secure.ml (e.g. for the CLI's sub-commands)
 # must not import torch and Opacus until a name that needs them is used.
