@@ -254,18 +254,29 @@ def edge_submit(
 
 @edge_app.command("update")
 def edge_update(
-    workspace: WorkspaceOpt,
-    trusted_root: Annotated[Path | None, typer.Option(help="Root metadata to provision with (default: the one from provisioning)")] = None,
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Device workspace (updates over gRPC)")] = None,
+    from_dir: Annotated[Path | None, typer.Option("--from", help="Update from a local release folder instead (no server)")] = None,
+    state: Annotated[Path, typer.Option(help="With --from: the device state folder")] = Path("device"),
+    trusted_root: Annotated[Path | None, typer.Option("--trusted-root", "--root", help="Root metadata to trust first (default: the one from provisioning)")] = None,
     server: ServerOpt = None,
     insecure: bool = False,
 ) -> None:
     """Fetch, verify (TUF + attestation) and install the newest release for this device.
 
-    Its own release (devices/<id>/, signed by its delegated role) when the cloud published one,
-    else the fleet release.
+    Over gRPC from the device workspace: its own release (devices/<id>/, signed by its delegated
+    role) when the cloud published one, else the fleet release. With ``--from DIR``: from a local
+    release folder into ``--state`` (as ``diredi release`` publishes it).
     """
+    if (workspace is None) == (from_dir is None):
+        raise ConfigError("give either --workspace (update over gRPC) or --from DIR (a local release folder)")
+    if from_dir is not None:
+        from diredi_secure.release.cli import edge_update as update_from_folder
+
+        update_from_folder(from_dir=from_dir, state=state, root=trusted_root)
+        return
     from .jobs import update_device
 
+    assert workspace is not None
     with _agent(workspace, insecure, server) as agent:
         root = trusted_root.read_bytes() if trusted_root is not None else None
         result = update_device(agent, trusted_root=root)
