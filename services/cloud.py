@@ -106,11 +106,8 @@ def _check_peer(peer: str | None, device_id: str, *, mtls: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 # Logic without gRPC types
 # ------------------------------------------------------------------------------------------------
-class Ingest:
-    """Accept knowledge packets: open with the core, store in one transaction, return the receipt.
-
-    Trusted: ``keys``, ``store``, ``clock`` (ms). Untrusted: the packet bytes.
-    """
+class _CloudLogic:
+    """What every cloud-side service holds: the store, the keys, the policy, caps and the clock."""
 
     def __init__(
         self,
@@ -126,6 +123,13 @@ class Ingest:
         self.policy = policy
         self.config = config or TransportConfig()
         self.clock = clock
+
+
+class Ingest(_CloudLogic):
+    """Accept knowledge packets: open with the core, store in one transaction, return the receipt.
+
+    Trusted: ``keys``, ``store``, ``clock`` (ms). Untrusted: the packet bytes.
+    """
 
     def submit(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False) -> bytes:
         """The signed receipt for ``data`` once it is durably stored (or was stored before).
@@ -207,23 +211,8 @@ class EnrollResult:
     receipt_public_key: bytes
 
 
-class Enrollment:
+class Enrollment(_CloudLogic):
     """Register devices holding a certificate from the device CA and its key; report status."""
-
-    def __init__(
-        self,
-        store: Store,
-        keys: CloudKeys,
-        *,
-        policy: PacketPolicy = DEFAULT_POLICY,
-        config: TransportConfig | None = None,
-        clock: Callable[[], int] = wall_clock_ms,
-    ) -> None:
-        self.store = store
-        self.keys = keys
-        self.policy = policy
-        self.config = config or TransportConfig()
-        self.clock = clock
 
     def enroll(self, certificate: bytes, proof: bytes, *, peer: str | None = None, mtls: bool = False) -> EnrollResult:
         """Check the certificate against the CA and the proof of possession, then register.

@@ -34,26 +34,21 @@ def ok(*args: str, cwd: Path) -> str:
     return r.stdout
 
 
+def publish(cwd: Path, version: int) -> None:
+    """Publish a tiny model whose weights are all ``version`` (the next release version)."""
+    (cwd / "m.safetensors").write_bytes(
+        checkpoint_bytes({"w": np.full(3, version, np.float32)}, {})
+    )
+    ok("release", "publish", "repo", "--model", "m.safetensors", "--architecture", "arch.json",
+       "--epsilon", "dev-1=0.5:1.5", cwd=cwd)  # fmt: skip
+
+
 @pytest.fixture
 def flow(tmp_path: Path) -> Path:
     (tmp_path / "arch.json").write_text(json.dumps({"layers": [3]}))
     ok("release", "init", "repo", cwd=tmp_path)
     for version in (1, 2):
-        (tmp_path / "m.safetensors").write_bytes(
-            checkpoint_bytes({"w": np.full(3, version, np.float32)}, {})
-        )
-        ok(
-            "release",
-            "publish",
-            "repo",
-            "--model",
-            "m.safetensors",
-            "--architecture",
-            "arch.json",
-            "--epsilon",
-            "dev-1=0.5:1.5",
-            cwd=tmp_path,
-        )
+        publish(tmp_path, version)
         out = ok(
             "edge",
             "update",
@@ -77,19 +72,7 @@ def refused(flow: Path, reason: str) -> None:
 
 
 def test_tampered_model_bytes_leave_the_device_on_v2(flow: Path) -> None:
-    (flow / "m.safetensors").write_bytes(checkpoint_bytes({"w": np.full(3, 3, np.float32)}, {}))
-    ok(
-        "release",
-        "publish",
-        "repo",
-        "--model",
-        "m.safetensors",
-        "--architecture",
-        "arch.json",
-        "--epsilon",
-        "dev-1=0.5:1.5",
-        cwd=flow,
-    )
+    publish(flow, 3)
     target = max(
         (flow / "repo" / "targets").glob("*.model.safetensors"), key=lambda p: p.stat().st_mtime
     )
