@@ -703,6 +703,10 @@ def reverse_on_device(
         raise ConfigError(f"release v{installed.release.version} carries no reference set")
     reference_x = load_reference_set(_read(ref_path, "reference set", _MAX_MODEL_BYTES))
     config = replace(rd or RDConfig(), epsilon=epsilon, kinds=tuple(kinds))
+    if config.delta is None:
+        # RD's default delta is 1/(10 N); the cloud refuses delta above policy.max_delta, so a
+        # device with fewer than 1/(10 max_delta) examples uses the cap instead of being refused.
+        config = replace(config, delta=min(1.0 / (10.0 * max(len(data), 1)), DEFAULT_POLICY.max_delta))
     result = reverse_distill(model, data, reference_x, config, seed=seed,
                              rng=np.random.default_rng(seed))
     payload, _ = encode_payload(result.payload)
