@@ -24,6 +24,7 @@ __all__ = [
     "DatasetError",
     "DecryptionFailed",
     "DirediError",
+    "EpsilonUnderstated",
     "HeaderMismatch",
     "KeyFileError",
     "LocalError",
@@ -183,6 +184,12 @@ class PolicyViolation(PolicyError):
     """A declared parameter breaks policy (epsilon too high, wrong base model, norm bound...)."""
 
     reason = "policy_violation"
+
+
+class EpsilonUnderstated(PolicyViolation):
+    """The declared epsilon is below what an accountant recomputes from the declared parameters."""
+
+    reason = "epsilon_understated"
 
 
 class BudgetExceeded(PolicyViolation):

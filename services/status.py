@@ -75,6 +75,7 @@ STATUS_TABLE: dict[type[E.DirediError], grpc.StatusCode] = {
     E.StalePacket: _C.FAILED_PRECONDITION,
     E.PolicyViolation: _C.FAILED_PRECONDITION,
     E.BudgetExceeded: _C.RESOURCE_EXHAUSTED,  # a quota: the device's lifetime epsilon
+    E.EpsilonUnderstated: _C.FAILED_PRECONDITION,  # the packet's own accounting does not hold
     E.ReleaseRefused: _C.FAILED_PRECONDITION,
     DeviceConflict: _C.ALREADY_EXISTS,
     # The cloud's own state or configuration is at fault.

@@ -25,6 +25,7 @@ from diredi_secure.errors import (
     CertificateInvalid,
     DecryptionFailed,
     DirediError,
+    EpsilonUnderstated,
     HeaderMismatch,
     MalformedPacket,
     PayloadInvalid,
@@ -150,6 +151,7 @@ CASES: list[tuple[str, Callable[[Setup], bytes], type[DirediError]]] = [
     ("nan_payload", _nan_payload, PayloadInvalid),
     ("declared_shape_differs", lambda s: s.with_payload(checkpoint_bytes({"reference_logits": np.ones((4, 10), np.float32)}, {}), (5, 8)), PayloadInvalid),
     ("pickle_payload", lambda s: s.with_payload(pickle.dumps(np.ones((4, 10), np.float32), protocol=4), (4, 10)), PayloadInvalid),
+    ("epsilon_understated", lambda s: s.seal(dp=replace(DP, epsilon=0.05, total_epsilon=0.05)), EpsilonUnderstated),
     ("epsilon_over_policy", lambda s: s.seal(dp=replace(DP, epsilon=60.0, total_epsilon=60.0)), DirediError),
 ]
 
