@@ -346,10 +346,11 @@ class ReleaseFolder:
     def _read(self, path: Path, cap: int, what: str) -> bytes:
         file = self._confined(path, "metadata")
         try:
-            size = file.stat().st_size
-            if size > cap:
-                raise TooLarge(what, size, cap)
-            return file.read_bytes()
+            with open(file, "rb") as handle:  # read at most cap + 1: the file may grow after a stat
+                data = handle.read(cap + 1)
+            if len(data) > cap:
+                raise TooLarge(what, len(data), cap)
+            return data
         except OSError as exc:
             raise NotFound(f"{what} is not published") from exc
 

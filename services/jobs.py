@@ -697,7 +697,11 @@ def reverse_on_device(
     updater = agent.updater()
     installed = updater.current_model()  # checks the slot still holds the verified bytes
     slot = installed.slot_dir
-    model, _, _ = load_model_bytes(_read(slot / MODEL_TARGET, "installed model", _MAX_MODEL_BYTES))
+    model_data = _read(slot / MODEL_TARGET, "installed model", _MAX_MODEL_BYTES)
+    # Read once, check these bytes, parse these bytes: the packet names this digest as its base.
+    if hashlib.sha256(model_data).hexdigest() != installed.release.model_sha256:
+        raise ModelFormatError(f"installed model in {slot} changed since it was verified")
+    model, _, _ = load_model_bytes(model_data)
     ref_path = slot / REFERENCE_SET_TARGET
     if not ref_path.is_file():
         raise ConfigError(f"release v{installed.release.version} carries no reference set")

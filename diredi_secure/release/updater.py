@@ -569,7 +569,11 @@ class DeviceUpdater:
                 path = self._download_dir / name
                 with _tuf_errors("target"):
                     updater.download_target(info, filepath=str(path))
-                files[name] = path.read_bytes()
+                    data = path.read_bytes()
+                    # python-tuf checked the file it wrote; check the bytes we install, too, so
+                    # nothing can swap the file between its check and our read.
+                    info.verify_length_and_hashes(data)
+                files[name] = data
         except OSError as exc:
             raise StoreError(f"download folder: {exc}") from exc
         finally:
