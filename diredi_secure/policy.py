@@ -77,8 +77,10 @@ DEFAULT_POLICY = PacketPolicy()
 def check_budget(*, device_id: str, spent: float, requested: float, budget: float) -> None:
     """Raise :class:`BudgetExceeded` if ``spent + requested`` would exceed ``budget``.
 
-    Composition here is the simple sum of per-packet epsilons (basic composition): an upper bound
-    that the audit suite's RDP composition can only tighten.
+    Composition here is the simple sum of per-packet epsilons (basic composition). By itself that
+    bounds the device's total privacy loss at (sum of epsilons, sum of deltas); the deltas are not
+    yet summed in the ledger (each packet's delta is capped by ``max_delta`` instead), so the
+    lifetime guarantee holds for at most ``1 / max_delta``-scale packet counts -- a known gap.
     """
     if not math.isfinite(requested) or requested < 0:
         raise PolicyViolation(f"device {device_id} declared a non-finite or negative epsilon")
