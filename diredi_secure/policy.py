@@ -78,9 +78,9 @@ def check_budget(*, device_id: str, spent: float, requested: float, budget: floa
     """Raise :class:`BudgetExceeded` if ``spent + requested`` would exceed ``budget``.
 
     Composition here is the simple sum of per-packet epsilons (basic composition). By itself that
-    bounds the device's total privacy loss at (sum of epsilons, sum of deltas); the deltas are not
-    yet summed in the ledger (each packet's delta is capped by ``max_delta`` instead), so the
-    lifetime guarantee holds for at most ``1 / max_delta``-scale packet counts -- a known gap.
+    bounds the device's total privacy loss at (sum of epsilons, sum of deltas). The ledger does not
+    sum deltas yet; each packet's delta is only capped by ``max_delta``, so after n packets the
+    guarantee is (sum of epsilons, n * max_delta) -- a known gap, noted in the closing note.
     """
     if not math.isfinite(requested) or requested < 0:
         raise PolicyViolation(f"device {device_id} declared a non-finite or negative epsilon")
