@@ -80,7 +80,7 @@ def check_budget(*, device_id: str, spent: float, requested: float, budget: floa
     Composition here is the simple sum of per-packet epsilons (basic composition). By itself that
     bounds the device's total privacy loss at (sum of epsilons, sum of deltas). The ledger does not
     sum deltas yet; each packet's delta is only capped by ``max_delta``, so after n packets the
-    guarantee is (sum of epsilons, n * max_delta) -- a known gap, noted in the closing note.
+    guarantee is (sum of epsilons, n * max_delta) -- a known gap (docs/ARCHITECTURE.md, "Known gaps").
     """
     if not math.isfinite(requested) or requested < 0:
         raise PolicyViolation(f"device {device_id} declared a non-finite or negative epsilon")
