@@ -53,6 +53,7 @@ __all__ = [
     "MergeConfig",
     "MergeResult",
     "aggregate_differences",
+    "anchor_relief",
     "anchor_scale",
     "device_support",
     "merge_into_teacher",
@@ -89,6 +90,12 @@ class MergeConfig:
     # leave-one-class-out residual is below ``sensor_gate`` x the identity's; None: never fit.
     sensor_gate: float | None = 0.7
     sensor_kernel_size: int = 5
+    # Per-device anchor relief: a transfer row takes the full merged change, whatever the anchor
+    # says, when some device with merge weight > 0 has its adapted model (shipped + weight delta)
+    # put at least this softmax mass on one class it supports (noised share >= support_threshold)
+    # that the presumed data lacks (:func:`anchor_relief`). None: off. 0.7 chosen on validation
+    # (docs/METHOD.md, round 4).
+    anchor_relax_confidence: float | None = 0.7
     jitter_per_class: int = 24
     jitter_std: float = 0.08
     synth_steps: int = 20
@@ -118,6 +125,8 @@ class MergeConfig:
             raise ConfigError("presumed_kd_weight must be >= 0")
         if self.sensor_gate is not None and self.sensor_gate <= 0:
             raise ConfigError("sensor_gate must be > 0 (or None)")
+        if self.anchor_relax_confidence is not None and not 0 < self.anchor_relax_confidence <= 1:
+            raise ConfigError("anchor_relax_confidence must lie in (0, 1]")
         if self.sensor_kernel_size < 1 or self.sensor_kernel_size % 2 == 0:
             raise ConfigError("sensor_kernel_size must be odd and >= 1")
 
@@ -353,12 +362,18 @@ def merge_into_teacher(
     diffs: list[np.ndarray] = []
     has_diff = np.zeros((len(devices), n_t), bool)
     z_shipped = predict_logits(shipped_student, transfer_x)
+    adapted_probs: list[np.ndarray | None] = []
     for i, dev in enumerate(devices):
         model = adapted_model(shipped_student, dev.payload)
         d = np.zeros((n_t, NUM_CLASSES))
+        adapted_probs.append(None)
         if model is not None:
-            d = predict_logits(model, transfer_x).astype(np.float64) - z_shipped
+            z_adapted = predict_logits(model, transfer_x).astype(np.float64)
+            d = z_adapted - z_shipped
             has_diff[i] = True
+            if config.anchor_relax_confidence is not None:
+                e = np.exp(z_adapted - z_adapted.max(1, keepdims=True))
+                adapted_probs[i] = e / e.sum(1, keepdims=True)
         else:
             ref = _dense_reference_diff(dev.payload, n_ref)
             if ref is not None:
@@ -378,6 +393,10 @@ def merge_into_teacher(
     if config.anchor_quantiles is not None:
         cal = presumed_val if presumed_val is not None and len(presumed_val) else presumed
         anchor = anchor_scale(z_teacher, predict_logits(teacher, cal.x), config.anchor_quantiles)
+        if config.anchor_relax_confidence is not None:
+            anchor = np.maximum(anchor, anchor_relief(
+                adapted_probs, supports, weights, np.unique(presumed.y),
+                config.anchor_relax_confidence, config.support_threshold, n_t))
         merged = merged * anchor[:, None]
     # A CE-trained teacher pushes classes it never saw to very low logits (-18 on digits); floor
     # them at ``max - logit_floor_gap`` so a bounded device difference can still raise them.
@@ -412,6 +431,32 @@ def merge_into_teacher(
         transfer_owner=tuple([""] * n_ref + [names[int(i)] for i in extra_owner]),
         sensor_kernels=kernels,
     )
+
+
+def anchor_relief(
+    probs: list[np.ndarray | None], supports: list[np.ndarray], weights: list[float],
+    known_classes: np.ndarray, confidence: float, support_threshold: float, n_rows: int,
+) -> np.ndarray:
+    """Per-row 0/1: 1 where some device with merge weight > 0 has its adapted model's softmax
+    (``probs[i]``, ``None`` for a device without a weight delta) put at least ``confidence`` on a
+    class that device supports (noised share >= ``support_threshold``) and that is not among
+    ``known_classes`` (the classes of the manufacturer's presumed data).
+
+    The anchor (:func:`anchor_scale`) then lets those rows take the full merged change: a user's
+    model confidently naming a new class it has data of is evidence the old teacher's confidence
+    there is misplaced (seed 2: the old teacher calls user B's 9s 3 or 5 with presumed-like
+    confidence). Everything here is post-processing of DP releases (weight delta, histogram).
+    """
+    known = np.zeros(NUM_CLASSES, bool)
+    known[np.asarray(known_classes, np.int64)] = True
+    out = np.zeros(n_rows)
+    for p, sup, w in zip(probs, supports, weights, strict=True):
+        if p is None or w <= 0:
+            continue
+        ok = (np.asarray(sup) >= support_threshold) & ~known
+        conf = p.max(1) >= confidence
+        out = np.maximum(out, (conf & ok[p.argmax(1)]).astype(np.float64))
+    return out
 
 
 def anchor_scale(

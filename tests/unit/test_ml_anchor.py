@@ -8,7 +8,13 @@ import pytest
 
 from diredi_secure.errors import ConfigError
 from diredi_secure.knowledge import KnowledgePayload, PayloadKind, PayloadTensor
-from diredi_secure.ml.merge import DeviceKnowledge, MergeConfig, anchor_scale, transfer_inputs
+from diredi_secure.ml.merge import (
+    DeviceKnowledge,
+    MergeConfig,
+    anchor_relief,
+    anchor_scale,
+    transfer_inputs,
+)
 from diredi_secure.ml.models import build_model, flat_parameters, student_spec
 from diredi_secure.ml.rekd import ReKDConfig, rekd_weights
 
@@ -24,6 +30,21 @@ def test_anchor_keeps_rows_that_look_presumed_and_frees_the_rest() -> None:
     assert scale[3] == 1.0  # far below anything presumed: the full merged change
     assert scale[2] == pytest.approx((hi - 10.5) / (hi - 10.0))
     assert np.all(np.diff(scale) >= 0)  # less confident -> more freedom
+
+
+def test_anchor_relief_frees_rows_a_device_confidently_puts_in_its_new_class() -> None:
+    probs = np.full((4, 10), 0.01)
+    probs[0, 9] = 0.91  # confident 9, a class the device supports and the manufacturer lacks
+    probs[1, 9] = 0.5  # 9, but not confident
+    probs[2, 3] = 0.91  # confident, but 3 is a presumed class: the anchor must still hold
+    probs[3, 8] = 0.91  # confident 8, a class the device does not support
+    support = np.eye(10)[9] * 0.7 + np.eye(10)[3] * 0.3
+    known = np.arange(7)
+    relief = anchor_relief([probs], [support], [1.0], known, 0.7, 0.05, 4)
+    assert relief.tolist() == [1.0, 0.0, 0.0, 0.0]
+    # a device the merge zeroed (weight 0) or without a weight delta frees nothing
+    assert anchor_relief([probs], [support], [0.0], known, 0.7, 0.05, 4).tolist() == [0.0] * 4
+    assert anchor_relief([None], [support], [1.0], known, 0.7, 0.05, 4).tolist() == [0.0] * 4
 
 
 def _device(counts: list[float], sigma: float) -> DeviceKnowledge:
@@ -71,7 +92,9 @@ def test_presumed_floor_keeps_presumed_rows_weighted() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"anchor_quantiles": (0.5, 0.2)}, {"transfer_mode": "x"},
-                                    {"max_prototype_noise": 0.0}, {"presumed_kd_weight": -1.0}])
+                                    {"max_prototype_noise": 0.0}, {"presumed_kd_weight": -1.0},
+                                    {"anchor_relax_confidence": 0.0},
+                                    {"anchor_relax_confidence": 1.5}])
 def test_invalid_merge_settings_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         MergeConfig(**kwargs)  # type: ignore[arg-type]
