@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, Root, Timestamp
+from tuf.api.metadata import Metadata, Timestamp
 
 from diredi_secure.checkpoint import checkpoint_bytes
 from diredi_secure.errors import (
@@ -47,6 +47,8 @@ from diredi_secure.release import (
     sign_attestation,
 )
 from diredi_secure.release.repository import ATTESTATION_TARGET, MODEL_TARGET
+
+from .release_forgeries import attacker_root
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 Payload = bytes | Callable[[], Iterator[bytes]]
@@ -279,18 +281,7 @@ def test_timestamp_below_signature_threshold_is_refused(tmp_path: Path) -> None:
 
 
 def _attacker_root(world: World, version: int) -> bytes:
-    """A root that replaces every root key with the attacker's, signed only by the attacker."""
-    current = Metadata[Root].from_bytes(metadata_file(world, f"{version - 1}.root.json"))
-    root = current.signed
-    attacker = CryptoSigner.generate_ed25519()
-    for keyid in list(root.roles["root"].keyids):
-        root.revoke_key(keyid, "root")
-    root.add_key(attacker.public_key, "root")
-    root.roles["root"].threshold = 1
-    root.version = version
-    md = Metadata(root)
-    md.sign(attacker)
-    return md.to_bytes()
+    return attacker_root(metadata_file(world, f"{version - 1}.root.json"), version)
 
 
 def test_bad_root_rotation_next_to_a_good_one_is_refused(world: World) -> None:

@@ -38,7 +38,7 @@ from diredi_secure.services.fetcher import GrpcReleaseFetcher
 from diredi_secure.services.transport import TransportConfig
 from diredi_secure.services.workspace import CloudWorkspace
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, Root, Timestamp
+from tuf.api.metadata import Metadata, Timestamp
 
 from diredi_secure._proto.diredi.v1 import services_pb2 as spb
 from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
@@ -69,6 +69,7 @@ from diredi_secure.release import (
 from diredi_secure.release.repository import ATTESTATION_TARGET, MODEL_TARGET
 from diredi_secure.store import Store
 from tests.integration.services_harness import Cloud, running_cloud
+from tests.security.release_forgeries import attacker_root
 
 C = grpc.StatusCode
 DEVICE = "device-a"
@@ -377,20 +378,7 @@ def test_server_serves_timestamp_below_signature_threshold(scene: Scene) -> None
 
 
 def _attacker_root(scene: Scene, version: int) -> bytes:
-    """A root that replaces every root key with the attacker's, signed only by the attacker."""
-    current = Metadata[Root].from_bytes(
-        scene.served(f"metadata/{version - 1}.root.json").read_bytes()
-    )
-    root = current.signed
-    attacker = CryptoSigner.generate_ed25519()
-    for keyid in list(root.roles["root"].keyids):
-        root.revoke_key(keyid, "root")
-    root.add_key(attacker.public_key, "root")
-    root.roles["root"].threshold = 1
-    root.version = version
-    md = Metadata(root)
-    md.sign(attacker)
-    return md.to_bytes()
+    return attacker_root(scene.served(f"metadata/{version - 1}.root.json").read_bytes(), version)
 
 
 def test_server_serves_bad_root_rotation_next_to_a_good_one(scene: Scene) -> None:
