@@ -9,7 +9,6 @@ device must keep running the model it had.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import pickle
 from collections.abc import Callable, Iterator
@@ -22,7 +21,6 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Timestamp
 
-from diredi_secure.checkpoint import checkpoint_bytes
 from diredi_secure.errors import (
     AttestationInvalid,
     ModelFormatError,
@@ -36,7 +34,6 @@ from diredi_secure.release import (
     ReleaseBundle,
     ReleaseExpired,
     ReleaseInconsistent,
-    ReleasePredicate,
     ReleaseRepository,
     ReleaseRollback,
     ReleaseSignatureInvalid,
@@ -48,7 +45,7 @@ from diredi_secure.release import (
 )
 from diredi_secure.release.repository import ATTESTATION_TARGET, MODEL_TARGET
 
-from .release_forgeries import attacker_root
+from .release_fixtures import attacker_root, model_bytes, predicate
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 Payload = bytes | Callable[[], Iterator[bytes]]
@@ -73,28 +70,6 @@ class AttackFetcher(LocalFolderFetcher):
         if payload is None:
             return None
         return iter([payload]) if isinstance(payload, bytes) else payload()
-
-
-def model_bytes(version: int) -> bytes:
-    return checkpoint_bytes({"w": np.full((4, 3), float(version), np.float32)}, {"v": str(version)})
-
-
-def predicate(
-    version: int, parent: bytes | None, verdict: AuditVerdict = AuditVerdict.PASS, **kw: object
-) -> ReleasePredicate:
-    return ReleasePredicate.build(
-        release_version=version,
-        parent_digest=None if parent is None else hashlib.sha256(parent).hexdigest(),
-        parent_version=None if parent is None else version - 1,
-        packet_digests=[hashlib.sha256(b"packet%d" % version).digest()],
-        epsilon=[],
-        accountant="rdp",
-        audit_report_digest=hashlib.sha256(b"report").hexdigest(),
-        audit_verdict=verdict,
-        training_config_digest=hashlib.sha256(b"{}").hexdigest(),
-        version="test",
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 @dataclass

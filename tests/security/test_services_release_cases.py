@@ -54,7 +54,6 @@ from diredi_secure.release import (
     ReleaseBundle,
     ReleaseExpired,
     ReleaseInconsistent,
-    ReleasePredicate,
     ReleaseRepository,
     ReleaseRollback,
     ReleaseSignatureInvalid,
@@ -69,7 +68,7 @@ from diredi_secure.release import (
 from diredi_secure.release.repository import ATTESTATION_TARGET, MODEL_TARGET
 from diredi_secure.store import Store
 from tests.integration.services_harness import Cloud, running_cloud
-from tests.security.release_forgeries import attacker_root
+from tests.security.release_fixtures import attacker_root, model_bytes, predicate
 
 C = grpc.StatusCode
 DEVICE = "device-a"
@@ -80,27 +79,6 @@ REPO_CONFIG = RepositoryConfig(timestamp=RoleKeys(keys=2, threshold=2))
 # ------------------------------------------------------------------------------------------------
 # The scene: a cloud serving its repository, one enrolled device running v1
 # ------------------------------------------------------------------------------------------------
-def model_bytes(version: int) -> bytes:
-    return checkpoint_bytes({"w": np.full((4, 3), float(version), np.float32)}, {"v": str(version)})
-
-
-def predicate(
-    version: int, parent: bytes | None, verdict: AuditVerdict = AuditVerdict.PASS
-) -> ReleasePredicate:
-    return ReleasePredicate.build(
-        release_version=version,
-        parent_digest=None if parent is None else hashlib.sha256(parent).hexdigest(),
-        parent_version=None if parent is None else version - 1,
-        packet_digests=[hashlib.sha256(b"packet%d" % version).digest()],
-        epsilon=[],
-        accountant="rdp",
-        audit_report_digest=hashlib.sha256(b"report").hexdigest(),
-        audit_verdict=verdict,
-        training_config_digest=hashlib.sha256(b"{}").hexdigest(),
-        version="test",
-    )
-
-
 def store_state(store: Store) -> tuple[object, ...]:
     return (
         tuple(store.list_packets(unmerged_only=False)),
