@@ -526,6 +526,21 @@ def issue_device_certificate(
     valid_days: int = 3650,
 ) -> bytes:
     """A device certificate (DER): CN and SAN URI ``urn:diredi:device:<id>``, TLS client auth."""
+    return _issue_for_device(
+        ca_key, ca_cert_der, device_id, device_public_key._key, serial, now_ms, valid_days
+    )
+
+
+def _issue_for_device(
+    ca_key: SigningKey,
+    ca_cert_der: bytes,
+    device_id: str,
+    public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey,
+    serial: int,
+    now_ms: int,
+    valid_days: int,
+) -> bytes:
+    """Both device certificates (packet signing, mTLS) name the device the same way."""
     validate_device_id(device_id)
     return _issue(
         ca_key,
@@ -533,7 +548,7 @@ def issue_device_certificate(
         subject_cn=device_id,
         san=[x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)],
         eku=ExtendedKeyUsageOID.CLIENT_AUTH,
-        public_key=device_public_key._key,
+        public_key=public_key,
         serial=serial,
         now_ms=now_ms,
         valid_days=valid_days,
@@ -628,17 +643,8 @@ def issue_tls_device_certificate(
     valid_days: int = 3650,
 ) -> bytes:
     """A device's mTLS client certificate (DER): CN and SAN URI ``urn:diredi:device:<id>``."""
-    validate_device_id(device_id)
-    return _issue(
-        ca_key,
-        ca_cert_der,
-        subject_cn=device_id,
-        san=[x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)],
-        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
-        public_key=tls_key._key.public_key(),
-        serial=serial,
-        now_ms=now_ms,
-        valid_days=valid_days,
+    return _issue_for_device(
+        ca_key, ca_cert_der, device_id, tls_key._key.public_key(), serial, now_ms, valid_days
     )
 
 
