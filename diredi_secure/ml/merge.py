@@ -14,6 +14,11 @@ bounded influence:
    declared support. Above ``off_support_tolerance`` its whole weight ramps down to 0.
 4. Sum the bounded contributions on top of the teacher's own logits (temperature 1).
 
+Each device's difference is taken between floored log-probabilities of its adapted and the shipped
+model (:func:`difference_space`), so it says which class the device moved toward, not how far a
+class it never saw climbed; rows derived from one device's packet take only that device's
+difference (``owner_rows_only``).
+
 Transfer inputs: the public reference set, plus inputs derived from each device's
 ``dp_prototypes`` (noised class means in the user's own domain, jittered), plus -- when a device
 sent a ``weight_delta`` -- inputs synthesised from its adapted model (data-free: gradient ascent on
@@ -56,7 +61,10 @@ __all__ = [
     "anchor_relief",
     "anchor_scale",
     "device_support",
+    "difference_space",
     "merge_into_teacher",
+    "owner_rows_only",
+    "relief_claims",
     "transfer_inputs",
 ]
 
@@ -76,6 +84,10 @@ class MergeConfig:
     row_clip: float = 40.0
     device_clip: float = 30.0
     logit_floor_gap: float = 8.0
+    # Devices' differences between log-probabilities floored at -difference_floor
+    # (:func:`difference_space`); None: raw logit differences (the rule before round 5, kept to
+    # compare). 16 chosen on validation (docs/METHOD.md, round 5).
+    difference_floor: float | None = 16.0
     gate_rows: bool = True
     support_threshold: float = 0.05
     off_support_tolerance: float = 0.25
@@ -90,18 +102,30 @@ class MergeConfig:
     # leave-one-class-out residual is below ``sensor_gate`` x the identity's; None: never fit.
     sensor_gate: float | None = 0.7
     sensor_kernel_size: int = 5
+    # A kernel fitted on fewer presumed classes is dropped: its leave-one-class-out check has too
+    # few folds to tell a sensor from the sampling noise of a few small class means (round 5:
+    # seed 0, user A passed the gate on 4 classes with a wrong kernel).
+    sensor_min_classes: int = 5
     # Per-device anchor relief: a transfer row takes the full merged change, whatever the anchor
     # says, when some device with merge weight > 0 has its adapted model (shipped + weight delta)
     # put at least this softmax mass on one class it supports (noised share >= support_threshold)
     # that the presumed data lacks (:func:`anchor_relief`). None: off. 0.7 chosen on validation
     # (docs/METHOD.md, round 4).
     anchor_relax_confidence: float | None = 0.7
+    # Weight of a cross-entropy term toward the relieving device's class on rows it claims
+    # (:func:`relief_claims`) that carry no other label: 0 turns it off.
+    relief_hard_weight: float = 1.0
+    # Rows derived from one device's packet (its prototypes, their synthesised neighbours) take
+    # only that device's difference: the others' models never saw that domain (round 5).
+    owner_rows_only: bool = True
     jitter_per_class: int = 24
     jitter_std: float = 0.08
     synth_steps: int = 20
     synth_lr: float = 0.05
     kd_temperature: float = 1.0
-    transfer_weight: float = 1.0
+    # Weight of the transfer terms (KL to the merged targets, CE on labelled rows) against CE + KD
+    # on presumed data; 2 chosen on validation (docs/METHOD.md, round 5; was 1).
+    transfer_weight: float = 2.0
     epochs: int = 25
     lr: float = 0.002
     batch_size: int = 64
@@ -123,6 +147,12 @@ class MergeConfig:
                 raise ConfigError(f"anchor_quantiles must satisfy 0 <= lo < hi <= 1, got {self.anchor_quantiles}")
         if self.presumed_kd_weight < 0:
             raise ConfigError("presumed_kd_weight must be >= 0")
+        if self.difference_floor is not None and self.difference_floor <= 0:
+            raise ConfigError("difference_floor must be > 0 (or None)")
+        if self.sensor_min_classes < 0:
+            raise ConfigError("sensor_min_classes must be >= 0")
+        if self.relief_hard_weight < 0:
+            raise ConfigError("relief_hard_weight must be >= 0")
         if self.sensor_gate is not None and self.sensor_gate <= 0:
             raise ConfigError("sensor_gate must be > 0 (or None)")
         if self.anchor_relax_confidence is not None and not 0 < self.anchor_relax_confidence <= 1:
@@ -361,7 +391,8 @@ def merge_into_teacher(
     # weight delta (it can be queried anywhere), else its reference logits (reference rows only).
     diffs: list[np.ndarray] = []
     has_diff = np.zeros((len(devices), n_t), bool)
-    z_shipped = predict_logits(shipped_student, transfer_x)
+    z_shipped = predict_logits(shipped_student, transfer_x).astype(np.float64)
+    base = difference_space(z_shipped, config.difference_floor)
     adapted_probs: list[np.ndarray | None] = []
     for i, dev in enumerate(devices):
         model = adapted_model(shipped_student, dev.payload)
@@ -369,7 +400,7 @@ def merge_into_teacher(
         adapted_probs.append(None)
         if model is not None:
             z_adapted = predict_logits(model, transfer_x).astype(np.float64)
-            d = z_adapted - z_shipped
+            d = difference_space(z_adapted, config.difference_floor) - base
             has_diff[i] = True
             if config.anchor_relax_confidence is not None:
                 e = np.exp(z_adapted - z_adapted.max(1, keepdims=True))
@@ -377,26 +408,31 @@ def merge_into_teacher(
         else:
             ref = _dense_reference_diff(dev.payload, n_ref)
             if ref is not None:
-                d[:n_ref] = ref
+                # The cloud knows the shipped logits: rebuild the adapted ones, then difference.
+                d[:n_ref] = (difference_space(z_shipped[:n_ref] + ref, config.difference_floor)
+                             - base[:n_ref])
                 has_diff[i, :n_ref] = True
         diffs.append(d)
     names = [d.device_id for d in devices]
+    if config.owner_rows_only:
+        diffs = owner_rows_only(diffs, extra_owner, n_ref)
     if devices:
-        merged, weights, scores = aggregate_differences(diffs, supports, config,
-                                                         z_shipped.astype(np.float64))
+        merged, weights, scores = aggregate_differences(diffs, supports, config, base)
     else:
         merged, weights, scores = np.zeros((n_t, NUM_CLASSES)), [], []
 
     teacher = copy.deepcopy(teacher)
     z_teacher = predict_logits(teacher, transfer_x).astype(np.float64)
     anchor = np.ones(n_t)
+    claim: np.ndarray | None = None
     if config.anchor_quantiles is not None:
         cal = presumed_val if presumed_val is not None and len(presumed_val) else presumed
         anchor = anchor_scale(z_teacher, predict_logits(teacher, cal.x), config.anchor_quantiles)
         if config.anchor_relax_confidence is not None:
-            anchor = np.maximum(anchor, anchor_relief(
+            claim = relief_claims(
                 adapted_probs, supports, weights, np.unique(presumed.y),
-                config.anchor_relax_confidence, config.support_threshold, n_t))
+                config.anchor_relax_confidence, config.support_threshold, n_t)
+            anchor = np.maximum(anchor, (claim >= 0).astype(np.float64))
         merged = merged * anchor[:, None]
     # A CE-trained teacher pushes classes it never saw to very low logits (-18 on digits); floor
     # them at ``max - logit_floor_gap`` so a bounded device difference can still raise them.
@@ -410,6 +446,13 @@ def merge_into_teacher(
         hard[n_ref + j] = extra_y[j]
         hard_w[n_ref + j] = (weights[i] * anchor[n_ref + j]
                              * min(1.0, supports[i][extra_y[j]] / config.support_threshold))
+    if claim is not None and config.relief_hard_weight > 0:
+        # The summed target can still favour another class the device raised less (round 5: A's
+        # model calls a reference 8 an 8, B's raise of 9 there wins the sum): the device's own
+        # confident call, which relieved the anchor, is also a label.
+        rows = (claim >= 0) & (hard < 0)
+        hard[rows] = claim[rows]
+        hard_w[rows] = config.relief_hard_weight
     presumed_z = predict_logits(teacher, presumed.x) if config.presumed_kd_weight > 0 else None
     _finetune_teacher(teacher, presumed, transfer_x, target.astype(np.float32), hard, hard_w,
                       config, seed=seed, presumed_z=presumed_z)
@@ -420,7 +463,8 @@ def merge_into_teacher(
             fit = estimate_sensor_kernel(dev.payload, presumed, clip=clip,
                                          size=config.sensor_kernel_size,
                                          min_class_count=config.min_class_count)
-            if fit is not None and fit.ratio < config.sensor_gate:
+            if (fit is not None and fit.ratio < config.sensor_gate
+                    and fit.classes >= config.sensor_min_classes):
                 kernels[dev.device_id] = fit.kernel
     return MergeResult(
         teacher=teacher,
@@ -433,30 +477,79 @@ def merge_into_teacher(
     )
 
 
-def anchor_relief(
+def difference_space(z: np.ndarray, floor: float | None) -> np.ndarray:
+    """Logits as they are (``floor`` None), or log-probabilities floored at ``-floor``.
+
+    Why the floor: a raw logit difference measures how far a class moved, not where it ended.
+    Classes the shipped model never saw sit at very low logits, so an adapted model that learned 7
+    and 8 raises both by some 20 logits on an image of an 8 and, summed onto the teacher, the
+    larger raise wins whichever class the adapted model prefers (seed 2: 20 of 30 reference 8s got
+    target 7). Floored log-probabilities make each device's difference its likelihood ratio
+    (adapted over shipped) on the classes it can tell apart: the target is then the teacher's
+    belief times each device's evidence, and a class both models rule out adds nothing.
+    """
+    if floor is None:
+        return z
+    z = z.astype(np.float64)
+    m = z.max(1, keepdims=True)
+    lp = z - (m + np.log(np.exp(z - m).sum(1, keepdims=True)))
+    out: np.ndarray = np.maximum(lp, -floor)
+    return out
+
+
+def owner_rows_only(diffs: list[np.ndarray], owner: np.ndarray, n_ref: int) -> list[np.ndarray]:
+    """Zero device ``i``'s difference on transfer rows derived from another device's packet.
+
+    Rows ``n_ref + j`` came from device ``owner[j]``'s prototypes (in that user's domain). Another
+    device's adapted model never saw that domain; what it says there is noise or its own new class
+    spilling over (round 5: B's 9 won over A's 7s and 8s on A's rows). Reference rows keep all.
+    """
+    out = []
+    for i, d in enumerate(diffs):
+        d = d.copy()
+        d[n_ref:][np.asarray(owner) != i] = 0.0
+        out.append(d)
+    return out
+
+
+def relief_claims(
     probs: list[np.ndarray | None], supports: list[np.ndarray], weights: list[float],
     known_classes: np.ndarray, confidence: float, support_threshold: float, n_rows: int,
 ) -> np.ndarray:
-    """Per-row 0/1: 1 where some device with merge weight > 0 has its adapted model's softmax
-    (``probs[i]``, ``None`` for a device without a weight delta) put at least ``confidence`` on a
-    class that device supports (noised share >= ``support_threshold``) and that is not among
-    ``known_classes`` (the classes of the manufacturer's presumed data).
+    """Per row, the class some device claims (``-1``: none): a device with merge weight > 0 whose
+    adapted model (softmax ``probs[i]``, ``None`` for a device without a weight delta) puts at least
+    ``confidence`` on a class that device supports (noised share >= ``support_threshold``) and that
+    is not among ``known_classes`` (the classes of the manufacturer's presumed data). Where several
+    devices claim a row, the most confident wins.
 
-    The anchor (:func:`anchor_scale`) then lets those rows take the full merged change: a user's
-    model confidently naming a new class it has data of is evidence the old teacher's confidence
-    there is misplaced (seed 2: the old teacher calls user B's 9s 3 or 5 with presumed-like
-    confidence). Everything here is post-processing of DP releases (weight delta, histogram).
+    The anchor (:func:`anchor_scale`) lets claimed rows take the full merged change: a user's model
+    confidently naming a new class it has data of is evidence the old teacher's confidence there is
+    misplaced (seed 2: the old teacher calls user B's 9s 3 or 5 with presumed-like confidence).
+    Everything here is post-processing of DP releases (weight delta, histogram).
     """
     known = np.zeros(NUM_CLASSES, bool)
     known[np.asarray(known_classes, np.int64)] = True
-    out = np.zeros(n_rows)
+    claim = np.full(n_rows, -1, np.int64)
+    best = np.zeros(n_rows)
     for p, sup, w in zip(probs, supports, weights, strict=True):
         if p is None or w <= 0:
             continue
         ok = (np.asarray(sup) >= support_threshold) & ~known
-        conf = p.max(1) >= confidence
-        out = np.maximum(out, (conf & ok[p.argmax(1)]).astype(np.float64))
-    return out
+        conf, pred = p.max(1), p.argmax(1)
+        take = (conf >= confidence) & ok[pred] & (conf > best)
+        claim[take] = pred[take]
+        best[take] = conf[take]
+    return claim
+
+
+def anchor_relief(
+    probs: list[np.ndarray | None], supports: list[np.ndarray], weights: list[float],
+    known_classes: np.ndarray, confidence: float, support_threshold: float, n_rows: int,
+) -> np.ndarray:
+    """Per-row 0/1: 1 where :func:`relief_claims` finds a claim."""
+    claimed: np.ndarray = (relief_claims(probs, supports, weights, known_classes, confidence,
+                                         support_threshold, n_rows) >= 0).astype(np.float64)
+    return claimed
 
 
 def anchor_scale(

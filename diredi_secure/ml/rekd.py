@@ -5,7 +5,8 @@ teacher's predicted class and ``h`` the user's *noised* class shares (from their
 the student's small capacity goes to what the user needs and knowledge they never use gives way
 ("initial redundant knowledge is reduced", Sun et al. 2024). The user's own domain inputs (derived
 from their DP prototypes) are added to the transfer set; with the user's estimated sensor kernel
-(``MergeResult.sensor_kernels``), so are the labelled presumed images rendered through it. Fleet:
+(``MergeResult.sensor_kernels``), so are the labelled presumed images and the transfer inputs
+rendered through it. Fleet:
 uniform weights over everything.
 """
 
@@ -35,12 +36,17 @@ class ReKDConfig:
     presumed classes whatever the user's histogram says: only the transfer inputs follow it.
     """
 
+    # presumed_floor 3 chosen on validation (docs/METHOD.md, round 5; was 1).
     beta: float = 0.8
     kd: KDConfig = field(default_factory=KDConfig)
-    presumed_floor: float = 1.0
-    # Weight of the presumed images rendered through the user's sensor kernel (``domain_kernel``),
-    # relative to the user's weight of the same image undistorted.
+    presumed_floor: float = 3.0
+    # Weight of the images rendered through the user's sensor kernel (``domain_kernel``), relative
+    # to the user's weight of the same image undistorted.
     domain_weight: float = 1.0
+    # Render the transfer inputs through the kernel too, not only the presumed images: without
+    # them the user's own domain holds no example of the classes the presumed data lacks, and the
+    # shifted user C scored 0.00 on 7, 8 and 9 (round 5).
+    domain_transfer: bool = True
 
     def __post_init__(self) -> None:
         if self.domain_weight < 0:
@@ -85,9 +91,9 @@ def rekd_student(
 
     With ``support`` (the user's noised class shares) samples are weighted toward that user; without
     it this is the fleet model.
-    ``domain_kernel`` (``MergeResult.sensor_kernels[user]``) adds the labelled presumed images
-    rendered through the user's estimated sensor, with the teacher's logits on the clean image as
-    targets: labelled inputs in the user's own domain.
+    ``domain_kernel`` (``MergeResult.sensor_kernels[user]``) adds the labelled presumed images and
+    (``config.domain_transfer``) the transfer inputs rendered through the user's estimated sensor,
+    with the teacher's logits on the clean image as targets: inputs in the user's own domain.
     """
     n_p = len(presumed)
     x = np.concatenate([presumed.x, transfer_x.astype(np.float32)])
@@ -95,9 +101,10 @@ def rekd_student(
     z = predict_logits(teacher, x)
     w = np.ones(len(x), np.float32) if support is None else rekd_weights(z, n_p, support, config)
     if domain_kernel is not None and n_p:
-        x = np.concatenate([x, render(presumed.x, domain_kernel)])
-        y = np.concatenate([y, presumed.y])
-        z = np.concatenate([z, z[:n_p]])
-        w = np.concatenate([w, w[:n_p] * config.domain_weight])
+        n = len(x) if config.domain_transfer else n_p  # the presumed rows come first
+        x = np.concatenate([x, render(x[:n], domain_kernel)])
+        y = np.concatenate([y, y[:n]])
+        z = np.concatenate([z, z[:n]])
+        w = np.concatenate([w, w[:n] * config.domain_weight])
     student = build_model(spec, seed=seed)
     return kd_train(student, x, y, z, config.kd, seed=seed, sample_weights=w)

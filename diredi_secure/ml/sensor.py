@@ -47,7 +47,7 @@ def _patches(img: np.ndarray, size: int) -> np.ndarray:
     """``[n, 8, 8]`` -> ``[n * 64, size * size]`` zero-padded neighbourhoods (row-major offsets)."""
     r = size // 2
     p = np.pad(img, [(0, 0), (r, r), (r, r)])
-    cols = [p[:, dy : dy + _SIDE, dx : dx + _SIDE].reshape(len(img), -1)
+    cols = [p[:, dy : dy + _SIDE, dx : dx + _SIDE].reshape(len(img), _SIDE * _SIDE)
             for dy in range(size) for dx in range(size)]
     out: np.ndarray = np.stack(cols, -1).reshape(-1, size * size)
     return out

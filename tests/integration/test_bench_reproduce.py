@@ -125,9 +125,10 @@ def _synthetic() -> rp.ReproduceResult:
             _run("fedavg", seed, 8.0, 0.3, 0.95, 10000),
             _run("diredi_full", seed, 8.0, 0.55 + jitter, 0.96, 2000),
             _run("diredi_generic", seed, 8.0, 0.5, 0.97, 2000),
+            _run("local_ft", seed, 8.0, 0.6 + 2 * jitter, 0.8, 0),
         ]
     cfg = rp.ReproduceConfig(seeds=(0, 1), epsilons=(8.0,),
-                             methods=("no_update", "oracle", "fedavg", "diredi_full",
+                             methods=("no_update", "oracle", "fedavg", "local_ft", "diredi_full",
                                       "diredi_generic"))
     return rp.ReproduceResult(cfg, tuple(runs), (), ("A", "B"))
 
@@ -140,6 +141,17 @@ def test_quick_figures_are_ratios_of_gains_and_bytes() -> None:
     assert rp.quick_line(fig) == "reproduce: recovery_eps8=0.50 presumed_drop_eps8=2.0 upload_vs_fedavg=0.20"
     red = _synthetic().redundant_knowledge()
     assert red[0]["difference"] == pytest.approx(0.06) and red[0]["n"] == 2
+
+
+def test_against_local_dp_pairs_by_seed() -> None:
+    (row,) = _synthetic().against_local_dp()
+    # seed 0: 0.55 - 0.60, seed 1: 0.57 - 0.64 (user); presumed 0.96 - 0.80 on both
+    assert row["n"] == 2 and row["epsilon"] == 8.0
+    assert row["difference"] == pytest.approx(-0.06)
+    assert row["difference_ci"] == pytest.approx(12.706204736174698 * 0.01)  # t(1) x sd / sqrt(2)
+    assert row["presumed_difference"] == pytest.approx(0.16)
+    md = rp.results_markdown(_synthetic(), "results.png", "x")
+    assert "| 8 | 2 | 0.560 | 0.620 | -0.060 ± 0.127 | +0.160 ± 0.000 |" in md
 
 
 def test_quick_figures_refuse_missing_methods() -> None:
