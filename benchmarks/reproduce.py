@@ -697,8 +697,8 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
             _redundant_table(red),
             "",
         ]
-    local = result.against_local_dp()
-    if local:
+    vs_local = result.against_local_dp()
+    if vs_local:
         parts += [
             "## DiReDi against local DP fine-tuning",
             "",
@@ -706,7 +706,7 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
             "leaves the device), paired by seed. DiReDi is worth deploying where the presumed "
             "difference is positive at a user difference of at least zero:",
             "",
-            _against_local_table(local),
+            _against_local_table(vs_local),
             "",
         ]
     try:
