@@ -1,7 +1,13 @@
-"""The throughput benchmark runs (figures are printed by `make bench`, never asserted on time)."""
+"""The throughput and ingest benchmarks run (figures are printed, never asserted on time)."""
 
 from __future__ import annotations
 
+import os
+
+import psycopg
+import pytest
+
+from diredi_secure.benchmarks import bench_ingest
 from diredi_secure.benchmarks.packet_throughput import run
 
 
@@ -9,3 +15,30 @@ def test_benchmark_produces_rows() -> None:
     rows = run(0.01, [1024])
     assert len(rows) == 3
     assert all(float(r["open_per_s"]) > 0 and float(r["seal_vs_raw_hpke"]) > 0 for r in rows)  # type: ignore[arg-type]
+
+
+def _ingest_rows(capsys: pytest.CaptureFixture[str], *extra: str) -> list[str]:
+    bench_ingest.main(["--count", "3", "--big-count", "1", "--devices", "2", "--fleet", "4", *extra])
+    return capsys.readouterr().out.splitlines()
+
+
+def test_ingest_benchmark_runs_over_grpc_and_sqlite(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _ingest_rows(capsys)
+    assert "SQLite" in out[0]
+    assert any(line.split()[:2] == ["1", "KiB"] for line in out)
+    assert any(line.split()[:2] == ["1", "MiB"] for line in out)
+    assert out[-1].startswith("fleet: 4 packets (1 KiB) from 2 concurrent devices")
+
+
+@pytest.mark.postgres
+def test_ingest_benchmark_runs_on_postgres_and_drops_its_schema(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dsn = os.environ.get("DIREDI_TEST_POSTGRES_DSN")
+    if not dsn:
+        pytest.skip("DIREDI_TEST_POSTGRES_DSN not set")
+    out = _ingest_rows(capsys, "--postgres", dsn)
+    assert "PostgreSQL" in out[0] and out[-1].startswith("fleet: 4 packets")
+    with psycopg.connect(dsn) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench_ingest_%'").fetchone()
+    assert left == (0,)
