@@ -6,7 +6,6 @@ import os
 
 import psycopg
 import pytest
-
 from diredi_secure.benchmarks import bench_ingest
 from diredi_secure.benchmarks.packet_throughput import run
 
