@@ -118,6 +118,13 @@ class MergeConfig:
     # Rows derived from one device's packet (its prototypes, their synthesised neighbours) take
     # only that device's difference: the others' models never saw that domain (round 5).
     owner_rows_only: bool = True
+    # A device's claims (:func:`relief_claims`) of one class on the public reference rows count
+    # only up to this share of those rows, its most confident first; None: no cap. The reference
+    # set covers every class about evenly (a tenth each on digits), so an honest device claims
+    # well under a quarter of it (12-23% measured); a poisoner whose model calls everything its
+    # declared class claims all of it (round 5: with no cap one such device took the merged
+    # teacher's presumed accuracy from 0.98 to 0.50-0.63).
+    max_claim_share: float | None = 0.25
     jitter_per_class: int = 24
     jitter_std: float = 0.08
     synth_steps: int = 20
@@ -151,6 +158,8 @@ class MergeConfig:
             raise ConfigError("difference_floor must be > 0 (or None)")
         if self.sensor_min_classes < 0:
             raise ConfigError("sensor_min_classes must be >= 0")
+        if self.max_claim_share is not None and not 0 < self.max_claim_share <= 1:
+            raise ConfigError("max_claim_share must lie in (0, 1] (or None)")
         if self.relief_hard_weight < 0:
             raise ConfigError("relief_hard_weight must be >= 0")
         if self.sensor_gate is not None and self.sensor_gate <= 0:
@@ -425,13 +434,17 @@ def merge_into_teacher(
     z_teacher = predict_logits(teacher, transfer_x).astype(np.float64)
     anchor = np.ones(n_t)
     claim: np.ndarray | None = None
+    claimant = np.full(n_t, -1, np.int64)
     if config.anchor_quantiles is not None:
         cal = presumed_val if presumed_val is not None and len(presumed_val) else presumed
         anchor = anchor_scale(z_teacher, predict_logits(teacher, cal.x), config.anchor_quantiles)
         if config.anchor_relax_confidence is not None:
-            claim = relief_claims(
+            owner = np.concatenate([np.full(n_ref, -1, np.int64), extra_owner])
+            claim, claimant = relief_claims(
                 adapted_probs, supports, weights, np.unique(presumed.y),
-                config.anchor_relax_confidence, config.support_threshold, n_t)
+                config.anchor_relax_confidence, config.support_threshold, n_t,
+                owner=owner if config.owner_rows_only else None,
+                max_share=config.max_claim_share)
             anchor = np.maximum(anchor, (claim >= 0).astype(np.float64))
         merged = merged * anchor[:, None]
     # A CE-trained teacher pushes classes it never saw to very low logits (-18 on digits); floor
@@ -452,7 +465,7 @@ def merge_into_teacher(
         # confident call, which relieved the anchor, is also a label.
         rows = (claim >= 0) & (hard < 0)
         hard[rows] = claim[rows]
-        hard_w[rows] = config.relief_hard_weight
+        hard_w[rows] = config.relief_hard_weight * np.asarray(weights)[claimant[rows]]
     presumed_z = predict_logits(teacher, presumed.x) if config.presumed_kd_weight > 0 else None
     _finetune_teacher(teacher, presumed, transfer_x, target.astype(np.float32), hard, hard_w,
                       config, seed=seed, presumed_z=presumed_z)
@@ -515,12 +528,18 @@ def owner_rows_only(diffs: list[np.ndarray], owner: np.ndarray, n_ref: int) -> l
 def relief_claims(
     probs: list[np.ndarray | None], supports: list[np.ndarray], weights: list[float],
     known_classes: np.ndarray, confidence: float, support_threshold: float, n_rows: int,
-) -> np.ndarray:
-    """Per row, the class some device claims (``-1``: none): a device with merge weight > 0 whose
-    adapted model (softmax ``probs[i]``, ``None`` for a device without a weight delta) puts at least
-    ``confidence`` on a class that device supports (noised share >= ``support_threshold``) and that
-    is not among ``known_classes`` (the classes of the manufacturer's presumed data). Where several
-    devices claim a row, the most confident wins.
+    *, owner: np.ndarray | None = None, max_share: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the class some device claims and that device's index (both ``-1``: none).
+
+    A device with merge weight > 0 claims a row where its adapted model (softmax ``probs[i]``,
+    ``None`` for a device without a weight delta) puts at least ``confidence`` on a class that
+    device supports (noised share >= ``support_threshold``) and that is not among
+    ``known_classes`` (the classes of the manufacturer's presumed data). Where several devices
+    claim a row, the most confident wins. With ``owner`` (per row: the device whose packet it came
+    from, ``-1`` for a public reference row) a device claims only reference rows and its own rows;
+    with ``max_share`` it claims each class on at most that share of the reference rows, its most
+    confident first.
 
     The anchor (:func:`anchor_scale`) lets claimed rows take the full merged change: a user's model
     confidently naming a new class it has data of is evidence the old teacher's confidence there is
@@ -530,16 +549,29 @@ def relief_claims(
     known = np.zeros(NUM_CLASSES, bool)
     known[np.asarray(known_classes, np.int64)] = True
     claim = np.full(n_rows, -1, np.int64)
+    claimant = np.full(n_rows, -1, np.int64)
     best = np.zeros(n_rows)
-    for p, sup, w in zip(probs, supports, weights, strict=True):
+    public = np.ones(n_rows, bool) if owner is None else np.asarray(owner) < 0
+    n_public = int(public.sum())
+    for i, (p, sup, w) in enumerate(zip(probs, supports, weights, strict=True)):
         if p is None or w <= 0:
             continue
         ok = (np.asarray(sup) >= support_threshold) & ~known
         conf, pred = p.max(1), p.argmax(1)
-        take = (conf >= confidence) & ok[pred] & (conf > best)
+        mine = (conf >= confidence) & ok[pred]
+        if owner is not None:
+            mine &= public | (np.asarray(owner) == i)
+        if max_share is not None:
+            cap = int(np.floor(max_share * n_public))
+            for c in np.unique(pred[mine & public]):
+                rows = np.flatnonzero(mine & public & (pred == c))
+                if len(rows) > cap:
+                    mine[rows[np.argsort(-conf[rows], kind="stable")[cap:]]] = False
+        take = mine & (conf > best)
         claim[take] = pred[take]
+        claimant[take] = i
         best[take] = conf[take]
-    return claim
+    return claim, claimant
 
 
 def anchor_relief(
@@ -547,8 +579,9 @@ def anchor_relief(
     known_classes: np.ndarray, confidence: float, support_threshold: float, n_rows: int,
 ) -> np.ndarray:
     """Per-row 0/1: 1 where :func:`relief_claims` finds a claim."""
-    claimed: np.ndarray = (relief_claims(probs, supports, weights, known_classes, confidence,
-                                         support_threshold, n_rows) >= 0).astype(np.float64)
+    claim, _ = relief_claims(probs, supports, weights, known_classes, confidence,
+                             support_threshold, n_rows)
+    claimed: np.ndarray = (claim >= 0).astype(np.float64)
     return claimed
 
 
