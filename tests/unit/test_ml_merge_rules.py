@@ -41,10 +41,30 @@ def test_relief_claims_take_the_most_confident_device_on_its_own_new_class() -> 
     sup_a = np.eye(10)[8]
     sup_b = np.eye(10)[9]
     known = np.arange(7)
-    claims = relief_claims([a, b], [sup_a, sup_b], [1.0, 1.0], known, 0.7, 0.05, 3)
-    assert claims.tolist() == [9, 8, -1]
+    claims, who = relief_claims([a, b], [sup_a, sup_b], [1.0, 1.0], known, 0.7, 0.05, 3)
+    assert claims.tolist() == [9, 8, -1] and who.tolist() == [1, 0, -1]
     # a zero-weight device claims nothing
-    assert relief_claims([a, b], [sup_a, sup_b], [1.0, 0.0], known, 0.7, 0.05, 3).tolist() == [8, 8, -1]
+    claims, _ = relief_claims([a, b], [sup_a, sup_b], [1.0, 0.0], known, 0.7, 0.05, 3)
+    assert claims.tolist() == [8, 8, -1]
+
+
+def test_relief_claims_are_capped_per_class_and_kept_to_reference_and_own_rows() -> None:
+    n = 20
+    poison = np.full((n, 10), 0.01)
+    poison[:, 9] = np.linspace(0.80, 0.99, n)  # calls every row a confident 9
+    sup = np.eye(10)[9]
+    owner = np.array([-1] * 16 + [0, 0, 1, 1])  # 16 reference rows; rows 16-19 from devices 0, 1
+    claim, who = relief_claims([poison], [sup], [1.0], np.arange(7), 0.7, 0.05, n,
+                               owner=owner, max_share=0.25)
+    public = claim[:16]
+    assert (public == 9).sum() == 4  # a quarter of the 16 reference rows ...
+    assert public[-4:].tolist() == [9] * 4  # ... its most confident ones
+    assert claim[16:].tolist() == [9, 9, -1, -1]  # its own rows, never device 1's
+    assert set(who[claim >= 0].tolist()) == {0}
+    uncapped, _ = relief_claims([poison], [sup], [1.0], np.arange(7), 0.7, 0.05, n)
+    assert (uncapped == 9).all()
+    with pytest.raises(ConfigError):
+        MergeConfig(max_claim_share=0.0)
 
 
 def test_device_rows_keep_only_their_owners_difference() -> None:
