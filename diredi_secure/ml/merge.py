@@ -242,9 +242,10 @@ def bound_difference(
 ) -> tuple[np.ndarray, float, float]:
     """Clip one device's difference, scale by support; returns (bounded, weight, off_support).
 
-    With ``z_shipped`` (the cloud shipped that model, so it knows its logits) a row counts only
-    where the adapted model changed its decision to a class the device supports: elsewhere the
-    difference is DP noise or a global bias shift that would spill onto other users' inputs.
+    With ``z_shipped`` (the cloud shipped that model, so it knows its scores; in the same space as
+    ``diff``, :func:`difference_space`) a row counts only where the adapted model changed its
+    decision to a class the device supports: elsewhere the difference is DP noise or a global bias
+    shift that would spill onto other users' inputs.
     """
     d = np.nan_to_num(diff.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     norms = np.linalg.norm(d, axis=1, keepdims=True)
