@@ -6,8 +6,7 @@ the student's small capacity goes to what the user needs and knowledge they neve
 ("initial redundant knowledge is reduced", Sun et al. 2024). The user's own domain inputs (derived
 from their DP prototypes) are added to the transfer set; with the user's estimated sensor kernel
 (``MergeResult.sensor_kernels``), so are the labelled presumed images and the transfer inputs
-rendered through it. Fleet:
-uniform weights over everything.
+rendered through it. Fleet: uniform weights over everything.
 """
 
 from __future__ import annotations
@@ -36,9 +35,9 @@ class ReKDConfig:
     presumed classes whatever the user's histogram says: only the transfer inputs follow it.
     """
 
-    # presumed_floor 3 chosen on validation (docs/METHOD.md, round 5; was 1).
     beta: float = 0.8
     kd: KDConfig = field(default_factory=KDConfig)
+    # 3 chosen on validation (docs/METHOD.md, round 5; was 1).
     presumed_floor: float = 3.0
     # Weight of the images rendered through the user's sensor kernel (``domain_kernel``), relative
     # to the user's weight of the same image undistorted.
