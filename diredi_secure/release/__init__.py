@@ -1,6 +1,6 @@
 """Secure model releases: TUF metadata (python-tuf), in-toto attestations in DSSE, A/B install.
 
-Cloud side: :class:`ReleaseRepository` (create, publish, delegate, rotate root).
+Cloud side: :class:`ReleaseRepository` (create, publish, delegate, rotate root and online keys).
 Device side: :class:`DeviceUpdater` over a :class:`ReleaseFetcher` (local folder now, gRPC later).
 """
 

@@ -218,6 +218,21 @@ def rotate_root(
     typer.echo(f"root rotated to v{version}")
 
 
+@app.command("rotate-key")
+def rotate_key(
+    workspace: Workspace,
+    role: Annotated[str, typer.Option(help="Online role: targets, snapshot or timestamp.")],
+    keys: Annotated[int | None, typer.Option(help="New number of keys for the role.")] = None,
+    threshold: Annotated[int | None, typer.Option(help="New threshold for the role.")] = None,
+    passphrase_env: PassEnv = None,
+    now: NowOpt = None,
+) -> None:
+    """Replace an online role's keys (a new root lists them; devices follow on their next update)."""
+    repo = ReleaseRepository(workspace, passphrase=_passphrase(passphrase_env))
+    version = repo.rotate_online(role, now=_now(now), keys=keys, threshold=threshold)
+    typer.echo(f"{role} keys rotated; root v{version}")
+
+
 @app.command("delegate")
 def delegate(
     workspace: Workspace,

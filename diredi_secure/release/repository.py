@@ -533,6 +533,48 @@ class ReleaseRepository:
         self._write(Root.type, new_md)
         return int(new_root.version)
 
+    def rotate_online(
+        self,
+        role: str,
+        *,
+        now: datetime,
+        keys: int | None = None,
+        threshold: int | None = None,
+    ) -> int:
+        """Replace the keys of a top-level online role (targets, snapshot or timestamp).
+
+        A new root version lists the fresh keys (signed by the root keys, which stay), then the
+        role's metadata and the snapshot and timestamp are re-signed, newer versions, so devices
+        move to the new keys on their next update and refuse anything the old keys sign. Use it
+        when an online key may have leaked. Returns the new root version. Raises
+        :class:`ConfigError` for another role and :class:`KeyFileError` when too few root keys are
+        at hand.
+        """
+        if role not in (Targets.type, Snapshot.type, Timestamp.type):
+            raise ConfigError(f"online roles are targets, snapshot and timestamp, not {role!r}")
+        now = _utc(now)
+        md = self.root()
+        root = md.signed
+        current = root.roles[role]
+        spec = RoleKeys(keys=keys if keys is not None else len(current.keyids),
+                        threshold=threshold if threshold is not None else current.threshold)
+        signers = self.signers(Root.type)
+        for keyid in list(current.keyids):
+            root.revoke_key(keyid, role)
+        for _ in range(spec.keys):
+            root.add_key(self._keys.generate().public_key, role)
+        root.roles[role].threshold = spec.threshold
+        root.version += 1
+        root.expires = now + self.config.expiry.root
+        md.signatures.clear()
+        for signer in signers:
+            md.sign(signer, append=True)
+        self._write(Root.type, md)
+        if role == Targets.type:
+            self._bump(self._load(Targets.type), Targets.type, now)
+        self._snapshot_and_timestamp(now)
+        return int(root.version)
+
     # ---------------------------------------------------------------------------------------
     # internals
     # ---------------------------------------------------------------------------------------

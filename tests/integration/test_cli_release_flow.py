@@ -92,3 +92,13 @@ def test_rollback_of_the_timestamp_leaves_the_device_on_v2(flow: Path) -> None:
 
 def test_up_to_date_is_reported(flow: Path) -> None:
     assert "up to date" in ok("edge", "update", "--from", "repo", "--state", "dev", cwd=flow)
+
+
+def test_rotating_the_timestamp_key_keeps_devices_updating(flow: Path) -> None:
+    out = ok("release", "rotate-key", "repo", "--role", "timestamp", cwd=flow)
+    assert out.strip() == "timestamp keys rotated; root v2"
+    publish(flow, 3)
+    assert "v3" in ok("edge", "update", "--from", "repo", "--state", "dev", cwd=flow)
+    r = diredi("release", "rotate-key", "repo", "--role", "root", cwd=flow)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "online roles" in r.stderr

@@ -23,6 +23,7 @@ from tuf.api.metadata import Metadata, Timestamp
 
 from diredi_secure.errors import (
     AttestationInvalid,
+    ConfigError,
     ModelFormatError,
     ReleaseRefused,
 )
@@ -277,6 +278,38 @@ def test_root_rotation_without_old_signatures_is_refused(world: World) -> None:
     with pytest.raises(ReleaseSignatureInvalid):
         world.device().update()
     world.assert_running(1)
+
+
+@pytest.mark.parametrize("role", ["targets", "snapshot", "timestamp"])
+def test_online_key_rotation_moves_devices_to_the_new_keys(world: World, role: str) -> None:
+    old = world.repo.signers(role)
+    assert world.repo.rotate_online(role, now=world.now, keys=2, threshold=2) == 2
+    assert not {s.public_key.keyid for s in old} & set(world.repo.root().signed.roles[role].keyids)
+    world.publish(2)
+    assert world.device().update().release.version == 2
+    assert (world.state / "tuf" / "root_history" / "2.root.json").is_file()
+
+
+def test_timestamp_signed_by_a_rotated_out_key_is_refused(world: World) -> None:
+    (old,) = world.repo.signers("timestamp")  # say it leaked
+    world.repo.rotate_online("timestamp", now=world.now)
+    assert world.device().update().status == "up_to_date"  # and now trusts the new key
+    world.publish(2)
+    forged = Metadata.from_bytes(metadata_file(world, "timestamp.json"))
+    forged.signed.version += 1
+    forged.signatures.clear()
+    forged.sign(old)
+    world.fetcher.metadata["timestamp.json"] = forged.to_bytes()
+    with pytest.raises(ReleaseSignatureInvalid, match="threshold"):
+        world.device().update()
+    world.assert_running(1)
+    del world.fetcher.metadata["timestamp.json"]
+    assert world.device().update().release.version == 2
+
+
+def test_online_key_rotation_refuses_the_root_role(world: World) -> None:
+    with pytest.raises(ConfigError, match="online roles"):
+        world.repo.rotate_online("root", now=world.now)
 
 
 def test_attestation_with_wrong_subject_digest_is_refused(world: World) -> None:
