@@ -511,19 +511,10 @@ class ReleaseRepository:
         Raises :class:`KeyFileError` when too few old root keys are at hand.
         """
         now = _utc(now)
-        old_md = self.root()
-        old_root = old_md.signed
-        spec = RoleKeys(
-            keys=keys if keys is not None else len(old_root.roles[Root.type].keyids),
-            threshold=threshold if threshold is not None else old_root.roles[Root.type].threshold,
-        )
+        old_root = self.root().signed
         old_signers = self.signers(Root.type)
         new_root = copy.deepcopy(old_root)
-        for keyid in list(new_root.roles[Root.type].keyids):
-            new_root.revoke_key(keyid, Root.type)
-        for _ in range(spec.keys):
-            new_root.add_key(self._keys.generate().public_key, Root.type)
-        new_root.roles[Root.type].threshold = spec.threshold
+        self._fresh_keys(new_root, Root.type, keys, threshold)
         new_root.version += 1
         new_root.expires = now + self.config.expiry.root
         new_md = Metadata(new_root)
@@ -555,15 +546,8 @@ class ReleaseRepository:
         now = _utc(now)
         md = self.root()
         root = md.signed
-        current = root.roles[role]
-        spec = RoleKeys(keys=keys if keys is not None else len(current.keyids),
-                        threshold=threshold if threshold is not None else current.threshold)
         signers = self.signers(Root.type)
-        for keyid in list(current.keyids):
-            root.revoke_key(keyid, role)
-        for _ in range(spec.keys):
-            root.add_key(self._keys.generate().public_key, role)
-        root.roles[role].threshold = spec.threshold
+        self._fresh_keys(root, role, keys, threshold)
         root.version += 1
         root.expires = now + self.config.expiry.root
         md.signatures.clear()
@@ -578,6 +562,18 @@ class ReleaseRepository:
     # ---------------------------------------------------------------------------------------
     # internals
     # ---------------------------------------------------------------------------------------
+    def _fresh_keys(self, root: Root, role: str, keys: int | None, threshold: int | None) -> None:
+        """Replace ``role``'s keys in ``root`` with ``keys`` fresh ones (default: as many as now)
+        at ``threshold`` (default: as now); the new private keys are saved in the key folder."""
+        current = root.roles[role]
+        spec = RoleKeys(keys=keys if keys is not None else len(current.keyids),
+                        threshold=threshold if threshold is not None else current.threshold)
+        for keyid in list(current.keyids):
+            root.revoke_key(keyid, role)
+        for _ in range(spec.keys):
+            root.add_key(self._keys.generate().public_key, role)
+        root.roles[role].threshold = spec.threshold
+
     def _delegation(self, role: str) -> DelegatedRole:
         delegations = self.targets().signed.delegations
         if delegations is None or delegations.roles is None or role not in delegations.roles:
