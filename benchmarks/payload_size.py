@@ -210,15 +210,14 @@ def run_seed(seed: int, epsilon: float, variants: Sequence[PayloadVariant],
                                     rng=np.random.default_rng([seed, 99]),
                                     presumed_val=scenario.presumed_val,
                                     prototype_clip=cfg.prototype_clip)
-        # The per-device sensor kernel (domain_kernel) is newer than this script; pass it as
-        # run_loop does when the merge produced one.
-        kernels: dict[str, np.ndarray] = getattr(merged, "sensor_kernels", {})
         user_acc, presumed = {}, []
         for u in users:
-            extra = {"domain_kernel": kernels[u.name]} if u.name in kernels else {}
+            # As run_loop does it: the user's sensor kernel and own claims when the merge made them.
             model = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
                                  merged.transfer_x, loop.rekd, seed=seed + 2,
-                                 support=merged.supports[u.name], **extra)
+                                 support=merged.supports[u.name],
+                                 domain_kernel=merged.sensor_kernels.get(u.name),
+                                 own_claims=merged.own_claims.get(u.name))
             user_acc[u.name] = accuracy(model, u.test)
             presumed.append(accuracy(model, scenario.presumed_test))
         runs.append(VariantRun(v.name, seed, v.noise_draw, user_acc, float(np.mean(presumed)),

@@ -454,7 +454,8 @@ def _run_seed(
             models = [rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
                                    merged.transfer_x, loop.rekd, seed=seed + 2,
                                    support=merged.supports[u.name],
-                                   domain_kernel=merged.sensor_kernels.get(u.name)) for u in users]
+                                   domain_kernel=merged.sensor_kernels.get(u.name),
+                                   own_claims=merged.own_claims.get(u.name)) for u in users]
             rekd_secs = time.perf_counter() - t0
             nbytes = float(np.mean([len(encode_payload(p)[0]) for p in payloads]))
             spent = float(np.mean([_spent(r, p) for r, p in zip(results, payloads, strict=True)]))

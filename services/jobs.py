@@ -524,6 +524,9 @@ def merge_and_release(
     supports: dict[str, list[np.ndarray]] = {}
     weights: dict[str, float] = {}
     kernels: dict[str, np.ndarray] = {}  # per device: its sensor, fitted from its DP prototypes
+    # Per device: (offset of its group's transfer rows, its own claims there) for per-user re-KD.
+    claims: dict[str, list[tuple[int, np.ndarray]]] = {}
+    offset = 0
     rng = np.random.default_rng(seed + version)
     for base_sha in sorted(groups):
         base_model = _load_model(_models_dir(workspace) / f"{base_sha}.safetensors", "released model")
@@ -536,10 +539,14 @@ def merge_and_release(
         transfer.append(merged.transfer_x)
         for item, dev in zip(groups[base_sha], devices, strict=True):
             supports.setdefault(item.opened.header.device_id, []).append(merged.supports[dev.device_id])
+            own = merged.own_claims.get(dev.device_id)
+            if own is not None:
+                claims.setdefault(item.opened.header.device_id, []).append((offset, own))
             weights[dev.device_id] = float(merged.weights[dev.device_id])
             kernel = merged.sensor_kernels.get(dev.device_id)
             if kernel is not None:
                 kernels[item.opened.header.device_id] = kernel
+        offset += len(merged.transfer_x)
     transfer_x = np.concatenate(transfer)
 
     gate_outcome = gate(GateInput(version, tuple(i.opened for i in used), scenario, seed,
@@ -563,9 +570,14 @@ def merge_and_release(
     per_device: dict[str, bytes] = {}
     for device_id, shares in sorted(supports.items()):
         support = np.mean(np.stack(shares), axis=0)
+        own_claims = None
+        if device_id in claims:
+            own_claims = np.full(len(transfer_x), -1, np.int64)
+            for start, rows in claims[device_id]:
+                own_claims[start : start + len(rows)] = rows
         model = rekd_student(teacher, student_spec(), scenario.presumed_train, transfer_x,
                              settings.rekd, seed=seed + 2, support=support,
-                             domain_kernel=kernels.get(device_id))
+                             domain_kernel=kernels.get(device_id), own_claims=own_claims)
         per_device[device_id] = model_bytes(model, student_spec())
 
     ledger = {d.device_id: d.epsilon_spent for d in store.list_devices()}

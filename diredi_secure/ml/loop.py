@@ -194,7 +194,8 @@ def _run_loop(
         support = merged.supports[user.name]
         per_user = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
                                 merged.transfer_x, config.rekd, seed=seed + 2, support=support,
-                                domain_kernel=merged.sensor_kernels.get(user.name))
+                                domain_kernel=merged.sensor_kernels.get(user.name),
+                                own_claims=merged.own_claims.get(user.name))
         steps.done()
         data, _ = encode_payload(res.payload)
         outcomes.append(UserOutcome(

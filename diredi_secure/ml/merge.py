@@ -125,6 +125,10 @@ class MergeConfig:
     # declared class claims all of it (round 5: with no cap one such device took the merged
     # teacher's presumed accuracy from 0.98 to 0.50-0.63).
     max_claim_share: float | None = 0.25
+    # Each device's own claims (:func:`relief_claims` with that device alone, same confidence, owner
+    # rule and cap) are returned in ``MergeResult.own_claims`` for its per-user re-KD
+    # (``ReKDConfig.own_claim_margin``); None: none are computed (round 6).
+    own_claim_confidence: float | None = 0.7
     jitter_per_class: int = 24
     jitter_std: float = 0.08
     synth_steps: int = 20
@@ -166,6 +170,8 @@ class MergeConfig:
             raise ConfigError("sensor_gate must be > 0 (or None)")
         if self.anchor_relax_confidence is not None and not 0 < self.anchor_relax_confidence <= 1:
             raise ConfigError("anchor_relax_confidence must lie in (0, 1]")
+        if self.own_claim_confidence is not None and not 0 < self.own_claim_confidence <= 1:
+            raise ConfigError("own_claim_confidence must lie in (0, 1] (or None)")
         if self.sensor_kernel_size < 1 or self.sensor_kernel_size % 2 == 0:
             raise ConfigError("sensor_kernel_size must be odd and >= 1")
 
@@ -185,6 +191,10 @@ class MergeResult:
     # Each device's estimated sensor kernel (only devices whose fit passed the gate): per-user
     # re-KD renders the presumed images through it (``rekd_student(domain_kernel=...)``).
     sensor_kernels: dict[str, np.ndarray] = field(default_factory=dict)
+    # Per device, per transfer row: the new class its own adapted model claims there (-1: none;
+    # ``MergeConfig.own_claim_confidence``). Per-user re-KD lets a user's own claims win over the
+    # merged teacher in that user's model only (``rekd_student(own_claims=...)``).
+    own_claims: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def device_support(payload: KnowledgePayload) -> np.ndarray:
@@ -412,7 +422,7 @@ def merge_into_teacher(
             z_adapted = predict_logits(model, transfer_x).astype(np.float64)
             d = difference_space(z_adapted, config.difference_floor) - base
             has_diff[i] = True
-            if config.anchor_relax_confidence is not None:
+            if config.anchor_relax_confidence is not None or config.own_claim_confidence is not None:
                 e = np.exp(z_adapted - z_adapted.max(1, keepdims=True))
                 adapted_probs[i] = e / e.sum(1, keepdims=True)
         else:
@@ -470,6 +480,15 @@ def merge_into_teacher(
     presumed_z = predict_logits(teacher, presumed.x) if config.presumed_kd_weight > 0 else None
     _finetune_teacher(teacher, presumed, transfer_x, target.astype(np.float32), hard, hard_w,
                       config, seed=seed, presumed_z=presumed_z)
+    own: dict[str, np.ndarray] = {}
+    if config.own_claim_confidence is not None:
+        owner_all = np.concatenate([np.full(n_ref, -1, np.int64), extra_owner])
+        for i, name in enumerate(names):
+            alone = [p if j == i else None for j, p in enumerate(adapted_probs)]
+            own[name], _ = relief_claims(
+                alone, supports, weights, np.unique(presumed.y), config.own_claim_confidence,
+                config.support_threshold, n_t, owner=owner_all if config.owner_rows_only else None,
+                max_share=config.max_claim_share)
     kernels: dict[str, np.ndarray] = {}
     if config.sensor_gate is not None:
         clip = prototype_clip if prototype_clip is not None else DEFAULT_PROTOTYPE_CLIP
@@ -488,6 +507,7 @@ def merge_into_teacher(
         supports=dict(zip(names, supports, strict=True)),
         transfer_owner=tuple([""] * n_ref + [names[int(i)] for i in extra_owner]),
         sensor_kernels=kernels,
+        own_claims=own,
     )
 
 
