@@ -84,9 +84,13 @@ def test_smoke_run_orderings_that_must_hold(smoke: tuple[str, Path]) -> None:
     assert by["local_ft"]["epsilon_spent"] == pytest.approx(8.0, abs=0.05)
     assert 8.0 < by["diredi_full"]["epsilon_spent"] < 10.0
     assert by["oracle"]["epsilon_spent"] == "inf"
-    # FedAvg's server step was chosen on validation splits, from the two candidates.
-    assert {c["method"] for c in doc["choices"]} == {"fedavg"}
-    assert all(c["chosen"] in (1.0, 3.0) for c in doc["choices"])
+    # FedAvg's server step was chosen on validation splits, from the two candidates; the oracle's
+    # presumed floor from the one candidate the smoke profile gives it (the loop's own).
+    assert {c["method"] for c in doc["choices"]} == {"fedavg", "oracle"}
+    fed = [c for c in doc["choices"] if c["method"] == "fedavg"]
+    assert fed and all(c["chosen"] in (1.0, 3.0) for c in fed)
+    oracle = [c for c in doc["choices"] if c["method"] == "oracle"]
+    assert [c["chosen"] for c in oracle] == [5.0] and list(oracle[0]["val"]) == ["5.0"]
 
 
 def test_render_rebuilds_markdown_and_readme_from_the_json(
@@ -218,6 +222,10 @@ def test_config_refuses_unknown_methods_and_an_orphan_generic_model() -> None:
         rp.ReproduceConfig(methods=("diredi_generic",))
     with pytest.raises(ConfigError):
         rp.ReproduceConfig(epsilons=(0.0,))
+    with pytest.raises(ConfigError, match="oracle_presumed_floors"):
+        rp.ReproduceConfig(oracle_presumed_floors=())
+    with pytest.raises(ConfigError, match="oracle_presumed_floors"):
+        rp.ReproduceConfig(oracle_presumed_floors=(-1.0,))
 
 
 @pytest.mark.slow

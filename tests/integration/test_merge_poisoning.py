@@ -20,7 +20,7 @@ from diredi_secure.ml.data import make_scenario
 from diredi_secure.ml.distill import distill_student, train_classifier
 from diredi_secure.ml.evaluate import accuracy
 from diredi_secure.ml.loop import LoopConfig
-from diredi_secure.ml.merge import DeviceKnowledge, MergeConfig, merge_into_teacher
+from diredi_secure.ml.merge import DeviceKnowledge, MergeConfig, MergeResult, merge_into_teacher
 from diredi_secure.ml.models import build_model, flat_parameters, student_spec, teacher_spec
 from diredi_secure.ml.reverse import reverse_distill
 
@@ -57,16 +57,29 @@ def test_claim_cap_keeps_a_poisoner_off_the_presumed_classes() -> None:
                DeviceKnowledge("P", _everything_is(9, honest.payload,
                                                    flat_parameters(shipped).size))]
 
-    def presumed_after(merge: MergeConfig) -> float:
-        merged = merge_into_teacher(teacher, shipped, devices, sc.reference_x, sc.presumed_train,
-                                    merge, seed=seed, rng=np.random.default_rng(2),
-                                    presumed_val=sc.presumed_val,
-                                    prototype_clip=rd.prototype_clip)
+    def merge(merge: MergeConfig, devs: list[DeviceKnowledge]) -> MergeResult:
+        return merge_into_teacher(teacher, shipped, devs, sc.reference_x, sc.presumed_train,
+                                  merge, seed=seed, rng=np.random.default_rng(2),
+                                  presumed_val=sc.presumed_val, prototype_clip=rd.prototype_clip)
+
+    def presumed_after(config: MergeConfig) -> float:
+        merged = merge(config, devices)
         assert merged.weights["P"] == 1.0  # it declares what it pushes: the score cannot see it
         return accuracy(merged.teacher, sc.presumed_val)
 
     before = accuracy(teacher, sc.presumed_val)
-    capped = presumed_after(cfg.merge)
+    with_p = merge(cfg.merge, devices)
+    capped = accuracy(with_p.teacher, sc.presumed_val)
+    # Own claims (per-user re-KD, round 6) are each device's alone: the poisoner's do not change
+    # B's, and its own stay within the cap (a quarter of the reference rows, class 9 only).
+    alone = merge(cfg.merge, devices[:1])
+    n_b = len(alone.transfer_x)
+    np.testing.assert_array_equal(with_p.own_claims["B"][:n_b], alone.own_claims["B"])
+    n_ref = len(sc.reference_x)
+    p_claims = with_p.own_claims["P"]
+    assert set(np.unique(p_claims[p_claims >= 0]).tolist()) == {9}
+    assert (p_claims[:n_ref] >= 0).sum() == int(0.25 * n_ref)
+    assert np.all(p_claims[n_ref:n_b] == -1)  # B's rows are not the poisoner's to claim
     uncapped = presumed_after(MergeConfig(max_claim_share=None))
     no_relief = presumed_after(MergeConfig(anchor_relax_confidence=None))
     # Measured: 0.982 before; 0.920 capped; 0.460 uncapped; 0.947 with no relief at all (the
