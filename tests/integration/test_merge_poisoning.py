@@ -16,16 +16,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from diredi_secure.knowledge import KnowledgePayload, PayloadKind, PayloadTensor
-from diredi_secure.ml.data import make_scenario
+from diredi_secure.ml.data import Scenario, make_scenario
 from diredi_secure.ml.distill import distill_student, train_classifier
 from diredi_secure.ml.evaluate import accuracy
 from diredi_secure.ml.loop import LoopConfig
 from diredi_secure.ml.merge import DeviceKnowledge, MergeConfig, MergeResult, merge_into_teacher
 from diredi_secure.ml.models import build_model, flat_parameters, student_spec, teacher_spec
 from diredi_secure.ml.rekd import ReKDConfig, rekd_student
-from diredi_secure.ml.reverse import reverse_distill
+from diredi_secure.ml.reverse import RDConfig, reverse_distill
 
 
 def _everything_is(cls: int, payload: KnowledgePayload, n_params: int) -> KnowledgePayload:
@@ -43,8 +44,12 @@ def _everything_is(cls: int, payload: KnowledgePayload, n_params: int) -> Knowle
     return KnowledgePayload(tuple(out))
 
 
-@pytest.mark.timeout(300)
-def test_claim_cap_keeps_a_poisoner_off_the_presumed_classes() -> None:
+World = tuple[int, LoopConfig, Scenario, nn.Module, nn.Module, RDConfig]
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    """Seed 0: the scenario, the teacher and the shipped student after KD (shared by the tests)."""
     torch.set_num_threads(1)
     seed, cfg = 0, LoopConfig()
     sc = make_scenario(seed)
@@ -53,6 +58,12 @@ def test_claim_cap_keeps_a_poisoner_off_the_presumed_classes() -> None:
     shipped = build_model(student_spec(), seed=seed + 1)
     distill_student(shipped, teacher, sc.presumed_train, sc.reference_x, cfg.kd, seed=seed)
     rd = replace(cfg.rd, epsilon=8.0)
+    return seed, cfg, sc, teacher, shipped, rd
+
+
+@pytest.mark.timeout(300)
+def test_claim_cap_keeps_a_poisoner_off_the_presumed_classes(world: World) -> None:
+    seed, cfg, sc, teacher, shipped, rd = world
     b = sc.users[1]
     honest = reverse_distill(shipped, b.train, sc.reference_x, rd, seed=seed + 11,
                              rng=np.random.default_rng(1))
@@ -93,19 +104,12 @@ def test_claim_cap_keeps_a_poisoner_off_the_presumed_classes() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_own_claims_keep_a_users_new_classes_in_its_own_model_under_attack() -> None:
+def test_own_claims_keep_a_users_new_classes_in_its_own_model_under_attack(world: World) -> None:
     # The gap the cap leaves: the poisoner's 9s win A's 7s and 8s in the *merged teacher*. A's own
     # per-user model follows A's own claims there (round 6), so it keeps more of them. Measured
     # (seed 0, A + B + poisoner): teacher 0.30 on A's validation set, A's model 0.53, and 0.23
-    # without own claims and prior. Without the poisoner A's model scores 0.87 (METHOD.md).
-    torch.set_num_threads(1)
-    seed, cfg = 0, LoopConfig()
-    sc = make_scenario(seed)
-    teacher = build_model(teacher_spec(), seed=seed)
-    train_classifier(teacher, sc.presumed_train, cfg.teacher, seed=seed)
-    shipped = build_model(student_spec(), seed=seed + 1)
-    distill_student(shipped, teacher, sc.presumed_train, sc.reference_x, cfg.kd, seed=seed)
-    rd = replace(cfg.rd, epsilon=8.0)
+    # without own claims and prior (METHOD.md, round 6, has the same attack on other draws).
+    seed, cfg, sc, teacher, shipped, rd = world
     a, b = sc.users[0], sc.users[1]
     res = [reverse_distill(shipped, u.train, sc.reference_x, rd, seed=seed + 10 + i,
                            rng=np.random.default_rng(i)) for i, u in enumerate((a, b))]
