@@ -574,7 +574,9 @@ def merge_and_release(
         if device_id in claims:
             own_claims = np.full(len(transfer_x), -1, np.int64)
             for start, rows in claims[device_id]:
-                own_claims[start : start + len(rows)] = rows
+                # Two packets of one device in one group share rows: keep every claim.
+                seg = own_claims[start : start + len(rows)]
+                seg[rows >= 0] = rows[rows >= 0]
         model = rekd_student(teacher, student_spec(), scenario.presumed_train, transfer_x,
                              settings.rekd, seed=seed + 2, support=support,
                              domain_kernel=kernels.get(device_id), own_claims=own_claims)
