@@ -471,6 +471,17 @@ def _open_stored(
     return opened, skipped
 
 
+def _own_claims(parts: list[tuple[int, np.ndarray]], rows: int) -> np.ndarray:
+    """One device's own claims over the concatenated transfer rows: ``parts`` are (offset of a
+    merge group's rows, that packet's claims there); -1 where it claims nothing. Two packets of
+    one device in one group share rows: every claim is kept, a later -1 erases none."""
+    out = np.full(rows, -1, np.int64)
+    for start, claim in parts:
+        seg = out[start : start + len(claim)]
+        seg[claim >= 0] = claim[claim >= 0]
+    return out
+
+
 def merge_and_release(
     workspace: CloudWorkspace,
     store: Store,
@@ -570,13 +581,8 @@ def merge_and_release(
     per_device: dict[str, bytes] = {}
     for device_id, shares in sorted(supports.items()):
         support = np.mean(np.stack(shares), axis=0)
-        own_claims = None
-        if device_id in claims:
-            own_claims = np.full(len(transfer_x), -1, np.int64)
-            for start, rows in claims[device_id]:
-                # Two packets of one device in one group share rows: keep every claim.
-                seg = own_claims[start : start + len(rows)]
-                seg[rows >= 0] = rows[rows >= 0]
+        own_claims = (_own_claims(claims[device_id], len(transfer_x)) if device_id in claims
+                      else None)
         model = rekd_student(teacher, student_spec(), scenario.presumed_train, transfer_x,
                              settings.rekd, seed=seed + 2, support=support,
                              domain_kernel=kernels.get(device_id), own_claims=own_claims)

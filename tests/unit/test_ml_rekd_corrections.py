@@ -86,3 +86,13 @@ def test_rekd_student_uses_own_claims_only_for_a_user_model() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(fleet, params(own_claims=claims), strict=True))
     with pytest.raises(ConfigError):
         params(support=support, own_claims=claims[:5])
+
+
+def test_the_release_job_keeps_every_own_claim_of_a_device_across_packets() -> None:
+    from diredi_secure.services.jobs import _own_claims
+
+    first = np.array([7, -1, -1, 8])
+    second = np.array([-1, 7, -1, -1])  # a second packet of the device, same group: same rows
+    other_group = np.array([9, -1])
+    out = _own_claims([(0, first), (0, second), (4, other_group)], 7)
+    assert out.tolist() == [7, 7, -1, 8, 9, -1, -1]
