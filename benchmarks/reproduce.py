@@ -692,8 +692,9 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
         f"- ± is the half-width of a 95% t-interval over {seeds} seed(s)"
         + (" (none with one seed)." if seeds < 2 else "."),
         "- FedAvg's server step (mean or sum of deltas), federated distillation's epochs and the "
-        "oracle's re-KD presumed floor are chosen per seed on the users' validation splits; the ml defaults were chosen on "
-        "validation splits by the ml layer. No test set is used for any choice.",
+        "oracle's re-KD presumed floor are chosen per seed on the users' validation splits; the "
+        "ml defaults were chosen on validation splits by the ml layer. No test set is used for "
+        "any choice.",
         "",
         "## Methods",
         "",
@@ -777,13 +778,13 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
         "delta only yields the same logit differences. The delta pays off with the prototypes "
         "(data-free synthesis in the user's domain), which only the full payload sends.",
         "- Seconds are wall times on a shared machine: compare orders of magnitude only.",
-        *_fedavg_note(result),
+        *_choice_notes(result),
         "",
     ]
     return "\n".join(parts)
 
 
-def _fedavg_note(result: ReproduceResult) -> list[str]:
+def _choice_notes(result: ReproduceResult) -> list[str]:
     out = []
     oracle = [c for c in result.choices if c.get("method") == "oracle"]
     if oracle:
@@ -791,11 +792,11 @@ def _fedavg_note(result: ReproduceResult) -> list[str]:
         for c in oracle:
             key = f"{float(c.get('chosen', 0.0)):g}"
             counts[key] = counts.get(key, 0) + 1
-        picked = ", ".join(f"{k} in {v}" for k, v in sorted(counts.items()))
+        picked = ", ".join(f"{k} on {v} of {len(oracle)} seeds" for k, v in sorted(counts.items()))
+        grid = ", ".join(f"{f:g}" for f in result.config.oracle_presumed_floors)
         out.append(f"- The oracle's per-user re-KD presumed floor was chosen per seed on the users' "
-                   f"validation splits from {[f'{f:g}' for f in result.config.oracle_presumed_floors]}"
-                   f" ({picked} of {len(oracle)} seeds), so that the upper bound is not weakened "
-                   "by a setting chosen for DiReDi.")
+                   f"validation splits from {grid} ({picked}), so that the upper bound is not "
+                   "weakened by a setting chosen for DiReDi.")
     picks = [c for c in result.choices if c.get("method") == "fedavg"]
     summed = sum(1 for c in picks if float(c.get("chosen", 1.0)) > 1.0)
     if not picks:
