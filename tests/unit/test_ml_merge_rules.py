@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from diredi_secure.errors import ConfigError
-from diredi_secure.ml.data import Dataset
 from diredi_secure.ml.distill import KDConfig
 from diredi_secure.ml.merge import MergeConfig, difference_space, owner_rows_only, relief_claims
-from diredi_secure.ml.models import build_model, student_spec
+from diredi_secure.ml.models import student_spec
 from diredi_secure.ml.rekd import ReKDConfig, rekd_student
 from diredi_secure.ml.sensor import render
+from tests.unit.conftest import RekdToy
 
 
 def test_floored_log_prob_difference_follows_the_adapted_models_choice() -> None:
@@ -80,12 +80,8 @@ def test_render_takes_an_empty_batch() -> None:
     assert render(np.zeros((0, 1, 8, 8), np.float32), np.eye(5)).shape == (0, 1, 8, 8)
 
 
-def test_rekd_renders_the_transfer_inputs_only_when_asked() -> None:
-    rng = np.random.default_rng(0)
-    presumed = Dataset(rng.uniform(0, 1, (40, 1, 8, 8)).astype(np.float32),
-                       np.arange(40, dtype=np.int64) % 7)
-    transfer = rng.uniform(0, 1, (20, 1, 8, 8)).astype(np.float32)
-    teacher = build_model(student_spec(), seed=0)
+def test_rekd_renders_the_transfer_inputs_only_when_asked(rekd_toy: RekdToy) -> None:
+    presumed, transfer, teacher = rekd_toy
     kernel = np.zeros((5, 5))
     kernel[2, 3] = 1.0  # a one-pixel shift
     support = np.full(10, 0.1)

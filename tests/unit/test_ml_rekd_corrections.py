@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from diredi_secure.errors import ConfigError
-from diredi_secure.ml.data import Dataset
 from diredi_secure.ml.distill import KDConfig
-from diredi_secure.ml.models import build_model, student_spec
+from diredi_secure.ml.models import student_spec
 from diredi_secure.ml.rekd import ReKDConfig, apply_own_claims, new_class_prior, rekd_student
+from tests.unit.conftest import RekdToy
 
 KNOWN = np.arange(7)  # the manufacturer's presumed classes; 7, 8, 9 are new
 
@@ -62,12 +62,8 @@ def test_own_claims_raise_the_claimed_class_only_where_the_teacher_is_not_on_a_p
         ReKDConfig(own_claim_known_limit=1.5)
 
 
-def test_rekd_student_uses_own_claims_only_for_a_user_model() -> None:
-    rng = np.random.default_rng(0)
-    presumed = Dataset(rng.uniform(0, 1, (40, 1, 8, 8)).astype(np.float32),
-                       np.arange(40, dtype=np.int64) % 7)
-    transfer = rng.uniform(0, 1, (20, 1, 8, 8)).astype(np.float32)
-    teacher = build_model(student_spec(), seed=0)
+def test_rekd_student_uses_own_claims_only_for_a_user_model(rekd_toy: RekdToy) -> None:
+    presumed, transfer, teacher = rekd_toy
     claims = np.full(20, -1, np.int64)
     claims[:10] = 8
     # an untrained teacher is unsure everywhere: let every claim through
