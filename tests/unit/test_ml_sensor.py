@@ -6,13 +6,20 @@ import numpy as np
 import pytest
 
 from diredi_secure.errors import ConfigError, PayloadInvalid
-from diredi_secure.knowledge import KnowledgePayload, PayloadKind, PayloadTensor
+from diredi_secure.knowledge import (
+    KnowledgePayload,
+    PayloadKind,
+    PayloadTensor,
+    decode_payload,
+    encode_payload,
+)
 from diredi_secure.ml.data import Dataset, apply_domain_shift, load_digits_dataset
 from diredi_secure.ml.distill import KDConfig
 from diredi_secure.ml.merge import DeviceKnowledge, MergeConfig, merge_into_teacher
 from diredi_secure.ml.models import build_model, student_spec, teacher_spec
 from diredi_secure.ml.rekd import ReKDConfig, rekd_student
-from diredi_secure.ml.sensor import estimate_sensor_kernel, render
+from diredi_secure.ml.reverse import RDConfig, extract_payload
+from diredi_secure.ml.sensor import _expected_clipped, estimate_sensor_kernel, render
 
 CLIP = 3.5
 
@@ -33,18 +40,19 @@ def _shift_blur_kernel() -> np.ndarray:
 
 
 def _payload(presumed: Dataset, shifted: bool, noise: float, count: float = 20.0) -> KnowledgePayload:
-    """Prototypes as a device computes them (clipped inputs, class means) plus Gaussian noise."""
+    """Prototypes as a device computes them (clipped inputs, class means, Gaussian noise of std
+    ``noise`` per pixel, clipped to [0, 1]), declaring the noise multiplier that gives ``noise``."""
     rng = np.random.default_rng(1)
     x = apply_domain_shift(presumed.x) if shifted else presumed.x
     flat = x.reshape(len(x), -1).astype(np.float64)
     flat = flat * np.minimum(1.0, CLIP / np.linalg.norm(flat, axis=1, keepdims=True))
     protos = np.zeros((10, 64))
     for c in range(7):
-        protos[c] = flat[presumed.y == c].mean(0) + rng.normal(0.0, noise, 64)
+        protos[c] = np.clip(flat[presumed.y == c].mean(0) + rng.normal(0.0, noise, 64), 0.0, 1.0)
     counts = np.array([count] * 7 + [0.0] * 3, np.float32)
     return KnowledgePayload((
         PayloadTensor("dp_prototypes", PayloadKind.DP_PROTOTYPES, protos.astype(np.float32),
-                      dtype="float32", noise_multiplier=1.0, epsilon=2.0),
+                      dtype="float32", noise_multiplier=noise * count / CLIP, epsilon=2.0),
         PayloadTensor("label_histogram", PayloadKind.LABEL_HISTOGRAM, counts, dtype="float32"),
     ))
 
@@ -69,6 +77,44 @@ def test_kernel_recovers_a_shifted_sensor_from_noisy_prototypes() -> None:
     err = np.abs(render(presumed.x, fit.kernel) - apply_domain_shift(presumed.x)).mean()
     same = np.abs(presumed.x - apply_domain_shift(presumed.x)).mean()
     assert err < 0.3 * same
+
+
+def test_expected_clipped_prototype_matches_sampling() -> None:
+    rng = np.random.default_rng(0)
+    mu = np.array([-0.5, 0.0, 0.2, 0.5, 0.9, 1.3])
+    for tau in (0.1, 0.4, 1.0):
+        value, slope = _expected_clipped(mu, tau)
+        draws = np.clip(mu[:, None] + rng.normal(0.0, tau, (len(mu), 200_000)), 0.0, 1.0)
+        np.testing.assert_allclose(value, draws.mean(1), atol=4e-3)
+        h = 1e-5
+        numeric = (_expected_clipped(mu + h, tau)[0] - _expected_clipped(mu - h, tau)[0]) / (2 * h)
+        np.testing.assert_allclose(slope, numeric, atol=1e-6)
+
+
+def test_noise_model_reads_the_devices_own_prototypes_better_than_the_linear_fit() -> None:
+    """Prototypes from the device's own mechanism (``extract_payload`` at the default budget, 12
+    shifted images per class, through the int4 wire format): the clip to [0, 1] lifts the noisy
+    background, which the linear fit reads as a wider blur. Every draw, the noise model is closer
+    to the true shift + blur kernel."""
+    data = load_digits_dataset()
+    presumed = _presumed()
+    model = build_model(student_spec(), seed=0)
+    cfg = RDConfig(kinds=(PayloadKind.DP_PROTOTYPES, PayloadKind.LABEL_HISTOGRAM))
+    errors: dict[bool, list[float]] = {True: [], False: []}
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate([rng.choice(np.flatnonzero(data.y == c), 12, replace=False)
+                              for c in range(10)])
+        user = Dataset(apply_domain_shift(data.x[idx]), data.y[idx])
+        payload, _ = extract_payload(model, model, user, presumed.x[:4], cfg, delta=1e-3, rng=rng)
+        payload = decode_payload(*encode_payload(payload))
+        for noise_model in (True, False):
+            fit = estimate_sensor_kernel(payload, presumed, clip=cfg.prototype_clip,
+                                         noise_model=noise_model)
+            assert fit is not None
+            errors[noise_model].append(float(np.abs(fit.kernel - _shift_blur_kernel()).sum()))
+    assert all(a < b for a, b in zip(errors[True], errors[False], strict=True)), errors
+    assert np.mean(errors[True]) < 0.8 * np.mean(errors[False]), errors
 
 
 def test_unshifted_user_fails_the_gate_and_missing_parts_give_none() -> None:
