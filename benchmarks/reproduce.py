@@ -80,6 +80,7 @@ __all__ = [
     "quick_config",
     "quick_figures",
     "quick_line",
+    "recovery_interval",
     "render_outputs",
     "run_reproduce",
     "scaled_loop_config",
@@ -530,8 +531,48 @@ def quick_figures(result: ReproduceResult, epsilon: float = 8.0) -> dict[str, fl
     drop = 100.0 * (mean_of("no_update", None, "presumed")
                     - mean_of("diredi_full", epsilon, "presumed"))
     upload = mean_of("diredi_full", epsilon, "bytes") / mean_of("fedavg", epsilon, "bytes")
+    low, high = recovery_interval(result, epsilon)
     return {"recovery": recovery, "presumed_drop_pts": drop, "upload_vs_fedavg": upload,
-            "user_gain_pts": 100.0 * gain, "oracle_gain_pts": 100.0 * gain_oracle}
+            "user_gain_pts": 100.0 * gain, "oracle_gain_pts": 100.0 * gain_oracle,
+            "recovery_ci_low": low, "recovery_ci_high": high}
+
+
+def recovery_interval(
+    result: ReproduceResult, epsilon: float = 8.0, confidence: float = 0.95
+) -> tuple[float, float]:
+    """A ``confidence`` interval for R (DiReDi's mean user gain over the oracle's, both against the
+    same seed's shipped model): a percentile bootstrap over seeds, resampling each seed's pair of
+    gains together (``scipy.stats.bootstrap``, paired, a fixed generator: the same runs give the
+    same interval). NaN, NaN with fewer than 3 seeds that ran all three methods."""
+    from scipy import stats
+
+    base = {r.seed: r.user_mean for r in result.select("no_update", None)}
+    oracle = {r.seed: r.user_mean for r in result.select("oracle", None)}
+    ours = {r.seed: r.user_mean for r in result.select("diredi_full", epsilon)}
+    seeds = sorted(set(base) & set(oracle) & set(ours))
+    if len(seeds) < 3:
+        return math.nan, math.nan
+    gain = np.array([ours[s] - base[s] for s in seeds])
+    gain_oracle = np.array([oracle[s] - base[s] for s in seeds])
+    if np.all(gain_oracle == gain_oracle[0]) and np.all(gain == gain[0]):
+        r = float(gain[0] / gain_oracle[0]) if gain_oracle[0] > 0 else math.nan
+        return r, r  # no seed-to-seed spread: nothing to resample
+
+    def ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        out: np.ndarray = np.mean(a, axis=axis) / np.mean(b, axis=axis)
+        return out
+
+    ci = stats.bootstrap((gain, gain_oracle), ratio, paired=True, vectorized=True,
+                         confidence_level=confidence, n_resamples=9999, method="percentile",
+                         random_state=np.random.default_rng(0)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def _recovery_ci_text(figures: Mapping[str, float]) -> str:
+    low, high = figures.get("recovery_ci_low", math.nan), figures.get("recovery_ci_high", math.nan)
+    if math.isnan(low) or math.isnan(high):
+        return ""
+    return f", 95% seed-bootstrap interval {low:.2f}-{high:.2f}"
 
 
 def quick_line(figures: Mapping[str, float]) -> str:
@@ -741,7 +782,7 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
             "",
             f"DiReDi (full payload) gains {fig['user_gain_pts']:+.1f} pts of user-test accuracy "
             f"against the oracle's {fig['oracle_gain_pts']:+.1f} (recovery "
-            f"{fig['recovery']:.2f}); its presumed-test accuracy drops by "
+            f"{fig['recovery']:.2f}{_recovery_ci_text(fig)}); its presumed-test accuracy drops by "
             f"{fig['presumed_drop_pts']:.1f} pts; it uploads {fig['upload_vs_fedavg']:.2f}x the "
             "bytes of FedAvg.",
             "",

@@ -147,6 +147,42 @@ def test_quick_figures_are_ratios_of_gains_and_bytes() -> None:
     assert red[0]["difference"] == pytest.approx(0.06) and red[0]["n"] == 2
 
 
+def _three_seeds(gains: list[tuple[float, float]]) -> rp.ReproduceResult:
+    """Per seed (DiReDi's user gain, the oracle's), both over a shipped model at 0.2."""
+    runs = []
+    for seed, (ours, oracle) in enumerate(gains):
+        runs += [_run("no_update", seed, None, 0.2, 0.98, 0),
+                 _run("oracle", seed, None, 0.2 + oracle, 0.97, 30000),
+                 _run("fedavg", seed, 8.0, 0.3, 0.95, 10000),
+                 _run("diredi_full", seed, 8.0, 0.2 + ours, 0.96, 2000)]
+    cfg = rp.ReproduceConfig(seeds=tuple(range(len(gains))), epsilons=(8.0,),
+                             methods=("no_update", "oracle", "fedavg", "diredi_full"))
+    return rp.ReproduceResult(cfg, tuple(runs), (), ("A", "B"))
+
+
+def test_recovery_interval_is_a_paired_seed_bootstrap_of_the_ratio() -> None:
+    assert all(math.isnan(v) for v in rp.recovery_interval(_synthetic()))  # 2 seeds: none
+    gains = [(0.50, 0.60), (0.60, 0.70), (0.55, 0.62), (0.40, 0.55), (0.58, 0.66)]
+    res = _three_seeds(gains)
+    fig = rp.quick_figures(res)
+    low, high = rp.recovery_interval(res)
+    assert low < fig["recovery"] < high
+    # Resampling seeds, the ratio of means stays within the per-seed ratios' range.
+    per_seed = [a / b for a, b in gains]
+    assert min(per_seed) <= low and high <= max(per_seed)
+    assert (fig["recovery_ci_low"], fig["recovery_ci_high"]) == (low, high)
+    assert rp.recovery_interval(res) == (low, high)  # a fixed generator: reproducible
+    # Paired: when DiReDi's gain tracks the oracle's seed by seed, the interval is far narrower
+    # than for the same gains shuffled across seeds.
+    shuffled = _three_seeds([(a, b) for (a, _), (_, b) in zip(gains, gains[2:] + gains[:2],
+                                                               strict=True)])
+    s_low, s_high = rp.recovery_interval(shuffled)
+    assert high - low < s_high - s_low
+    assert "95% seed-bootstrap interval" in rp.results_markdown(res, "results.png", "x")
+    same = _three_seeds([(0.5, 0.6)] * 3)
+    assert rp.recovery_interval(same) == pytest.approx((0.5 / 0.6, 0.5 / 0.6))
+
+
 def test_against_local_dp_pairs_by_seed() -> None:
     (row,) = _synthetic().against_local_dp()
     # seed 0: 0.55 - 0.60, seed 1: 0.57 - 0.64 (user); presumed 0.96 - 0.80 on both
