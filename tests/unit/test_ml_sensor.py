@@ -117,6 +117,20 @@ def test_noise_model_reads_the_devices_own_prototypes_better_than_the_linear_fit
     assert np.mean(errors[True]) < 0.8 * np.mean(errors[False]), errors
 
 
+@pytest.mark.parametrize("multiplier", [0.0, 1e-12, 10.0, 1e6, 1e30, 1e300])
+def test_any_published_noise_multiplier_gives_a_finite_kernel(multiplier: float) -> None:
+    """The multiplier is the device's own claim: a wrong one may spoil that device's kernel (which
+    reaches only its own per-user model) but must not raise or hang the merge for everyone."""
+    presumed = _presumed()
+    payload = _payload(presumed, True, noise=0.3)
+    lying = KnowledgePayload(tuple(
+        PayloadTensor(e.name, e.kind, e.values, dtype=e.dtype, noise_multiplier=multiplier,
+                      epsilon=e.epsilon) if e.kind is PayloadKind.DP_PROTOTYPES else e
+        for e in payload.tensors))
+    fit = estimate_sensor_kernel(lying, presumed, clip=CLIP)
+    assert fit is not None and np.all(np.isfinite(fit.kernel)) and np.all(fit.kernel >= 0)
+
+
 def test_unshifted_user_fails_the_gate_and_missing_parts_give_none() -> None:
     presumed = _presumed()
     for noise in (0.0, 0.1):
