@@ -543,7 +543,9 @@ def recovery_interval(
     """A ``confidence`` interval for R (DiReDi's mean user gain over the oracle's, both against the
     same seed's shipped model): a percentile bootstrap over seeds, resampling each seed's pair of
     gains together (``scipy.stats.bootstrap``, paired, a fixed generator: the same runs give the
-    same interval). NaN, NaN with fewer than 3 seeds that ran all three methods."""
+    same interval). NaN, NaN with fewer than 3 seeds that ran all three methods, or where the
+    oracle's mean gain over them is not positive (R is undefined, as in :func:`quick_figures`) or
+    is not positive on some resample of the seeds."""
     from scipy import stats
 
     base = {r.seed: r.user_mean for r in result.select("no_update", None)}
@@ -554,17 +556,22 @@ def recovery_interval(
         return math.nan, math.nan
     gain = np.array([ours[s] - base[s] for s in seeds])
     gain_oracle = np.array([oracle[s] - base[s] for s in seeds])
+    if not gain_oracle.mean() > 0:
+        return math.nan, math.nan
     if np.all(gain_oracle == gain_oracle[0]) and np.all(gain == gain[0]):
-        r = float(gain[0] / gain_oracle[0]) if gain_oracle[0] > 0 else math.nan
+        r = float(gain[0] / gain_oracle[0])
         return r, r  # no seed-to-seed spread: nothing to resample
 
     def ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-        out: np.ndarray = np.mean(a, axis=axis) / np.mean(b, axis=axis)
+        den = np.mean(b, axis=axis)
+        out: np.ndarray = np.mean(a, axis=axis) / np.where(den > 0, den, np.nan)
         return out
 
     ci = stats.bootstrap((gain, gain_oracle), ratio, paired=True, vectorized=True,
                          confidence_level=confidence, n_resamples=9999, method="percentile",
                          random_state=np.random.default_rng(0)).confidence_interval
+    if not (math.isfinite(ci.low) and math.isfinite(ci.high)):
+        return math.nan, math.nan
     return float(ci.low), float(ci.high)
 
 

@@ -19,7 +19,10 @@ user C's shift + blur as a much wider blur; C's per-user model scored 0.64 of th
 with the true kernel). So the kernel is fitted by non-linear least squares to the *expected*
 clipped prototype, ``E[clip(mu + e, 0, 1)]`` with ``e ~ N(0, tau_c^2)`` and
 ``tau_c = noise_multiplier * clip / count_c``, starting from the linear fit. scipy has bounded
-non-linear least squares but no censored-Gaussian regression, so the link is written here.
+non-linear least squares but no censored-Gaussian regression, so the link is written here. The
+multiplier is the device's own claim: outside ``[_TAU_MIN, _TAU_MAX]`` (noise-free, or noise that
+leaves a prototype no information about any pixel; also what a device that lies would publish) the
+linear fit is kept, so no published value can raise, overflow or blow the kernel up.
 
 Gate: with few classes a flexible kernel also "explains" sampling noise. The fit is kept only when
 its leave-one-class-out residual is below ``gate`` times that of the identity (no change). The gate
@@ -31,6 +34,7 @@ Trusted inputs: a payload that passed packet validation; raises :class:`PayloadI
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +48,10 @@ from .data import NUM_CLASSES, Dataset
 __all__ = ["SensorFit", "estimate_sensor_kernel", "render"]
 
 _SIDE = 8
+# Per-pixel prototype noise std outside which the noise model is not used (module docstring). At
+# 1e-9 the clip is exact to far below the int4 wire step; at 10 the expected clipped value moves by
+# under 0.04 over the whole pixel range.
+_TAU_MIN, _TAU_MAX = 1e-9, 10.0
 
 
 @dataclass(frozen=True)
@@ -83,9 +91,9 @@ def _censored_fit(design: list[np.ndarray], target: list[np.ndarray], w: np.ndar
                   tau: np.ndarray, start: np.ndarray) -> np.ndarray:
     """The non-negative kernel whose expected clipped prototypes best fit ``target`` (weighted
     like the linear fit), from ``start``."""
-    live = [i for i in range(len(design)) if tau[i] > 0]
-    if not live:  # noise-free prototypes: the clip only touches values outside [0, 1]
-        return start
+    tau = np.where(tau < _TAU_MIN, 0.0, tau)
+    if not np.any(tau > 0) or np.any(tau > _TAU_MAX):
+        return start  # noise-free (the clip only touches values outside [0, 1]) or no information
 
     def residual(k: np.ndarray) -> np.ndarray:
         parts = []
@@ -136,7 +144,7 @@ def estimate_sensor_kernel(
     ``clip`` is the prototype clip norm of the policy (the device clipped every input to that L2
     norm before summing; the presumed images are clipped alike so that the two sides compare).
     Needs at least two presumed classes with ``min_class_count`` noised examples.
-    ``noise_model=False`` keeps the linear fit (round 5; for ablations).
+    ``noise_model=False`` keeps the linear fit (round 5; for ablations), as does ``clip=None``.
     """
     protos = payload.get(PayloadKind.DP_PROTOTYPES)
     hist = payload.get(PayloadKind.LABEL_HISTOGRAM)
@@ -153,7 +161,9 @@ def estimate_sensor_kernel(
         norms = np.linalg.norm(flat, axis=1, keepdims=True)
         flat = flat * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
     # The device's per-pixel noise std on each class prototype (its sum noise over its count).
-    noise_std = float(protos.noise_multiplier) * (clip if clip is not None else 1.0)
+    # Without the clip norm the noise scale is unknown (as in merge's prototype-noise check): the
+    # linear fit is kept.
+    noise_std = float(protos.noise_multiplier) * clip if clip is not None else math.nan
     design, target, weight, tau = [], [], [], []
     for c in np.unique(presumed.y):
         if counts[c] < min_class_count or not np.all(np.isfinite(p[c])):
@@ -181,7 +191,7 @@ def estimate_sensor_kernel(
         held_k += float(w[j] ** 2 * np.sum((design[j] @ k - target[j]) ** 2))
         held_i += float(w[j] ** 2 * np.sum((design[j] @ identity - target[j]) ** 2))
     kernel = solve(list(range(len(design))))
-    if noise_model:
+    if noise_model and math.isfinite(noise_std):
         kernel = _censored_fit(design, target, w, np.asarray(tau), kernel)
     kernel = kernel.reshape(size, size)
     tiny = 1e-9 * sum(len(t) for t in target)  # both ~0: identity is exact, nothing to gain

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -82,7 +84,7 @@ def test_kernel_recovers_a_shifted_sensor_from_noisy_prototypes() -> None:
 def test_expected_clipped_prototype_matches_sampling() -> None:
     rng = np.random.default_rng(0)
     mu = np.array([-0.5, 0.0, 0.2, 0.5, 0.9, 1.3])
-    for tau in (0.1, 0.4, 1.0):
+    for tau in (1e-3, 0.1, 0.4, 1.0, 10.0):  # the range the noise model is used in
         value, slope = _expected_clipped(mu, tau)
         draws = np.clip(mu[:, None] + rng.normal(0.0, tau, (len(mu), 200_000)), 0.0, 1.0)
         np.testing.assert_allclose(value, draws.mean(1), atol=4e-3)
@@ -117,18 +119,28 @@ def test_noise_model_reads_the_devices_own_prototypes_better_than_the_linear_fit
     assert np.mean(errors[True]) < 0.8 * np.mean(errors[False]), errors
 
 
-@pytest.mark.parametrize("multiplier", [0.0, 1e-12, 10.0, 1e6, 1e30, 1e300])
-def test_any_published_noise_multiplier_gives_a_finite_kernel(multiplier: float) -> None:
-    """The multiplier is the device's own claim: a wrong one may spoil that device's kernel (which
-    reaches only its own per-user model) but must not raise or hang the merge for everyone."""
+@pytest.mark.parametrize("multiplier", [0.0, 1e-300, 1e-12, 1e6, 1e30, 1e300, 1.7e308])
+def test_a_published_noise_multiplier_out_of_range_keeps_the_linear_fit(multiplier: float) -> None:
+    """The multiplier is the device's own claim: a wrong one must not raise (1.7e308 x the clip
+    overflows), hang the merge for everyone, or blow the kernel up: out of range, the linear fit."""
     presumed = _presumed()
     payload = _payload(presumed, True, noise=0.3)
     lying = KnowledgePayload(tuple(
         PayloadTensor(e.name, e.kind, e.values, dtype=e.dtype, noise_multiplier=multiplier,
                       epsilon=e.epsilon) if e.kind is PayloadKind.DP_PROTOTYPES else e
         for e in payload.tensors))
-    fit = estimate_sensor_kernel(lying, presumed, clip=CLIP)
-    assert fit is not None and np.all(np.isfinite(fit.kernel)) and np.all(fit.kernel >= 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow / invalid-value warnings either
+        fit = estimate_sensor_kernel(lying, presumed, clip=CLIP)
+    linear = estimate_sensor_kernel(payload, presumed, clip=CLIP, noise_model=False)
+    assert fit is not None and linear is not None
+    np.testing.assert_array_equal(fit.kernel, linear.kernel)
+    honest = estimate_sensor_kernel(payload, presumed, clip=CLIP)
+    assert honest is not None and not np.array_equal(honest.kernel, linear.kernel)
+    no_clip = estimate_sensor_kernel(payload, presumed, clip=None)
+    assert no_clip is not None
+    np.testing.assert_array_equal(
+        no_clip.kernel, estimate_sensor_kernel(payload, presumed, clip=None, noise_model=False).kernel)
 
 
 def test_unshifted_user_fails_the_gate_and_missing_parts_give_none() -> None:
