@@ -82,6 +82,8 @@ class DPParameters:
     delta: float
     poisson_sampling: bool = True
     total_epsilon: float = 0.0
+    noise_seeded: bool = False
+    """True when the noise came from a fixed research seed (predictable: refused by default)."""
 
     def __post_init__(self) -> None:
         for name in ("noise_multiplier", "clip_norm", "sample_rate", "delta", "total_epsilon"):

@@ -102,6 +102,7 @@ def dp_to_proto(dp: DPParameters) -> pb.DPParameters:
         delta=dp.delta,
         poisson_sampling=dp.poisson_sampling,
         total_epsilon=dp.total_epsilon,
+        noise_seeded=dp.noise_seeded,
     )
 
 
@@ -117,6 +118,7 @@ def dp_from_proto(msg: pb.DPParameters) -> DPParameters:
             delta=msg.delta,
             poisson_sampling=msg.poisson_sampling,
             total_epsilon=msg.total_epsilon,
+            noise_seeded=msg.noise_seeded,
         )
     except PayloadInvalid as exc:
         raise MalformedPacket(f"header DP parameters: {exc.message}") from exc

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64iredi/v1/packet.proto\x12\tdiredi.v1\"\xc4\x01\n\x0c\x44PParameters\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x01\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x12\n\naccountant\x18\x05 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x18\n\x10poisson_sampling\x18\x08 \x01(\x08\x12\x15\n\rtotal_epsilon\x18\t \x01(\x01\"\xc2\x01\n\x0cPayloadEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.diredi.v1.PayloadKind\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.diredi.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x06 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x07 \x01(\x01\x12\x14\n\x0cindex_length\x18\x08 \x01(\x04\"]\n\x11PayloadDescriptor\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.diredi.v1.PayloadEntry\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\xb6\x02\n\x0cPacketHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x1f\n\x05suite\x18\x02 \x01(\x0e\x32\x10.diredi.v1.Suite\x12\x11\n\tpacket_id\x18\x03 \x01(\x0c\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x1a\n\x12\x62\x61se_model_version\x18\x07 \x01(\t\x12-\n\x07payload\x18\x08 \x01(\x0b\x32\x1c.diredi.v1.PayloadDescriptor\x12#\n\x02\x64p\x18\t \x01(\x0b\x32\x17.diredi.v1.DPParameters\x12\x18\n\x10recipient_key_id\x18\n \x01(\x0c\x12\x15\n\rsigner_key_id\x18\x0b \x01(\x0c\"\x88\x01\n\x0cSignedPacket\x12\x18\n\x10\x65nvelope_version\x18\x01 \x01(\r\x12\x0e\n\x06header\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65nc\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x1a\n\x12\x64\x65vice_certificate\x18\x06 \x01(\x0c\"\xa1\x01\n\x0bReceiptBody\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x11\n\tpacket_id\x18\x02 \x01(\x0c\x12\x15\n\rpacket_sha256\x18\x03 \x01(\x0c\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x14\n\x0cstored_at_ms\x18\x06 \x01(\x03\x12\x16\n\x0ereceipt_key_id\x18\x07 \x01(\x0c\"*\n\x07Receipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c*\xaf\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dPAYLOAD_KIND_REFERENCE_LOGITS\x10\x01\x12\x1d\n\x19PAYLOAD_KIND_WEIGHT_DELTA\x10\x02\x12 \n\x1cPAYLOAD_KIND_LABEL_HISTOGRAM\x10\x03\x12\x1e\n\x1aPAYLOAD_KIND_DP_PROTOTYPES\x10\x04*\x96\x01\n\x05Suite\x12\x15\n\x11SUITE_UNSPECIFIED\x10\x00\x12!\n\x1dSUITE_X25519_SHA256_AES128GCM\x10\x01\x12(\n$SUITE_X25519_SHA256_CHACHA20POLY1305\x10\x02\x12)\n%SUITE_MLKEM768X25519_SHA256_AES256GCM\x10\x03*d\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0e\n\nDTYPE_INT4\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64iredi/v1/packet.proto\x12\tdiredi.v1\"\xda\x01\n\x0c\x44PParameters\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x01\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x12\n\naccountant\x18\x05 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x18\n\x10poisson_sampling\x18\x08 \x01(\x08\x12\x15\n\rtotal_epsilon\x18\t \x01(\x01\x12\x14\n\x0cnoise_seeded\x18\n \x01(\x08\"\xc2\x01\n\x0cPayloadEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.diredi.v1.PayloadKind\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.diredi.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x06 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x07 \x01(\x01\x12\x14\n\x0cindex_length\x18\x08 \x01(\x04\"]\n\x11PayloadDescriptor\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.diredi.v1.PayloadEntry\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\xb6\x02\n\x0cPacketHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x1f\n\x05suite\x18\x02 \x01(\x0e\x32\x10.diredi.v1.Suite\x12\x11\n\tpacket_id\x18\x03 \x01(\x0c\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x1a\n\x12\x62\x61se_model_version\x18\x07 \x01(\t\x12-\n\x07payload\x18\x08 \x01(\x0b\x32\x1c.diredi.v1.PayloadDescriptor\x12#\n\x02\x64p\x18\t \x01(\x0b\x32\x17.diredi.v1.DPParameters\x12\x18\n\x10recipient_key_id\x18\n \x01(\x0c\x12\x15\n\rsigner_key_id\x18\x0b \x01(\x0c\"\x88\x01\n\x0cSignedPacket\x12\x18\n\x10\x65nvelope_version\x18\x01 \x01(\r\x12\x0e\n\x06header\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65nc\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x1a\n\x12\x64\x65vice_certificate\x18\x06 \x01(\x0c\"\xa1\x01\n\x0bReceiptBody\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x11\n\tpacket_id\x18\x02 \x01(\x0c\x12\x15\n\rpacket_sha256\x18\x03 \x01(\x0c\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x14\n\x0cstored_at_ms\x18\x06 \x01(\x03\x12\x16\n\x0ereceipt_key_id\x18\x07 \x01(\x0c\"*\n\x07Receipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c*\xaf\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dPAYLOAD_KIND_REFERENCE_LOGITS\x10\x01\x12\x1d\n\x19PAYLOAD_KIND_WEIGHT_DELTA\x10\x02\x12 \n\x1cPAYLOAD_KIND_LABEL_HISTOGRAM\x10\x03\x12\x1e\n\x1aPAYLOAD_KIND_DP_PROTOTYPES\x10\x04*\x96\x01\n\x05Suite\x12\x15\n\x11SUITE_UNSPECIFIED\x10\x00\x12!\n\x1dSUITE_X25519_SHA256_AES128GCM\x10\x01\x12(\n$SUITE_X25519_SHA256_CHACHA20POLY1305\x10\x02\x12)\n%SUITE_MLKEM768X25519_SHA256_AES256GCM\x10\x03*d\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0e\n\nDTYPE_INT4\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diredi.v1.packet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAYLOADKIND']._serialized_start=1189
-  _globals['_PAYLOADKIND']._serialized_end=1364
-  _globals['_SUITE']._serialized_start=1367
-  _globals['_SUITE']._serialized_end=1517
-  _globals['_DTYPE']._serialized_start=1519
-  _globals['_DTYPE']._serialized_end=1619
+  _globals['_PAYLOADKIND']._serialized_start=1211
+  _globals['_PAYLOADKIND']._serialized_end=1386
+  _globals['_SUITE']._serialized_start=1389
+  _globals['_SUITE']._serialized_end=1539
+  _globals['_DTYPE']._serialized_start=1541
+  _globals['_DTYPE']._serialized_end=1641
   _globals['_DPPARAMETERS']._serialized_start=38
-  _globals['_DPPARAMETERS']._serialized_end=234
-  _globals['_PAYLOADENTRY']._serialized_start=237
-  _globals['_PAYLOADENTRY']._serialized_end=431
-  _globals['_PAYLOADDESCRIPTOR']._serialized_start=433
-  _globals['_PAYLOADDESCRIPTOR']._serialized_end=526
-  _globals['_PACKETHEADER']._serialized_start=529
-  _globals['_PACKETHEADER']._serialized_end=839
-  _globals['_SIGNEDPACKET']._serialized_start=842
-  _globals['_SIGNEDPACKET']._serialized_end=978
-  _globals['_RECEIPTBODY']._serialized_start=981
-  _globals['_RECEIPTBODY']._serialized_end=1142
-  _globals['_RECEIPT']._serialized_start=1144
-  _globals['_RECEIPT']._serialized_end=1186
+  _globals['_DPPARAMETERS']._serialized_end=256
+  _globals['_PAYLOADENTRY']._serialized_start=259
+  _globals['_PAYLOADENTRY']._serialized_end=453
+  _globals['_PAYLOADDESCRIPTOR']._serialized_start=455
+  _globals['_PAYLOADDESCRIPTOR']._serialized_end=548
+  _globals['_PACKETHEADER']._serialized_start=551
+  _globals['_PACKETHEADER']._serialized_end=861
+  _globals['_SIGNEDPACKET']._serialized_start=864
+  _globals['_SIGNEDPACKET']._serialized_end=1000
+  _globals['_RECEIPTBODY']._serialized_start=1003
+  _globals['_RECEIPTBODY']._serialized_end=1164
+  _globals['_RECEIPT']._serialized_start=1166
+  _globals['_RECEIPT']._serialized_end=1208
 # @@protoc_insertion_point(module_scope)

@@ -122,18 +122,21 @@ class DPParameters(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     POISSON_SAMPLING_FIELD_NUMBER: _builtins.int
     TOTAL_EPSILON_FIELD_NUMBER: _builtins.int
+    NOISE_SEEDED_FIELD_NUMBER: _builtins.int
     noise_multiplier: _builtins.float
     clip_norm: _builtins.float
     sample_rate: _builtins.float
     steps: _builtins.int
     accountant: _builtins.str
-    """"prv" | "rdp" """
+    """"rdp" (diredi_secure.privacy); "none" for the non-private baseline"""
     epsilon: _builtins.float
     """spent by training, from the accountant"""
     delta: _builtins.float
     poisson_sampling: _builtins.bool
     total_epsilon: _builtins.float
     """training composed with every noised payload entry"""
+    noise_seeded: _builtins.bool
+    """noise from a fixed research seed: predictable, refused by default"""
     def __init__(
         self,
         *,
@@ -146,10 +149,11 @@ class DPParameters(_message.Message):
         delta: _builtins.float = ...,
         poisson_sampling: _builtins.bool = ...,
         total_epsilon: _builtins.float = ...,
+        noise_seeded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "clip_norm", b"clip_norm", "delta", b"delta", "epsilon", b"epsilon", "noise_multiplier", b"noise_multiplier", "poisson_sampling", b"poisson_sampling", "sample_rate", b"sample_rate", "steps", b"steps", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "clip_norm", b"clip_norm", "delta", b"delta", "epsilon", b"epsilon", "noise_multiplier", b"noise_multiplier", "noise_seeded", b"noise_seeded", "poisson_sampling", b"poisson_sampling", "sample_rate", b"sample_rate", "steps", b"steps", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

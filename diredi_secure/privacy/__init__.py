@@ -1,0 +1,86 @@
+"""The one home for privacy: every epsilon in DiReDi-secure is computed here.
+
+Torch-free (numpy, scipy; OpenDP for the discrete Gaussian, imported only when sampling):
+
+* mechanisms with their sensitivities and parameter bounds (``Mechanism``, ``DPBounds``);
+* the accountant: RDP of the Poisson-subsampled Gaussian, composed by adding curves;
+* the data-independent RD schedule (``schedule_for``): wire parameters from policy + target only;
+* the device's noise source (``NoiseSource``): CSPRNG-seeded per run, discrete Gaussian for counts;
+* packet accounting and the composed ledger (``account_packet``, ``charge``);
+* the policy's DP limits (``DPPolicy``).
+
+The device's RD, ingest, the store and the audits call this package; nothing else computes an
+epsilon. See docs/PRIVACY.md for the statement these pieces add up to.
+"""
+
+from ._accountant import (
+    ACCOUNTANT,
+    RDP_ORDERS,
+    compose,
+    epsilon_from_curve,
+    gaussian_curve,
+    zero_curve,
+)
+from ._ledger import (
+    NOISED_KINDS,
+    POST_PROCESSING_KINDS,
+    DPDeclaration,
+    EntryDeclaration,
+    NoiseSeeded,
+    PacketCharge,
+    UnaccountedRelease,
+    account_packet,
+    charge,
+    curve_from_json,
+    curve_to_json,
+    lifetime_epsilon,
+)
+from ._mechanisms import DPBounds, Mechanism, MechanismKind, ParameterOutOfBounds, check_mechanism
+from ._noise import NoiseSource
+from ._policy import DEFAULT_DP_POLICY, DPPolicy
+from ._schedule import RDSchedule, noise_for_epsilon, schedule_for
+
+
+def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
+    """Epsilon of one (unsampled) Gaussian release with this noise multiplier at ``delta``."""
+    return epsilon_from_curve(gaussian_curve(noise_multiplier, 1.0, 1), delta)[0]
+
+
+def mechanisms_epsilon(mechanisms: "list[Mechanism] | tuple[Mechanism, ...]", delta: float) -> float:
+    """Epsilon of the composition of ``mechanisms`` at ``delta``."""
+    return epsilon_from_curve(compose(m.curve() for m in mechanisms), delta)[0]
+
+
+__all__ = [
+    "ACCOUNTANT",
+    "DEFAULT_DP_POLICY",
+    "NOISED_KINDS",
+    "POST_PROCESSING_KINDS",
+    "RDP_ORDERS",
+    "DPBounds",
+    "DPDeclaration",
+    "DPPolicy",
+    "EntryDeclaration",
+    "Mechanism",
+    "MechanismKind",
+    "NoiseSeeded",
+    "NoiseSource",
+    "PacketCharge",
+    "ParameterOutOfBounds",
+    "RDSchedule",
+    "UnaccountedRelease",
+    "account_packet",
+    "charge",
+    "check_mechanism",
+    "compose",
+    "curve_from_json",
+    "curve_to_json",
+    "epsilon_from_curve",
+    "gaussian_curve",
+    "gaussian_epsilon",
+    "lifetime_epsilon",
+    "mechanisms_epsilon",
+    "noise_for_epsilon",
+    "schedule_for",
+    "zero_curve",
+]
