@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+from diredi_secure.benchmarks._dp import training_only_dp
 from diredi_secure.services.cloud import CloudServer
 from diredi_secure.services.edge import EdgeAgent
 from diredi_secure.services.transport import TransportConfig
 from diredi_secure.services.workspace import CloudWorkspace, DeviceWorkspace
 from psycopg import sql
 
-from diredi_secure.knowledge import DPParameters, KnowledgePayload, PayloadKind, PayloadTensor
+from diredi_secure.knowledge import KnowledgePayload, PayloadKind, PayloadTensor
 from diredi_secure.packet import (
     MemoryDeviceDirectory,
     MemoryReplayState,
@@ -40,14 +41,14 @@ from diredi_secure.packet import (
     verify_receipt,
 )
 from diredi_secure.policy import Limits, PacketPolicy
+from diredi_secure.privacy import DPPolicy
 from diredi_secure.store import open_store
 from diredi_secure.store.base import Store
 
-# Ingest recomputes the declared epsilon (services/cloud.py verify_declared_epsilon): the PRV
-# accountant gives 0.56 for these parameters, so 0.6 is an honest (rounded-up) declaration.
-DP = DPParameters(noise_multiplier=1.1, clip_norm=1.0, sample_rate=0.01, steps=100, accountant="prv",
-                  epsilon=0.6, delta=1e-5, total_epsilon=0.6)
-POLICY = PacketPolicy(lifetime_epsilon_budget=1e9)
+# Ingest recomputes the declared epsilon from the declared mechanisms: the header is the policy's
+# own schedule at a total of 0.6 (a weight delta alone: post-processing, no further cost).
+DP = training_only_dp(0.6)
+POLICY = PacketPolicy(dp=DPPolicy(lifetime_epsilon_budget=1e9))
 
 
 def now_ms() -> int:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -40,7 +41,7 @@ def _eps_text(e: float) -> str:
 
 @app.command("loop")
 def loop_cmd(
-    epsilon: Annotated[float, typer.Option(help="target epsilon of DP-SGD per device; inf: no DP")]
+    epsilon: Annotated[float, typer.Option(help="total epsilon per device packet; inf: no DP")]
     = 8.0,
     seed: Annotated[int, typer.Option(help="scenario and training seed")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
@@ -69,7 +70,7 @@ def loop_cmd(
     for u in result.users:
         table.add_row(u.name + (" (shifted)" if u.shifted else ""), f"{u.before:.3f}",
                       f"{u.after:.3f}", f"{result.presumed_before:.3f}",
-                      f"{u.presumed_after:.3f}", _eps_text(u.dp.composed_epsilon),
+                      f"{u.presumed_after:.3f}", _eps_text(u.spent_epsilon),
                       f"{u.payload_bytes:,}")
     out.print(table)
     phases = Table(title="seconds per phase")
@@ -83,42 +84,74 @@ def loop_cmd(
     typer.echo(result.summary_line())
 
 
-@app.command("reproduce")
+def _parse_seeds(first: str | None, extra: list[str]) -> tuple[int, ...] | None:
+    """``--seeds 20 21 22`` (or ``--seeds 20,21,22``): Click gives the option its first value
+    and leaves the rest as extra arguments, which only seeds may be."""
+    if first is None:
+        if extra:
+            raise ConfigError(f"unexpected arguments {extra}: seeds go after --seeds")
+        return None
+    words = [w for part in (first, *extra) for w in part.replace(",", " ").split()]
+    try:
+        seeds = tuple(int(w) for w in words)
+    except ValueError as exc:
+        raise ConfigError(f"--seeds takes integers, got {words}") from exc
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds must be distinct integers >= 0, got {list(seeds)}")
+    return seeds
+
+
+@app.command("reproduce", context_settings={"allow_extra_args": True})
 def reproduce_cmd(
+    ctx: typer.Context,
     quick: Annotated[bool, typer.Option("--quick", help="1 seed, epsilon 8, fewer methods")]
     = False,
-    seeds: Annotated[int | None, typer.Option(help="number of seeds (default 5; --quick: 1)")]
-    = None,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="explicit seeds, e.g. --seeds 20 21 22 (overrides --n-seeds)")] = None,
+    n_seeds: Annotated[int | None, typer.Option(
+        "--n-seeds", help="number of seeds 0..n-1 (default 5; --quick: 1)")] = None,
+    scenario_file: Annotated[Path | None, typer.Option(
+        "--scenario-file", help="JSON of ScenarioConfig fields (missing: defaults), a "
+        "scenario.json from `diredi ml scenario`, or a results.json")] = None,
     out: Annotated[Path, typer.Option(help="folder for RESULTS.md, results.json, results.png")]
     = Path("bench-results"),
     update_readme: Annotated[Path | None, typer.Option(
         "--update-readme", help="rewrite the results block of this README")] = None,
     scale: Annotated[float, typer.Option(
         help="multiply every epoch count (smoke runs only; the published figures use 1)")] = 1.0,
-    accountant: Annotated[str, typer.Option(help="DP accountant: prv or rdp")] = "prv",
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
     smoke: Annotated[bool, typer.Option("--smoke", hidden=True,
                                         help="CI: tiny scenario and epochs; figures mean nothing")]
     = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress output")] = False,
 ) -> None:
-    """Compare DiReDi with the baselines over seeds and epsilons.
+    """Compare DiReDi with the baselines over seeds and epsilons, at equal spent epsilon.
 
     No update, local fine-tuning, the centralised oracle, FedAvg and federated distillation;
-    writes JSON, Markdown and a PNG plot, and ends with the summary line at epsilon 8.
+    every method at a target epsilon spends that total (checked; a mismatch fails the run).
+    Writes JSON, Markdown and a PNG plot, and ends with the summary line at epsilon 8.
     """
+    from diredi_secure.ml import ScenarioConfig
+
     from . import reproduce as rp
 
-    if seeds is not None and not 1 <= seeds <= 100:
-        raise ConfigError(f"--seeds must lie in [1, 100], got {seeds}")
+    explicit = _parse_seeds(seeds, list(ctx.args))
+    if n_seeds is not None and not 1 <= n_seeds <= 100:
+        raise ConfigError(f"--n-seeds must lie in [1, 100], got {n_seeds}")
+    seed_spec: int | tuple[int, ...] = (explicit if explicit is not None
+                                        else n_seeds or (1 if quick or smoke else 5))
+    scenario = (rp.load_scenario_config(scenario_file) if scenario_file is not None
+                else ScenarioConfig())
     _set_threads(threads)
-    loop = rp.scaled_loop_config(scale, accountant=accountant)
+    loop = rp.scaled_loop_config(scale)
     if smoke:
-        config = rp.smoke_config()
+        config = rp.smoke_config(seed_spec)
+        if scenario_file is not None:
+            config = replace(config, scenario=scenario)
     elif quick:
-        config = rp.quick_config(loop, seeds=seeds or 1)
+        config = rp.quick_config(loop, seeds=seed_spec, scenario=scenario)
     else:
-        config = rp.ReproduceConfig(seeds=tuple(range(seeds or 5)), loop=loop)
+        config = rp.ReproduceConfig(seeds=rp.seed_tuple(seed_spec), loop=loop, scenario=scenario)
     logging.basicConfig(level=logging.WARNING)
     err = Console(stderr=True, quiet=quiet)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -132,9 +165,9 @@ def reproduce_cmd(
         result = rp.run_reproduce(config, progress=hook)
     args = ["diredi", "bench", "reproduce", *(["--quick"] if quick else []),
             *(["--smoke"] if smoke else [])]
-    args += [*(["--seeds", str(seeds)] if seeds is not None else []), "--out", str(out)]
-    args += [*(["--scale", f"{scale:g}"] if scale != 1.0 else []),
-             *(["--accountant", accountant] if accountant != "prv" else [])]
+    args += ["--seeds", *(str(s) for s in config.seeds), "--out", str(out)]
+    args += [*(["--scenario-file", str(scenario_file)] if scenario_file is not None else []),
+             *(["--scale", f"{scale:g}"] if scale != 1.0 else [])]
     paths = rp.write_outputs(result, out, command=shlex.join(args))
     if update_readme is not None:
         rp.update_readme(update_readme, result, paths["plot"])

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
+from diredi_secure.benchmarks._dp import training_only_dp
 from rich.console import Console
 from rich.table import Table
 
 from diredi_secure import _crypto
 from diredi_secure.knowledge import (
-    DPParameters,
     KnowledgePayload,
     PayloadKind,
     PayloadTensor,
@@ -54,10 +54,7 @@ def run(seconds: float, sizes: list[int]) -> list[dict[str, object]]:
     inbox = _crypto.generate_inbox_key()
     devices = MemoryDeviceDirectory()
     devices.enroll("bench", cert)
-    dp = DPParameters(
-        noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1, steps=10, accountant="prv",
-        epsilon=1.0, delta=1e-5, total_epsilon=1.0,
-    )
+    dp = training_only_dp(1.0)
     rows: list[dict[str, object]] = []
     for size in sizes:
         values = np.random.default_rng(0).normal(size=size // 4).astype(np.float32)

@@ -10,8 +10,9 @@ per-user model for each user exactly as ``run_loop`` does. It prints user-test a
 presumed-test accuracy, payload bytes per device and their ratio U to FedAvg's float32 weight delta
 measured in the same run (``baselines.fedavg_upload_bytes``).
 
-Privacy: every variant spends the same composed epsilon (DP-SGD + histogram + prototypes); the
-reference logits and the weight delta are post-processing of the DP model, free.
+Privacy: every variant sends the prototypes, so every variant runs the same schedule and spends the
+same total epsilon (DP-SGD + histogram + prototypes, checked); the reference logits and the weight
+delta are post-processing of the DP model, free.
 
 ``prototype_dtype`` is applied to the extracted ``dp_prototypes`` entry here: ``RDConfig`` has no
 such field yet (``extract_payload`` always sends them as float16).
@@ -53,7 +54,8 @@ from diredi_secure.ml import (
 )
 from diredi_secure.ml.evaluate import accuracy
 from diredi_secure.ml.models import student_spec, teacher_spec
-from diredi_secure.ml.reverse import composed_epsilon, extract_payload
+from diredi_secure.ml.reverse import dp_parameters_for, extract_payload
+from diredi_secure.privacy import NoiseSource
 
 from .baselines import fedavg_upload_bytes
 
@@ -168,6 +170,12 @@ def _requantise(payload: KnowledgePayload, bits: dict[PayloadKind, int]) -> tupl
     return KnowledgePayload(tuple(out)), saved
 
 
+def _research_seed(seed: int, user: int, role: int) -> int:
+    """Repeatable research noise per (seed, user, draw); such packets are marked noise_seeded."""
+    state = np.random.SeedSequence([seed, user, role]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
 def run_seed(seed: int, epsilon: float, variants: Sequence[PayloadVariant],
              loop: LoopConfig | None = None) -> list[VariantRun]:
     """KD and RD once for ``seed``, then every variant's payload -> bytes -> merge -> re-KD."""
@@ -180,8 +188,8 @@ def run_seed(seed: int, epsilon: float, variants: Sequence[PayloadVariant],
     shipped = build_model(student_spec(), seed=seed + 1)
     distill_student(shipped, teacher, scenario.presumed_train, scenario.reference_x, loop.kd,
                     seed=seed)
-    rds = [reverse_distill(shipped, u.train, scenario.reference_x, base, seed=seed + 10 + i,
-                           rng=np.random.default_rng([seed, i]))
+    rds = [reverse_distill(shipped, u.train, scenario.reference_x,
+                           replace(base, research_seed=_research_seed(seed, i, 0)))
            for i, u in enumerate(users)]
     fedavg = float(np.mean([fedavg_upload_bytes(r.adapted, shipped) for r in rds]))
     runs = []
@@ -190,9 +198,10 @@ def run_seed(seed: int, epsilon: float, variants: Sequence[PayloadVariant],
         cfg = v.rd_config(base)
         devices, sizes, spent, deflated = [], [], [], []
         for i, (u, r) in enumerate(zip(users, rds, strict=True)):
-            payload, history = extract_payload(r.adapted, shipped, u.train, scenario.reference_x,
-                                               cfg, delta=r.dp.delta,
-                                               rng=np.random.default_rng([seed, i, v.noise_draw]))
+            payload = extract_payload(r.adapted, shipped, u.train, scenario.reference_x, cfg,
+                                      schedule=cfg.schedule() if cfg.private else None,
+                                      noise=NoiseSource.seeded(
+                                          _research_seed(seed, i, 1 + v.noise_draw)))
             payload = _with_prototype_dtype(payload, v.prototype_dtype)
             data, descriptor = encode_payload(payload)
             decoded, saved = _requantise(decode_payload(data, descriptor),
@@ -201,15 +210,18 @@ def run_seed(seed: int, epsilon: float, variants: Sequence[PayloadVariant],
             sizes.append(len(data) - saved)
             # Entropy-coded size: the (requantised) codes re-encoded, then zlib level 9.
             deflated.append(len(zlib.compress(encode_payload(decoded)[0], 9)))
-            spent.append(composed_epsilon(cfg.accountant, [(r.dp.noise_multiplier,
-                                                            r.dp.sample_rate, r.dp.steps),
-                                                           *history], r.dp.delta)
-                         if cfg.private else math.inf)
+            # Every variant sends the prototypes: the same schedule as the RD run, same total.
+            total = (dp_parameters_for(cfg, seeded=True).total_epsilon if cfg.private
+                     else math.inf)
+            if cfg.private and abs(total - r.dp.total_epsilon) > 1e-6 * r.dp.total_epsilon:
+                raise ConfigError(f"variant {v.name} spends {total}, the RD run "
+                                  f"{r.dp.total_epsilon}: not comparable")
+            spent.append(total)
         merged = merge_into_teacher(teacher, shipped, devices, scenario.reference_x,
                                     scenario.presumed_train, loop.merge, seed=seed,
                                     rng=np.random.default_rng([seed, 99]),
                                     presumed_val=scenario.presumed_val,
-                                    prototype_clip=cfg.prototype_clip)
+                                    prototype_clip=cfg.policy.prototype_clip)
         user_acc, presumed = {}, []
         for u in users:
             # As run_loop does it: the user's sensor kernel and own claims when the merge made them.

@@ -26,7 +26,7 @@ def scenario_cmd(
 
 @app.command("loop")
 def loop_cmd(
-    epsilon: Annotated[float, typer.Option(help="target epsilon of DP-SGD; inf: no DP")] = 8.0,
+    epsilon: Annotated[float, typer.Option(help="total epsilon per packet (DP-SGD + noised entries); inf: no DP")] = 8.0,
     seed: Annotated[int, typer.Option()] = 0,
     scenario: Annotated[Path | None, typer.Option(help="a saved scenario folder")] = None,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
@@ -42,7 +42,7 @@ def loop_cmd(
     typer.echo("user  shifted  before  after  fleet  local_dp  presumed_after  epsilon  bytes")
     for u in r.users:
         typer.echo(f"{u.name:5} {u.shifted!s:8} {u.before:6.3f} {u.after:6.3f} {u.fleet_after:6.3f}"
-                   f" {u.local_dp:9.3f} {u.presumed_after:15.3f} {u.dp.composed_epsilon:8.2f}"
+                   f" {u.local_dp:9.3f} {u.presumed_after:15.3f} {u.spent_epsilon:8.2f}"
                    f" {u.payload_bytes:6d}")
     typer.echo(f"presumed: shipped student {r.presumed_before:.3f}, fleet {r.presumed_after_fleet:.3f};"
                f" teacher {r.teacher_presumed_before:.3f} -> {r.teacher_presumed_after:.3f}")

@@ -27,7 +27,7 @@ from .evaluate import accuracy
 from .merge import DeviceKnowledge, MergeConfig, merge_into_teacher
 from .models import build_model, student_spec, teacher_spec
 from .rekd import ReKDConfig, rekd_student
-from .reverse import RDConfig, reverse_distill, select_rd_config
+from .reverse import RDConfig, reverse_distill, select_rd_config, trials_epsilon
 
 __all__ = ["LoopConfig", "LoopResult", "UserOutcome", "run_loop"]
 
@@ -45,9 +45,13 @@ class LoopConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     rekd: ReKDConfig = field(default_factory=ReKDConfig)
     # Choose lr / pull weight per user on their validation split (``select_rd_config``) before RD.
-    # Off by default: it runs one extra DP training per candidate (3x the RD time); the fixed
+    # Off by default: it runs one extra DP training per candidate (3x the RD time) and the trials
+    # cost privacy (``trials_epsilon``; charged in ``UserOutcome.spent_epsilon``); the fixed
     # per-noise-level lr (``default_learning_rate``) is what the validation runs chose.
     select_rd: bool = False
+    # Research reproducibility: every RD noise draw from a seed derived from ``run_loop``'s seed
+    # (packets then say ``noise_seeded``). False: the OS CSPRNG, as on a real device.
+    seeded_noise: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,13 @@ class UserOutcome:
     presumed_after: float  # the user's re-KD model on the presumed test set
     dp: DPParameters
     payload_bytes: int
+    tuning_epsilon: float = 0.0  # what select_rd_config's trials spent before the released run
+
+    @property
+    def spent_epsilon(self) -> float:
+        """The packet's total composed with the tuning trials (basic composition: an upper bound,
+        since the trials and the released run are separate mechanisms on the same data)."""
+        return self.dp.total_epsilon + self.tuning_epsilon
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,7 @@ class LoopResult:
 
     @property
     def epsilon(self) -> float:
-        return max(u.dp.composed_epsilon for u in self.users)
+        return max(u.spent_epsilon for u in self.users)
 
     @property
     def payload_bytes(self) -> int:
@@ -104,7 +115,9 @@ def run_loop(
 ) -> LoopResult:
     """Run KD, RD on every user, the merge and re-KD; deterministic for a seed on CPU.
 
-    ``epsilon`` overrides ``config.rd.epsilon`` (``math.inf``: the non-private baseline).
+    ``epsilon`` overrides ``config.rd.epsilon``, the packet's total target (``math.inf``: the
+    non-private baseline). With ``config.select_rd`` the tuning trials' epsilon is charged on top
+    (``UserOutcome.spent_epsilon``).
     ``progress`` shows a rich progress bar on stderr (one step per phase and user).
     """
     with _Steps(2 + 2 * len(scenario.users) + 1, enabled=progress) as steps:
@@ -159,15 +172,23 @@ def _run_loop(
     log.info("KD done in %.1f s", secs["kd"])
 
     t0 = time.perf_counter()
-    devices, results = [], []
+    devices, results, tuning = [], [], []
     for i, user in enumerate(scenario.users):
         steps.start(f"RD on device {user.name}")
         user_cfg = rd_cfg
+        if config.seeded_noise:
+            user_cfg = replace(user_cfg, research_seed=_noise_seed(seed, i, 0))
+        tuning_eps = 0.0
         if config.select_rd and len(user.val):
-            user_cfg, _ = select_rd_config(shipped, user.train, user.val, scenario.reference_x,
-                                           rd_cfg, seed=seed + 10 + i)
-        res = reverse_distill(shipped, user.train, scenario.reference_x, user_cfg,
-                              seed=seed + 10 + i, rng=np.random.default_rng(rng.integers(2**32)))
+            lrs = (0.02, 0.05, 0.1)
+            trials_cfg = (replace(user_cfg, research_seed=_noise_seed(seed, i, 1))
+                          if config.seeded_noise else user_cfg)
+            chosen, _ = select_rd_config(shipped, user.train, user.val, scenario.reference_x,
+                                         trials_cfg, lrs=lrs, pull_weights=(user_cfg.pull_weight,))
+            user_cfg = replace(user_cfg, lr=chosen.lr, pull_weight=chosen.pull_weight)
+            tuning_eps = trials_epsilon(user_cfg, len(lrs)) if user_cfg.private else 0.0
+        res = reverse_distill(shipped, user.train, scenario.reference_x, user_cfg)
+        tuning.append(tuning_eps)
         results.append(res)
         devices.append(DeviceKnowledge(user.name, res.payload))
         steps.done()
@@ -179,7 +200,7 @@ def _run_loop(
                                 scenario.presumed_train, config.merge, seed=seed,
                                 rng=np.random.default_rng(rng.integers(2**32)),
                                 presumed_val=scenario.presumed_val,
-                                prototype_clip=rd_cfg.prototype_clip)
+                                prototype_clip=rd_cfg.policy.prototype_clip)
     secs["merge"] = time.perf_counter() - t0
     steps.done()
 
@@ -189,7 +210,7 @@ def _run_loop(
                          config.rekd, seed=seed + 2)
     steps.done()
     outcomes = []
-    for user, res in zip(scenario.users, results, strict=True):
+    for user, res, tuning_eps in zip(scenario.users, results, tuning, strict=True):
         steps.start(f"re-KD: model for {user.name}")
         support = merged.supports[user.name]
         per_user = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
@@ -203,7 +224,7 @@ def _run_loop(
             before=accuracy(shipped, user.test), after=accuracy(per_user, user.test),
             fleet_after=accuracy(fleet, user.test), local_dp=accuracy(res.adapted, user.test),
             presumed_after=accuracy(per_user, scenario.presumed_test), dp=res.dp,
-            payload_bytes=len(data)))
+            payload_bytes=len(data), tuning_epsilon=tuning_eps))
     secs["rekd"] = time.perf_counter() - t0
     return LoopResult(
         users=tuple(outcomes),
@@ -216,6 +237,12 @@ def _run_loop(
         seconds=secs,
         merge_weights=merged.weights,
     )
+
+
+def _noise_seed(seed: int, user: int, role: int) -> int:
+    """A research noise seed per (loop seed, user, run): repeatable, distinct per RD run."""
+    state = np.random.SeedSequence([seed, user, role]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 def _torch_threads() -> None:

@@ -1,7 +1,7 @@
 """The reproduction benchmark: a smoke run of ``diredi bench reproduce`` and its output machinery.
 
-The smoke run (``--smoke``: tiny scenario, one or two epochs per stage, RDP accountant) takes
-about 20 s on two busy cores; its accuracies mean little, but the orderings asserted here hold
+The smoke run (``--smoke``: tiny scenario, one or two epochs per stage) takes about 10 s on two
+busy cores; its accuracies mean little, but the orderings asserted here hold
 even so (measured: oracle 0.45 vs no update 0.17 on user-test accuracy).
 """
 
@@ -11,6 +11,7 @@ import json
 import math
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,12 @@ from diredi_secure.benchmarks.cli import app
 from typer.testing import CliRunner
 
 from diredi_secure.errors import ConfigError
-from diredi_secure.ml import build_model
+from diredi_secure.ml import ScenarioConfig, build_model
 from diredi_secure.ml.models import student_spec
 
 QUICK_LINE = re.compile(
-    r"^reproduce: recovery_eps8=(-?\d+\.\d\d|nan) presumed_drop_eps8=-?\d+\.\d "
+    r"^reproduce: spent_eps=(?P<spent>\d+\.\d\d) recovery_eps8=(-?\d+\.\d\d|nan) "
+    r"presumed_drop_eps8=-?\d+\.\d "
     r"upload_vs_fedavg=\d+\.\d\d$"
 )
 LOOP_LINE = re.compile(
@@ -52,7 +54,9 @@ def _mean_user(doc: dict[str, object], method: str) -> float:
 def test_smoke_run_ends_with_the_summary_line(smoke: tuple[str, Path]) -> None:
     stdout, _ = smoke
     last = stdout.rstrip("\n").splitlines()[-1]
-    assert QUICK_LINE.match(last), last
+    match = QUICK_LINE.match(last)
+    assert match, last
+    assert match["spent"] == "8.00"  # the total every compared method spent
     assert sum(1 for line in stdout.splitlines() if line.startswith("reproduce: ")) == 1
 
 
@@ -81,13 +85,20 @@ def test_smoke_run_orderings_that_must_hold(smoke: tuple[str, Path]) -> None:
     assert by["no_update"]["upload_bytes"] == 0 and by["local_ft"]["upload_bytes"] == 0
     # FedAvg sends a float32 weight delta of the 2,410-parameter student, plus a small header.
     assert 2410 * 4 < by["fedavg"]["upload_bytes"] < 2410 * 4 + 1024
-    # Training alone is accounted at the target; the full payload composes histogram+prototypes.
-    assert by["local_ft"]["epsilon_spent"] == pytest.approx(8.0, abs=0.05)
-    assert 8.0 < by["diredi_full"]["epsilon_spent"] < 10.0
+    # Every method with a DP setting spent the same total: training alone (local, FedAvg) and
+    # DP-SGD + histogram + prototypes (DiReDi) both come to the target.
+    for method in ("local_ft", "fedavg", "diredi_full", "diredi_generic"):
+        assert by[method]["epsilon_spent"] == pytest.approx(8.0, rel=1e-6), method
     assert by["oracle"]["epsilon_spent"] == "inf"
+    (sched,) = [c for c in doc["choices"] if c["method"] == "rd_schedule"]
+    spent = [v for vs in sched["spent_epsilon"].values() for v in vs]
+    assert set(sched["spent_epsilon"]) == {"local", "full"} and len(spent) == 6
+    assert max(spent) - min(spent) <= 1e-6 * max(spent)
+    # The full payload's DP-SGD shares the total with the noised entries: more noise.
+    assert sched["full_noise_multiplier"] > sched["local_noise_multiplier"]
     # FedAvg's server step was chosen on validation splits, from the two candidates; the oracle's
     # presumed floor from the one candidate the smoke profile gives it (the loop's own).
-    assert {c["method"] for c in doc["choices"]} == {"fedavg", "oracle"}
+    assert {c["method"] for c in doc["choices"]} == {"fedavg", "oracle", "rd_schedule"}
     fed = [c for c in doc["choices"] if c["method"] == "fedavg"]
     assert fed and all(c["chosen"] in (1.0, 3.0) for c in fed)
     oracle = [c for c in doc["choices"] if c["method"] == "oracle"]
@@ -143,7 +154,9 @@ def test_quick_figures_are_ratios_of_gains_and_bytes() -> None:
     assert fig["recovery"] == pytest.approx((0.56 - 0.21) / (0.91 - 0.21))
     assert fig["presumed_drop_pts"] == pytest.approx(2.0)
     assert fig["upload_vs_fedavg"] == pytest.approx(0.2)
-    assert rp.quick_line(fig) == "reproduce: recovery_eps8=0.50 presumed_drop_eps8=2.0 upload_vs_fedavg=0.20"
+    assert fig["spent_epsilon"] == 8.0
+    assert rp.quick_line(fig) == ("reproduce: spent_eps=8.00 recovery_eps8=0.50 "
+                                  "presumed_drop_eps8=2.0 upload_vs_fedavg=0.20")
     red = _synthetic().redundant_knowledge()
     assert red[0]["difference"] == pytest.approx(0.06) and red[0]["n"] == 2
 
@@ -266,6 +279,90 @@ def test_config_refuses_unknown_methods_and_an_orphan_generic_model() -> None:
         rp.ReproduceConfig(oracle_presumed_floors=())
     with pytest.raises(ConfigError, match="oracle_presumed_floors"):
         rp.ReproduceConfig(oracle_presumed_floors=(-1.0,))
+
+
+def test_explicit_seeds_and_a_scenario_file_rerun_elsewhere(tmp_path: Path) -> None:
+    scenario = {"reference_size": 100, "user_train_size": 50, "user_test_size": 40}
+    sc_file = tmp_path / "scenario.json"
+    sc_file.write_text(json.dumps(scenario))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["reproduce", "--smoke", "--quiet", "--seeds", "3", "4",
+                                      "--scenario-file", str(sc_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["seeds"] == [3, 4]
+    assert sorted({r["seed"] for r in doc["runs"]}) == [3, 4]
+    assert {k: doc["config"]["scenario"][k] for k in scenario} == scenario
+    assert f"--seeds 3 4 --out {out} --scenario-file {sc_file}" in doc["command"]
+    assert "Scenario from `--scenario-file`" in (out / "RESULTS.md").read_text()
+    # The results file itself is a scenario file: the same scenario, field for field.
+    assert rp.load_scenario_config(out / "results.json") == rp.load_scenario_config(sc_file)
+    assert QUICK_LINE.match(result.stdout.rstrip("\n").splitlines()[-1])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seeds", "1", "x"], "integers"),
+    (["--seeds", "2", "2"], "distinct"),
+    (["7"], "after --seeds"),
+    (["--n-seeds", "0"], "--n-seeds"),
+])
+def test_reproduce_refuses_bad_seeds(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["reproduce", "--smoke", "--quiet", *args])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigError) and message in str(result.exception)
+
+
+def test_scenario_files_are_checked(tmp_path: Path) -> None:
+    assert rp.scenario_config_from_json({}) == ScenarioConfig()
+    assert rp.scenario_config_from_json({"config": {"shift": 2}}).shift == 2  # ml scenario.json
+    with pytest.raises(ConfigError, match="unknown scenario fields"):
+        rp.scenario_config_from_json({"user_trian_size": 10})
+    with pytest.raises(ConfigError, match="malformed"):
+        rp.scenario_config_from_json({"user_train_size": 1.5})
+    bad = tmp_path / "s.json"
+    bad.write_text("[1]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        rp.load_scenario_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        rp.load_scenario_config(tmp_path / "missing.json")
+
+
+def test_quick_figures_refuse_unequal_spend() -> None:
+    res = _synthetic()
+    skewed = tuple(replace(r, epsilon_spent=8.5) if r.method == "diredi_full" else r
+                   for r in res.runs)
+    with pytest.raises(rp.UnequalSpend, match="equal spend"):
+        rp.quick_figures(rp.ReproduceResult(res.config, skewed, (), res.users))
+
+
+def test_check_equal_spend_fails_loudly_beyond_one_in_a_million() -> None:
+    assert rp.check_equal_spend({"local": [8.0, 8.0], "full": [8.0 * (1 - 5e-7)]}, 8.0) \
+        == pytest.approx(8.0)
+    with pytest.raises(rp.UnequalSpend, match="full run spent"):
+        rp.check_equal_spend({"local": [8.0], "full": [8.0 * (1 - 2e-6)]}, 8.0)
+    # The old accounting: DiReDi's entries composed on top of a DP-SGD run at the target.
+    with pytest.raises(rp.UnequalSpend):
+        rp.check_equal_spend({"local": [8.0], "full": [9.1]}, 8.0)
+    assert math.isinf(rp.check_equal_spend({"local": [math.inf]}, math.inf))
+    with pytest.raises(rp.UnequalSpend):
+        rp.check_equal_spend({"local": [math.inf], "full": [3.0]}, math.inf)
+
+
+def test_local_and_full_schedules_spend_the_target_with_monotone_learning_rates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = rp.ReproduceConfig(epsilons=(0.5, 1.0, 2.0, 4.0, 8.0, math.inf))
+    rp.check_monotone_learning_rates(cfg)
+    rows = rp.rd_schedules(cfg)
+    for row in rows[:-1]:
+        assert row["full_noise_multiplier"] > row["local_noise_multiplier"] > 0
+    sigmas = [r["local_noise_multiplier"] for r in rows[:-1]]
+    assert sigmas == sorted(sigmas, reverse=True)
+    assert [r["local_lr"] for r in rows] == [0.02, 0.02, 0.02, 0.05, 0.1, 0.1]
+    # A rule whose step falls as the budget grows is refused before any training.
+    monkeypatch.setattr(rp, "default_learning_rate", lambda sigma: 0.2 if sigma > 5 else 0.1)
+    with pytest.raises(ConfigError, match="not monotone"):
+        rp.check_monotone_learning_rates(cfg)
 
 
 @pytest.mark.slow
