@@ -271,8 +271,6 @@ def demo_command(
                         str(paths.data(u, "train")),
                         "--epsilon",
                         str(epsilon),
-                        "--seed",
-                        str(seed),
                         "--result",
                         str(paths.result(u, "round")),
                     ]
@@ -410,7 +408,6 @@ def demo_device_command(
         Path | None, typer.Option(help="The user's private training data, npz (round)")
     ] = None,
     epsilon: Annotated[float, typer.Option()] = 8.0,
-    seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """One device of the demo, as its own process (hidden; `diredi demo` runs it)."""
     from .knowledge import PayloadKind
@@ -431,7 +428,7 @@ def demo_device_command(
             v1 = update_device(agent)
             kinds = (*LoopConfig().rd.kinds, PayloadKind.LABEL_HISTOGRAM)  # the loop's payload
             out = reverse_on_device(
-                agent, load_npz_dataset(data), epsilon=epsilon, kinds=kinds, seed=seed
+                agent, load_npz_dataset(data), epsilon=epsilon, kinds=kinds
             )
             receipt = agent.submit(out.sealed.data)
         payload = {

@@ -17,6 +17,7 @@ from . import _crypto
 from .errors import DirediError
 from .knowledge import DPParameters, KnowledgePayload, PayloadKind, PayloadTensor
 from .packet import MemoryDeviceDirectory, MemoryReplayState, open_packet, seal_packet
+from .privacy import ACCOUNTANT, schedule_for
 
 __all__ = ["run_protocol_demo"]
 
@@ -44,15 +45,16 @@ def run_protocol_demo(console: Console) -> None:
         keys[device_id] = (key, cert)
     replay = MemoryReplayState()
     rng = np.random.default_rng(0)
+    sched = schedule_for(8.0, histogram=False, prototypes=False)  # DP-SGD only: logits
     dp = DPParameters(
-        noise_multiplier=1.71,
-        clip_norm=1.0,
-        sample_rate=1 / 3,
-        steps=90,
-        accountant="prv",
-        epsilon=7.99,
-        delta=1 / 1500,
-        total_epsilon=7.99,
+        noise_multiplier=sched.noise_multiplier,
+        clip_norm=sched.clip_norm,
+        sample_rate=sched.sample_rate,
+        steps=sched.steps,
+        accountant=ACCOUNTANT,
+        epsilon=sched.training_epsilon,
+        delta=sched.delta,
+        total_epsilon=sched.total_epsilon,
     )
     payload = KnowledgePayload(
         (

@@ -19,12 +19,13 @@ stores the packet), so a rejected packet never changes state.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
+
+import numpy as np
 
 from ._crypto import (
     AEAD_TAG_BYTES,
@@ -61,6 +62,7 @@ from .knowledge import (
     encode_payload,
 )
 from .policy import DEFAULT_LIMITS, DEFAULT_POLICY, Limits, PacketPolicy
+from .privacy import PacketCharge, account_packet, charge
 from .serde import (
     envelope_from_bytes,
     envelope_to_bytes,
@@ -126,6 +128,10 @@ class DeviceRecord:
     device_id: str
     certificate_der: bytes
     status: DeviceStatus = DeviceStatus.ACTIVE
+    rdp_spent: np.ndarray | None = field(default=None, compare=False)
+    """The device's composed ledger curve (``privacy``), when the directory keeps one: lets
+    ``open_packet`` refuse an over-budget packet before decrypting it."""
+    epsilon_budget: float | None = None
 
 
 class DeviceDirectory(Protocol):
@@ -274,11 +280,12 @@ class OpenedPacket:
     payload: KnowledgePayload
     device: DeviceIdentity
     packet_sha256: bytes
+    charge: PacketCharge
 
     @property
     def epsilon(self) -> float:
-        """What this packet costs its device's lifetime budget."""
-        return self.header.dp.composed_epsilon
+        """This packet's own epsilon at its delta, as the cloud recomputed it."""
+        return self.charge.epsilon
 
 
 def inspect_packet(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PacketHeader:
@@ -314,7 +321,7 @@ def _authenticate_device(
     devices: DeviceDirectory,
     now_ms: int,
     limits: Limits,
-) -> DeviceIdentity:
+) -> tuple[DeviceIdentity, DeviceRecord]:
     record = devices.device_record(header.device_id)
     if record is None:
         raise UnknownDevice(f"device {header.device_id} is not enrolled")
@@ -341,10 +348,10 @@ def _authenticate_device(
     verify_signature(
         identity.public_key, env.signature, signed_transcript(env.header, env.enc, env.ciphertext)
     )
-    return identity
+    return identity, record
 
 
-def _check_policy(header: PacketHeader, policy: PacketPolicy, now_ms: int) -> None:
+def _check_policy(header: PacketHeader, policy: PacketPolicy, now_ms: int) -> PacketCharge:
     if int(header.suite) not in policy.accepted_suites:
         raise PolicyViolation(f"cipher suite {header.suite.name} is not accepted by policy")
     age = now_ms - header.created_at_ms
@@ -356,27 +363,13 @@ def _check_policy(header: PacketHeader, policy: PacketPolicy, now_ms: int) -> No
         raise StalePacket(
             f"packet is dated {-age / 1000:.0f} s in the future, over the {policy.max_future_skew_ms / 1000:.0f} s skew"
         )
-    dp = header.dp
-    if policy.require_dp and (dp.noise_multiplier <= 0 or not math.isfinite(dp.epsilon)):
-        raise PolicyViolation(
-            "packet declares no differential privacy (noise 0 or epsilon infinite)"
-        )
-    components = [dp.epsilon, *(e.epsilon for e in header.payload.entries)]
-    if dp.total_epsilon + 1e-9 < max(components):
-        raise PolicyViolation(
-            f"declared total epsilon {dp.total_epsilon} is below a component ({max(components)})"
-        )
-    if dp.composed_epsilon > policy.max_epsilon_per_packet:
-        raise PolicyViolation(
-            f"packet epsilon {dp.composed_epsilon:.4g} over the per-packet cap {policy.max_epsilon_per_packet:.4g}"
-        )
-    if dp.delta > policy.max_delta:
-        raise PolicyViolation(f"packet delta {dp.delta:.3g} over the cap {policy.max_delta:.3g}")
     if (
         policy.allowed_base_models is not None
         and header.base_model_version not in policy.allowed_base_models
     ):
         raise PolicyViolation(f"base model {header.base_model_version} is not a current release")
+    # Every DP figure is bounded and recomputed by the privacy package, before decryption.
+    return account_packet(header.dp, header.payload.entries, policy.dp)
 
 
 def open_packet(
@@ -405,16 +398,21 @@ def open_packet(
     env = envelope_from_bytes(data, limits)
     header = header_from_bytes(env.header, limits)
     _check_structure(env, header, inbox_key.key_id, limits)
-    identity = _authenticate_device(
+    identity, record = _authenticate_device(
         env, header, device_ca=device_ca, devices=devices, now_ms=now_ms, limits=limits
     )
-    _check_policy(header, policy, now_ms)
+    cost = _check_policy(header, policy, now_ms)
+    if record.rdp_spent is not None and record.epsilon_budget is not None:
+        # Early refusal of an exhausted budget; the store re-checks inside its transaction.
+        charge(device_id=header.device_id, spent_curve=record.rdp_spent, packet_curve=cost.curve,
+               budget=record.epsilon_budget, policy=policy.dp)
     _check_replay(replay, header.device_id, header.packet_id, header.counter)
     plaintext = hpke_open(header.suite, inbox_key, env.enc, env.ciphertext, info=env.header)
     payload = decode_payload(
         plaintext, header.payload, limits, max_l2_norm=policy.max_entry_l2_norm
     )
-    return OpenedPacket(header=header, payload=payload, device=identity, packet_sha256=sha256(data))
+    return OpenedPacket(header=header, payload=payload, device=identity, packet_sha256=sha256(data),
+                        charge=cost)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,18 +2,18 @@
 
 ``Limits`` is the single config dataclass holding every size cap (as python-tuf's
 ``UpdaterConfig`` does): parsers take it as a parameter and refuse oversize input *before* doing
-expensive work. ``PacketPolicy`` holds what the cloud accepts: clock window, epsilon per packet,
-lifetime epsilon per device, norm bound on payloads, allowed base models.
+expensive work. ``PacketPolicy`` holds what the cloud accepts: clock window, norm bound on payloads, allowed base
+models, and its DP policy (``diredi_secure.privacy.DPPolicy``: delta, epsilon caps, bounds).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from .errors import BudgetExceeded, ConfigError, PolicyViolation
+from .errors import ConfigError
+from .privacy import DEFAULT_DP_POLICY, DPPolicy
 
-__all__ = ["DEFAULT_LIMITS", "DEFAULT_POLICY", "Limits", "PacketPolicy", "check_budget"]
+__all__ = ["DEFAULT_LIMITS", "DEFAULT_POLICY", "Limits", "PacketPolicy"]
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,19 @@ class Limits:
 
 @dataclass(frozen=True)
 class PacketPolicy:
-    """What the cloud accepts from devices (checked after the packet authenticates)."""
+    """What the cloud accepts from devices (checked after the packet authenticates).
+
+    Every DP limit (the one delta, per-packet and lifetime epsilon, parameter bounds, research
+    seeds) lives in ``dp``, a :class:`diredi_secure.privacy.DPPolicy`.
+    """
 
     max_future_skew_ms: int = 5 * 60 * 1000
     """A packet created further in the future than this is refused (device clock ahead)."""
     max_age_ms: int = 7 * 24 * 3600 * 1000
     """A packet created longer ago than this is refused (stale or replayed from a capture)."""
-    max_epsilon_per_packet: float = 10.0
-    lifetime_epsilon_budget: float = 40.0
-    max_delta: float = 1e-3
+    dp: DPPolicy = field(default_factory=lambda: DEFAULT_DP_POLICY)
     max_entry_l2_norm: float = 1e6
     """Bound on the L2 norm of every payload tensor (post-dequantisation)."""
-    require_dp: bool = True
-    """Refuse packets whose training declares no DP (noise multiplier 0 or epsilon infinite)."""
     allowed_base_models: frozenset[str] | None = None
     """If set, the base model versions a packet may be computed against."""
     accepted_suites: frozenset[int] = field(default_factory=lambda: frozenset({1, 2, 3}))
@@ -62,30 +62,17 @@ class PacketPolicy:
     def __post_init__(self) -> None:
         if self.max_future_skew_ms < 0 or self.max_age_ms <= 0:
             raise ConfigError("clock window must be non-negative with a positive max age")
-        for name in ("max_epsilon_per_packet", "lifetime_epsilon_budget", "max_entry_l2_norm"):
-            value = getattr(self, name)
-            if not (value > 0):
-                raise ConfigError(f"{name} must be positive, got {value!r}")
-        if not (0 < self.max_delta < 1):
-            raise ConfigError(f"max_delta must lie in (0, 1), got {self.max_delta!r}")
+        if not (self.max_entry_l2_norm > 0):
+            raise ConfigError(f"max_entry_l2_norm must be positive, got {self.max_entry_l2_norm!r}")
+
+    @property
+    def lifetime_epsilon_budget(self) -> float:
+        return self.dp.lifetime_epsilon_budget
+
+    @property
+    def max_epsilon_per_packet(self) -> float:
+        return self.dp.max_epsilon_per_packet
 
 
 DEFAULT_LIMITS = Limits()
 DEFAULT_POLICY = PacketPolicy()
-
-
-def check_budget(*, device_id: str, spent: float, requested: float, budget: float) -> None:
-    """Raise :class:`BudgetExceeded` if ``spent + requested`` would exceed ``budget``.
-
-    Composition here is the simple sum of per-packet epsilons (basic composition). By itself that
-    bounds the device's total privacy loss at (sum of epsilons, sum of deltas). The ledger does not
-    sum deltas yet; each packet's delta is only capped by ``max_delta``, so after n packets the
-    guarantee is (sum of epsilons, n * max_delta) -- a known gap (docs/ARCHITECTURE.md, "Known gaps").
-    """
-    if not math.isfinite(requested) or requested < 0:
-        raise PolicyViolation(f"device {device_id} declared a non-finite or negative epsilon")
-    if spent + requested > budget + 1e-12:
-        raise BudgetExceeded(
-            f"device {device_id} has spent epsilon {spent:.4g} of {budget:.4g}; "
-            f"this packet needs {requested:.4g} more"
-        )

@@ -235,7 +235,8 @@ def edge_status(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: boo
     """Ask the cloud for this device's status and epsilon ledger."""
     with _agent(workspace, insecure, server) as agent:
         s = agent.status()
-    typer.echo(f"{s.device_id}: {s.status}, epsilon {s.epsilon_spent:.4g}/{s.epsilon_budget:.4g}, counter {s.highest_counter}")
+    typer.echo(f"{s.device_id}: {s.status}, epsilon {s.epsilon_spent:.4g}/{s.epsilon_budget:.4g} "
+               f"(composed, delta {s.epsilon_delta:.0e}), counter {s.highest_counter}")
 
 
 @edge_app.command("submit")
@@ -289,10 +290,10 @@ def edge_update(
 def edge_reverse(
     workspace: WorkspaceOpt,
     data: Annotated[Path, typer.Option(help="The user's private data (npz with x, y)")],
-    epsilon: Annotated[float, typer.Option(help="Target epsilon of DP-SGD (inf: no DP, refused by the cloud)")] = 8.0,
+    epsilon: Annotated[float, typer.Option(help="Total epsilon the packet spends (DP-SGD and noised entries composed, at the policy's delta; inf: no DP, refused by the cloud)")] = 8.0,
     kind: Annotated[list[str] | None, typer.Option(help="Payload kind (repeat): reference_logits, weight_delta, label_histogram, dp_prototypes")] = None,
     epochs: Annotated[int | None, typer.Option(help="RD epochs (default: ml's)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    research_seed: Annotated[int | None, typer.Option(help="RESEARCH ONLY: fix every private random draw (the header says so; the cloud refuses such packets by default). Default: fresh OS randomness")] = None,
     submit: Annotated[bool, typer.Option("--submit", help="Send the packet and verify the receipt")] = False,
     server: ServerOpt = None,
     insecure: bool = False,
@@ -310,10 +311,10 @@ def edge_reverse(
     except ValueError as exc:
         raise ConfigError(f"unknown payload kind: {exc}") from exc
     dataset = load_npz_dataset(data)
-    rd = RDConfig() if epochs is None else RDConfig(epochs=epochs)
+    rd = RDConfig(epochs=epochs, research_seed=research_seed)
     with _agent(workspace, insecure, server) as agent:
         out = reverse_on_device(agent, dataset, epsilon=math.inf if math.isinf(epsilon) else epsilon,
-                                kinds=kinds, seed=seed, rd=rd)
+                                kinds=kinds, rd=rd)
         eps = out.dp.composed_epsilon
         typer.echo(f"sealed packet {out.sealed.packet_id.hex()} on release v{out.base_version}: "
                    f"epsilon {eps:.3f} (delta {out.dp.delta:.2g}), payload {out.payload_bytes} bytes, "

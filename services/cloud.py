@@ -20,7 +20,6 @@ the packet is opened again, so it gets the first receipt byte for byte.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import time
@@ -28,7 +27,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -46,14 +44,12 @@ from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
 from diredi_secure.errors import (
     CertificateInvalid,
     DirediError,
-    EpsilonUnderstated,
     MalformedPacket,
     SignatureInvalid,
     TooLarge,
     UnknownDevice,
 )
-from diredi_secure.knowledge import DPParameters
-from diredi_secure.packet import OpenedPacket, inspect_packet, make_receipt, open_packet
+from diredi_secure.packet import inspect_packet, make_receipt, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.store import DeviceStatus, PacketRecord, Store
 
@@ -110,29 +106,6 @@ def _check_peer(peer: str | None, device_id: str, *, mtls: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 # Logic without gRPC types
 # ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4096)
-def _accounting_findings(dp: DPParameters, entries: tuple[tuple[str, float, float], ...]) -> tuple[str, ...]:
-    from diredi_secure.audits.accounting import check_packet_accounting
-
-    tensors = [SimpleNamespace(name=n, noise_multiplier=s, epsilon=e) for n, s, e in entries]
-    findings: tuple[str, ...] = check_packet_accounting(dp, tensors).findings
-    return findings
-
-
-def verify_declared_epsilon(opened: OpenedPacket) -> None:
-    """Refuse a packet whose declared epsilon is below what an accountant recomputes from its
-    declared noise, sample rate, steps and delta (RDP and PRV, `audits.accounting`).
-
-    The ledger charges the declared (composed) epsilon, so this is what makes every charge an
-    accountant's figure rather than the device's word. About a second per new parameter set
-    (PRV), cached: a fleet's devices share a handful of configurations.
-    """
-    entries = tuple((e.name, e.noise_multiplier, e.epsilon) for e in opened.header.payload.entries)
-    findings = _accounting_findings(opened.header.dp, entries)
-    if findings:
-        raise EpsilonUnderstated(f"declared privacy accounting does not hold: {findings[0]}")
-
-
 class _CloudLogic:
     """What every cloud-side service holds: the store, the keys, the policy, caps and the clock."""
 
@@ -185,7 +158,6 @@ class Ingest(_CloudLogic):
             policy=self.policy,
             limits=limits,
         )
-        verify_declared_epsilon(opened)
         receipt = make_receipt(self.keys.receipt_key, opened, stored_at_ms=now_ms)
         stored = self.store.store_packet(
             PacketRecord.from_opened(opened, packet_bytes=data, receipt_bytes=receipt, received_at_ms=now_ms)
@@ -268,6 +240,7 @@ class Enrollment(_CloudLogic):
             identity.public_key.key_id,
             enrolled_at_ms=now_ms,
             epsilon_budget=self.policy.lifetime_epsilon_budget,
+            renew=True,  # a renewed certificate keeps the device's ledger, budget and counter
         )
         log.info("enrolled device %s", identity.device_id)
         return EnrollResult(
@@ -286,6 +259,7 @@ class Enrollment(_CloudLogic):
             "status": "active" if device.status is DeviceStatus.ACTIVE else "revoked",
             "epsilon_spent": device.epsilon_spent,
             "epsilon_budget": device.epsilon_budget,
+            "epsilon_delta": device.epsilon_delta,
             "highest_counter": device.highest_counter or 0,
         }
 
@@ -488,10 +462,6 @@ class CloudServer:
         self.port: int | None = None
 
     def start(self) -> int:
-        # Load the accountants (Opacus, torch: seconds) before serving, not inside the first
-        # Submit's deadline.
-        import diredi_secure.audits.accounting  # noqa: F401
-
         self.port = add_port(self._server, self.listen, self.tls, insecure=self.insecure)
         self._server.start()
         for name in ("", *_SERVICE_NAMES):

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -29,7 +29,7 @@ from diredi_secure.envelope import ReceiptBody
 from diredi_secure.errors import ConfigError, DirediError, HeaderMismatch
 from diredi_secure.knowledge import DPParameters, KnowledgePayload
 from diredi_secure.packet import SealedPacket, inspect_packet, seal_packet, verify_receipt
-from diredi_secure.policy import check_budget
+from diredi_secure.privacy import DEFAULT_DP_POLICY, account_packet
 
 from .cloud import KNOWLEDGE_SERVICE, enroll_proof_message
 from .status import ServiceUnavailable, error_from_rpc
@@ -37,6 +37,8 @@ from .transport import TransportConfig, open_channel
 from .workspace import DeviceWorkspace
 
 __all__ = ["DeviceStatusInfo", "EdgeAgent", "RetryPolicy"]
+
+_DEVICE_DP_POLICY = replace(DEFAULT_DP_POLICY, allow_seeded_noise=True)
 
 log = logging.getLogger("diredi.edge")
 
@@ -65,6 +67,8 @@ class DeviceStatusInfo:
     epsilon_spent: float
     epsilon_budget: float
     highest_counter: int
+    epsilon_delta: float = 0.0
+    """The one delta the cloud's ledger states both epsilons at (0: an older server)."""
 
 
 def _wall_ms() -> int:
@@ -165,7 +169,8 @@ class EdgeAgent:
                 spb.DeviceStatusRequest(device_id=device_id), timeout=self.config.deadline_for("GetStatus")
             ),
         )
-        return DeviceStatusInfo(r.device_id, r.status, r.epsilon_spent, r.epsilon_budget, int(r.highest_counter))
+        return DeviceStatusInfo(r.device_id, r.status, r.epsilon_spent, r.epsilon_budget,
+                                int(r.highest_counter), r.epsilon_delta)
 
     # -- packets ----------------------------------------------------------------------------------
     def seal(self, payload: KnowledgePayload, *, dp: DPParameters, base_model_version: str) -> SealedPacket:
@@ -174,9 +179,10 @@ class EdgeAgent:
         Raises ``BudgetExceeded`` if the device's own ledger would go over its budget.
         """
         ws = self.workspace
-        ledger = ws.ledger()
-        check_budget(device_id=ws.device_id, spent=float(ledger["spent"]),
-                     requested=dp.composed_epsilon, budget=float(ledger["budget"]))
+        # The device's own ledger composes with the cloud's accountant; a research-seeded packet
+        # still costs the device what it declares (the cloud will refuse it by default).
+        cost = account_packet(dp, payload.tensors, _DEVICE_DP_POLICY)
+        ws.check_epsilon(cost.curve)
         counter = ws.reserve_counter()
         sealed = seal_packet(
             payload,
@@ -192,7 +198,7 @@ class EdgeAgent:
             limits=self.config.limits,
         )
         ws.put_outbox(sealed.packet_id, sealed.data)
-        ws.charge_epsilon(sealed.packet_id, dp.composed_epsilon)
+        ws.charge_epsilon(sealed.packet_id, cost.curve, cost.epsilon)
         return sealed
 
     def submit(self, data: bytes) -> ReceiptBody:

@@ -702,16 +702,17 @@ def reverse_on_device(
     *,
     epsilon: float,
     kinds: Sequence[PayloadKind] = (PayloadKind.REFERENCE_LOGITS,),
-    seed: int = 0,
     rd: RDConfig | None = None,
 ) -> DeviceRound:
     """Run DP reverse distillation against the INSTALLED model and seal the packet.
 
     Loads the installed release (verified safetensors; its sha256 names the base model in the
-    packet header), its reference set, fine-tunes with Opacus at ``epsilon`` (``math.inf``: the
-    non-private baseline, which the cloud's default policy refuses) and seals with the device key
-    (the counter is reserved and the device's own ledger charged first; ``BudgetExceeded``).
-    ``rd`` supplies the other RD settings (epochs, batch size...).
+    packet header), its reference set, fine-tunes with Opacus at a total ``epsilon`` (DP-SGD and
+    every noised entry composed; ``math.inf``: the non-private baseline, which the cloud's default
+    policy refuses) and seals with the device key (the counter is reserved and the device's own
+    ledger charged first; ``BudgetExceeded``). ``rd`` supplies the other RD settings (epochs...).
+    Private noise is CSPRNG-seeded per run unless ``rd.research_seed`` is set (then the header
+    says so and the cloud refuses the packet by default).
     """
     t0 = time.perf_counter()
     updater = agent.updater()
@@ -727,12 +728,7 @@ def reverse_on_device(
         raise ConfigError(f"release v{installed.release.version} carries no reference set")
     reference_x = load_reference_set(_read(ref_path, "reference set", _MAX_MODEL_BYTES))
     config = replace(rd or RDConfig(), epsilon=epsilon, kinds=tuple(kinds))
-    if config.delta is None:
-        # RD's default delta is 1/(10 N); the cloud refuses delta above policy.max_delta, so a
-        # device with fewer than 1/(10 max_delta) examples uses the cap instead of being refused.
-        config = replace(config, delta=min(1.0 / (10.0 * max(len(data), 1)), DEFAULT_POLICY.max_delta))
-    result = reverse_distill(model, data, reference_x, config, seed=seed,
-                             rng=np.random.default_rng(seed))
+    result = reverse_distill(model, data, reference_x, config)
     payload, _ = encode_payload(result.payload)
     sealed = agent.seal(result.payload, dp=result.dp,
                         base_model_version=installed.release.model_sha256)

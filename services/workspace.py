@@ -41,6 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diredi_secure import _crypto
 from diredi_secure._crypto import (
     generate_tls_key,
@@ -51,7 +53,8 @@ from diredi_secure._crypto import (
 )
 from diredi_secure.checkpoint import atomic_write_bytes
 from diredi_secure.errors import ConfigError, KeyFileError, StoreError
-from diredi_secure.policy import DEFAULT_POLICY, check_budget
+from diredi_secure.policy import DEFAULT_POLICY
+from diredi_secure.privacy import DEFAULT_DP_POLICY, charge, curve_from_json, curve_to_json
 from diredi_secure.release import ReleaseRepository
 from diredi_secure.store import Store, open_store
 
@@ -415,17 +418,26 @@ class DeviceWorkspace:
     def ledger(self) -> dict[str, Any]:
         return _read_json(self.root / "ledger.json", "epsilon ledger")
 
-    def charge_epsilon(self, packet_id: bytes, epsilon: float) -> float:
-        """Charge a packet to the device's own ledger; raises BudgetExceeded. Returns the new total."""
+    def check_epsilon(self, packet_curve: np.ndarray) -> float:
+        """The composed lifetime epsilon with this packet; raises BudgetExceeded, changes nothing."""
         ledger = self.ledger()
-        spent = float(ledger["spent"])
-        check_budget(
-            device_id=self.device_id, spent=spent, requested=epsilon, budget=float(ledger["budget"])
-        )
-        ledger["spent"] = spent + epsilon
+        _, eps = charge(device_id=self.device_id, spent_curve=curve_from_json(ledger.get("rdp")),
+                        packet_curve=packet_curve, budget=float(ledger["budget"]))
+        return eps
+
+    def charge_epsilon(self, packet_id: bytes, packet_curve: np.ndarray, epsilon: float) -> float:
+        """Compose a packet into the device's own ledger (RDP, at the policy's delta); raises
+        BudgetExceeded. Returns the new composed lifetime epsilon."""
+        ledger = self.ledger()
+        new_curve, eps = charge(device_id=self.device_id,
+                                spent_curve=curve_from_json(ledger.get("rdp")),
+                                packet_curve=packet_curve, budget=float(ledger["budget"]))
+        ledger["spent"] = eps
+        ledger["delta"] = DEFAULT_DP_POLICY.delta
+        ledger["rdp"] = curve_to_json(new_curve)
         ledger["packets"][packet_id.hex()] = epsilon
         _write_json(self.root / "ledger.json", ledger)
-        return spent + epsilon
+        return eps
 
     # -- outbox and receipts --------------------------------------------------------------------
     def put_outbox(self, packet_id: bytes, data: bytes) -> None:

@@ -12,6 +12,7 @@ import pytest
 from diredi_secure import _crypto
 from diredi_secure.knowledge import DPParameters, KnowledgePayload, PayloadKind, PayloadTensor
 from diredi_secure.packet import MemoryDeviceDirectory, MemoryReplayState, SealedPacket, seal_packet
+from diredi_secure.privacy import ACCOUNTANT, epsilon_from_curve, gaussian_curve, schedule_for
 
 NOW_MS = 1_790_000_000_000  # 2026-09-21, fixed: the core never reads the clock itself
 
@@ -38,17 +39,21 @@ class CountingRandom:
         return seeded(f"{self.label}/{self.calls}", n)
 
 
-DEFAULT_DP = DPParameters(
-    noise_multiplier=1.71,
-    clip_norm=1.0,
-    sample_rate=1 / 3,
-    steps=90,
-    accountant="prv",
-    epsilon=7.99,
-    delta=1 / 1500,
-    poisson_sampling=True,
-    total_epsilon=7.99,
-)
+def honest_dp(total_epsilon: float = 8.0, *, histogram: bool = False,
+              prototypes: bool = False) -> DPParameters:
+    """The header DP block an honest device declares under the default policy (the schedule)."""
+    sched = schedule_for(total_epsilon, histogram=histogram, prototypes=prototypes)
+    training = epsilon_from_curve(
+        gaussian_curve(sched.noise_multiplier, sched.sample_rate, sched.steps), sched.delta)[0]
+    return DPParameters(
+        noise_multiplier=sched.noise_multiplier, clip_norm=sched.clip_norm,
+        sample_rate=sched.sample_rate, steps=sched.steps, accountant=ACCOUNTANT,
+        epsilon=training, delta=sched.delta, poisson_sampling=True,
+        total_epsilon=sched.total_epsilon,
+    )
+
+
+DEFAULT_DP = honest_dp()
 
 
 def make_payload(seed: int = 0, n_ref: int = 64, classes: int = 10) -> KnowledgePayload:

@@ -366,7 +366,7 @@ def reverse_distill(
     else:
         schedule = None
         lr = config.lr if config.lr is not None else default_learning_rate(0.0)
-        adapted, steps = _train_plain(model, frozen, data, config, lr=lr,
+        adapted, _ = _train_plain(model, frozen, data, config, lr=lr,
                                       gen=noise.torch_generator())
         dp = DPParameters(noise_multiplier=0.0, clip_norm=0.0,
                           sample_rate=config.policy.sample_rate, steps=config.steps,

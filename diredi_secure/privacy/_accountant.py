@@ -38,9 +38,9 @@ __all__ = [
 #: Name written in packet headers and ledgers for this accountant (orders and formula versioned).
 ACCOUNTANT = "rdp"
 
-#: Integer orders: the formula is exact there, and integers up to 256 cover epsilons from about 0.1
+#: Integer orders: the formula is exact there, and integers up to 1024 cover epsilons from about 0.012
 #: (large orders) to several hundred (order 2). Changing them changes stored ledgers: version it.
-RDP_ORDERS: tuple[int, ...] = (*range(2, 65), 80, 96, 128, 160, 192, 256)
+RDP_ORDERS: tuple[int, ...] = (*range(2, 65), 80, 96, 128, 160, 192, 256, 384, 512, 1024)
 _ORDERS = np.asarray(RDP_ORDERS, dtype=np.float64)
 
 

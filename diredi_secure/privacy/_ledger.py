@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -98,7 +98,7 @@ class PacketCharge:
     """What one packet costs: its mechanisms, their composed curve, epsilon at ``delta``."""
 
     mechanisms: tuple[Mechanism, ...]
-    curve: np.ndarray
+    curve: np.ndarray = field(compare=False)
     epsilon: float
     training_epsilon: float
     delta: float
@@ -109,8 +109,20 @@ def _kind(entry: EntryDeclaration) -> str:
     return str(getattr(k, "value", k))
 
 
-def _short(epsilon_declared: float, recomputed: float, policy: DPPolicy) -> bool:
-    return epsilon_declared < recomputed * (1.0 - policy.epsilon_rel_tolerance) - 1e-12
+def _check_declared(what: str, declared: float, recomputed: float, policy: DPPolicy) -> None:
+    """A declared epsilon must equal the recomputation within the accountant's numerical error.
+
+    Below it the device under-reports its loss (:class:`EpsilonUnderstated`); above it the header
+    is inconsistent with the mechanisms it declares (the cloud charges what it recomputes, and
+    refuses a header it cannot reconcile rather than let two figures circulate)."""
+    slack = recomputed * policy.epsilon_rel_tolerance + 1e-12
+    if declared < recomputed - slack:
+        raise EpsilonUnderstated(
+            f"declared {what} epsilon {declared:.6g} is below the recomputed {recomputed:.6g}")
+    if declared > recomputed + slack:
+        raise PolicyViolation(
+            f"declared {what} epsilon {declared:.6g} is not what its mechanisms spend "
+            f"({recomputed:.6g})", reason="epsilon_mismatch")
 
 
 def account_packet(
@@ -165,18 +177,11 @@ def account_packet(
     training_eps = epsilon_from_curve(curves[0], dp.delta)[0]
     total_curve = compose(curves)
     total_eps = epsilon_from_curve(total_curve, dp.delta)[0]
-    if _short(dp.epsilon, training_eps, policy):
-        raise EpsilonUnderstated(
-            f"declared training epsilon {dp.epsilon:.6g} is below the recomputed {training_eps:.6g}")
+    _check_declared("training", dp.epsilon, training_eps, policy)
     for name, declared, m in entry_checks:
-        own = epsilon_from_curve(m.curve(), dp.delta)[0]
-        if _short(declared, own, policy):
-            raise EpsilonUnderstated(
-                f"entry {name!r} declares epsilon {declared:.6g}, recomputed {own:.6g}")
-    if _short(dp.total_epsilon, total_eps, policy):
-        raise EpsilonUnderstated(
-            f"declared total epsilon {dp.total_epsilon:.6g} is below the recomputed "
-            f"{total_eps:.6g} (delta {dp.delta:.3g})")
+        _check_declared(f"entry {name!r}", declared, epsilon_from_curve(m.curve(), dp.delta)[0],
+                        policy)
+    _check_declared(f"total (delta {dp.delta:.3g})", dp.total_epsilon, total_eps, policy)
     if total_eps > policy.max_epsilon_per_packet:
         raise PolicyViolation(
             f"packet epsilon {total_eps:.4g} over the per-packet cap "

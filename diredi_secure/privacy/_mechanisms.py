@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-class MechanismKind(str, Enum):
+class MechanismKind(StrEnum):
     DP_SGD = "dp_sgd"
     LABEL_HISTOGRAM = "label_histogram"
     DP_PROTOTYPES = "dp_prototypes"

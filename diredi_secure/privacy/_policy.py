@@ -55,7 +55,7 @@ class DPPolicy:
                 raise ConfigError(f"policy {name} must be finite and > 0, got {v!r}")
         if self.batches_per_epoch < 1 or self.epochs < 1:
             raise ConfigError("batches_per_epoch and epochs must be >= 1")
-        if not (0 < self.histogram_share and 0 < self.prototype_share
+        if not (self.histogram_share > 0 and self.prototype_share > 0
                 and self.histogram_share + self.prototype_share < 1):
             raise ConfigError("histogram and prototype shares must be > 0 and sum below 1")
         if not (0 <= self.epsilon_rel_tolerance < 1e-3):

@@ -22,9 +22,11 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
+
+import numpy as np
 
 from ..errors import (
     CertificateRevoked,
@@ -35,7 +37,8 @@ from ..errors import (
     UnknownDevice,
 )
 from ..packet import DeviceRecord, DeviceStatus
-from ..policy import DEFAULT_POLICY, check_budget
+from ..policy import DEFAULT_POLICY
+from ..privacy import DEFAULT_DP_POLICY, DPPolicy, charge, curve_from_json, curve_to_json
 from .migrations import Migration, SchemaTooNew, check_sequence, render
 
 if TYPE_CHECKING:
@@ -82,10 +85,16 @@ class Device:
     revoked_at_ms: int | None
     revocation_reason: str | None
     epsilon_budget: float
-    """Lifetime epsilon this device may spend (basic composition: the sum over packets)."""
+    """Lifetime epsilon this device may spend, at the ledger's delta (``epsilon_delta``)."""
     epsilon_spent: float
+    """Composed lifetime epsilon (RDP over every accepted packet) at ``epsilon_delta``."""
     highest_counter: int | None
     """Highest packet counter accepted so far; ``None`` before the first packet."""
+    rdp_spent: np.ndarray | None = field(default=None, compare=False)
+    """The composed RDP curve (``privacy.RDP_ORDERS``) the ledger keeps; ``epsilon_spent`` is read
+    off it."""
+    epsilon_delta: float = DEFAULT_DP_POLICY.delta
+    """The one delta every epsilon of this ledger is stated at."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,9 @@ class PacketRecord:
     packet_bytes: bytes
     receipt_bytes: bytes
     received_at_ms: int
+    rdp_curve: np.ndarray | None = field(default=None, compare=False)
+    """What this packet adds to the device's composed ledger (``OpenedPacket.charge.curve``).
+    Required by :meth:`Store.store_packet`."""
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -140,6 +152,7 @@ class PacketRecord:
             packet_bytes=packet_bytes,
             receipt_bytes=receipt_bytes,
             received_at_ms=received_at_ms,
+            rdp_curve=opened.charge.curve,
         )
 
 
@@ -192,7 +205,7 @@ class Cursor(Protocol):
 
 _DEVICE_COLUMNS = (
     "device_id, certificate_der, key_id, status, enrolled_at_ms, revoked_at_ms, "
-    "revocation_reason, epsilon_budget, epsilon_spent, highest_counter"
+    "revocation_reason, epsilon_budget, epsilon_spent, highest_counter, rdp_spent"
 )
 _PACKET_COLUMNS = (
     "packet_id, device_id, counter, created_at_ms, received_at_ms, base_model_version, epsilon, "
@@ -213,6 +226,7 @@ def _device(row: Sequence[Any]) -> Device:
         epsilon_budget=float(row[7]),
         epsilon_spent=float(row[8]),
         highest_counter=None if row[9] is None else int(row[9]),
+        rdp_spent=curve_from_json(row[10]),
     )
 
 
@@ -273,8 +287,10 @@ class Store(ABC):
         name: str,
         default_epsilon_budget: float,
         migrations: Sequence[Migration],
+        dp_policy: DPPolicy = DEFAULT_DP_POLICY,
     ) -> None:
         self._name = name
+        self._dp = dp_policy
         self._default_budget = _check_budget_value(default_epsilon_budget)
         check_sequence(migrations)
         self._migrations = tuple(migrations)
@@ -390,14 +406,20 @@ class Store(ABC):
         *,
         enrolled_at_ms: int,
         epsilon_budget: float | None = None,
+        renew: bool = False,
     ) -> Device:
         """Enrol a device (the caller has verified its certificate against the device CA).
 
         Idempotent: enrolling again with the same certificate returns the stored device unchanged.
         ``epsilon_budget`` defaults to the store's ``default_epsilon_budget``.
 
+        ``renew=True`` accepts a *new* certificate for an enrolled, active device id (certificate
+        renewal: the caller verified the new certificate and its proof of possession). The device
+        keeps its ledger, budget and replay counter: a budget cannot be reset by renewing.
+
         Raises :class:`CertificateRevoked` if the device id was revoked (a revoked device cannot
-        re-enrol itself), :class:`DeviceConflict` if it is enrolled with another certificate.
+        re-enrol itself), :class:`DeviceConflict` if it is enrolled with another certificate and
+        ``renew`` is false.
         """
         if not device_id:
             raise ValueError("device_id must not be empty")
@@ -418,9 +440,16 @@ class Store(ABC):
             if device.status is DeviceStatus.REVOKED:
                 raise CertificateRevoked(f"device {device_id} is revoked; it cannot re-enrol")
             if device.certificate_der != certificate_der:
-                raise DeviceConflict(
-                    f"device {device_id} is already enrolled with another certificate"
+                if not renew:
+                    raise DeviceConflict(
+                        f"device {device_id} is already enrolled with another certificate"
+                    )
+                cur.execute(
+                    "UPDATE devices SET certificate_der = ?, key_id = ? WHERE device_id = ?",
+                    (certificate_der, bytes(key_id), device_id),
                 )
+                device = self._device_row(cur, device_id, lock=False)
+                assert device is not None
             return device
 
     def get_device(self, device_id: str) -> Device | None:
@@ -433,7 +462,8 @@ class Store(ABC):
         device = self.get_device(device_id)
         if device is None:
             return None
-        return DeviceRecord(device.device_id, device.certificate_der, device.status)
+        return DeviceRecord(device.device_id, device.certificate_der, device.status,
+                            rdp_spent=device.rdp_spent, epsilon_budget=device.epsilon_budget)
 
     def require_active_device(self, device_id: str) -> Device:
         """The device if enrolled and active.
@@ -486,7 +516,7 @@ class Store(ABC):
             return device
 
     def epsilon_spent(self, device_id: str) -> float:
-        """Epsilon charged to the device so far (sum over its stored packets).
+        """The device's composed lifetime epsilon at the ledger's delta (RDP over its packets).
 
         Raises :class:`UnknownDevice` if it was never enrolled.
         """
@@ -573,15 +603,19 @@ class Store(ABC):
                         f"device {record.device_id}: counter {record.counter} is not above the "
                         f"highest accepted ({device.highest_counter})"
                     )
-                check_budget(
+                if record.rdp_curve is None:
+                    raise ValueError("store_packet needs the packet's RDP curve (rdp_curve)")
+                spent_curve = device.rdp_spent if device.rdp_spent is not None else None
+                new_curve, new_eps = charge(
                     device_id=record.device_id,
-                    spent=device.epsilon_spent,
-                    requested=record.epsilon,
+                    spent_curve=curve_from_json(None) if spent_curve is None else spent_curve,
+                    packet_curve=record.rdp_curve,
                     budget=device.epsilon_budget,
+                    policy=self._dp,
                 )
                 cur.execute(
-                    f"INSERT INTO packets ({_PACKET_COLUMNS}) "  # noqa: S608 - constants only
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    f"INSERT INTO packets ({_PACKET_COLUMNS}, rdp_curve) "  # noqa: S608 - constants only
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                     (
                         pid,
                         record.device_id,
@@ -593,11 +627,13 @@ class Store(ABC):
                         digest,
                         bytes(record.packet_bytes),
                         bytes(record.receipt_bytes),
+                        curve_to_json(record.rdp_curve),
                     ),
                 )
                 cur.execute(
-                    "UPDATE devices SET highest_counter = ?, epsilon_spent = ? WHERE device_id = ?",
-                    (record.counter, device.epsilon_spent + record.epsilon, record.device_id),
+                    "UPDATE devices SET highest_counter = ?, epsilon_spent = ?, rdp_spent = ? "
+                    "WHERE device_id = ?",
+                    (record.counter, new_eps, curve_to_json(new_curve), record.device_id),
                 )
         except StoreError as exc:
             # The device row lock serialises one device; a unique violation can then only be the

@@ -94,7 +94,19 @@ _V1 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1,)
+# The composed ledger (docs/PRIVACY.md): each device keeps the RDP curve of everything it has
+# released (``privacy.curve_to_json``), and each packet the curve it added. ``epsilon_spent`` is
+# then the curve's epsilon at the policy's one delta (a cache for listing, never summed).
+_V2 = Migration(
+    2,
+    "composed epsilon ledger: RDP curves per device and per packet",
+    (
+        "ALTER TABLE devices ADD COLUMN rdp_spent TEXT",
+        "ALTER TABLE packets ADD COLUMN rdp_curve TEXT",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 

@@ -21,7 +21,7 @@ from diredi_secure.services.edge import EdgeAgent, RetryPolicy
 from diredi_secure.services.transport import ClientTls, TransportConfig, open_channel
 from diredi_secure.services.workspace import CloudWorkspace, DeviceWorkspace
 
-from diredi_secure.knowledge import DPParameters, KnowledgePayload, PayloadKind, PayloadTensor
+from diredi_secure.knowledge import KnowledgePayload, PayloadKind, PayloadTensor
 from diredi_secure.store import Store, open_store
 
 PG_DSN = os.environ.get(
@@ -29,10 +29,9 @@ PG_DSN = os.environ.get(
     os.environ.get("DIREDI_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
 )
 
-DP = DPParameters(
-    noise_multiplier=1.1, clip_norm=1.0, sample_rate=0.01, steps=100, accountant="prv",
-    epsilon=2.0, delta=1e-5, poisson_sampling=True, total_epsilon=2.0,
-)
+from ..conftest import honest_dp  # noqa: E402 - after the DSN constants it documents
+
+DP = honest_dp(2.0)
 
 
 def payload(seed: int = 0, rows: int = 64, classes: int = 10) -> KnowledgePayload:

@@ -222,7 +222,8 @@ def test_update_service_refuses_traversal_and_oversize(cloud: Cloud) -> None:
 
 def test_packet_over_the_lifetime_budget_is_refused_and_charges_nothing(cloud: Cloud) -> None:
     agent = cloud.device("device-a")
-    cloud.store.set_epsilon_budget("device-a", DP.composed_epsilon * 1.5)
+    # Two packets compose (RDP) to more than 1.2x one of them: the second must be refused.
+    cloud.store.set_epsilon_budget("device-a", DP.composed_epsilon * 1.2)
     agent.submit_payload(payload(0), dp=DP, base_model_version="v1")
     ledger = agent.workspace.ledger()
     ledger["budget"] = 100.0  # the device's own ledger would allow it; the cloud's does not
@@ -242,13 +243,25 @@ def test_device_ledger_refuses_before_sealing(cloud: Cloud) -> None:
     agent = cloud.device("device-a")
     from diredi_secure.errors import BudgetExceeded
 
+    import json
+
+    from diredi_secure.checkpoint import atomic_write_bytes
+
     ledger = agent.workspace.ledger()
+    ledger["budget"] = 10.0
+    atomic_write_bytes(agent.workspace.root / "ledger.json", json.dumps(ledger).encode())
     sealed = 0
     with pytest.raises(BudgetExceeded):
         for i in range(100):
             agent.seal(payload(i), dp=DP, base_model_version="v1")
             sealed += 1
-    assert sealed == int(ledger["budget"] // DP.composed_epsilon)
+    from diredi_secure import privacy
+
+    one = privacy.Mechanism(privacy.MechanismKind.DP_SGD, DP.noise_multiplier, DP.sample_rate,
+                            DP.steps).curve()
+    fits = max(k for k in range(1, 200)
+               if privacy.lifetime_epsilon(one * k) <= ledger["budget"])
+    assert sealed == fits > ledger["budget"] // DP.composed_epsilon  # composition, not a sum
     assert agent.workspace.ledger()["spent"] <= ledger["budget"] + 1e-9
     assert agent.workspace.last_counter() == sealed  # the refused seal burnt no counter
     assert len(agent.workspace.pending()) == sealed

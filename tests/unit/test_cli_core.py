@@ -58,20 +58,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert run("keys", "inbox", "--out", "inbox", cwd=d).returncode == 0
     np.savez(d / "payload.npz", reference_logits=np.ones((8, 10), np.float32))
-    (d / "dp.json").write_text(
-        json.dumps(
-            {
-                "noise_multiplier": 1.7,
-                "clip_norm": 1.0,
-                "sample_rate": 0.33,
-                "steps": 90,
-                "accountant": "prv",
-                "epsilon": 7.9,
-                "delta": 0.0006,
-                "total_epsilon": 7.9,
-            }
-        )
-    )
+    from dataclasses import asdict
+
+    from ..conftest import honest_dp
+
+    (d / "dp.json").write_text(json.dumps(asdict(honest_dp())))
     r = run(
         "packet",
         "seal",

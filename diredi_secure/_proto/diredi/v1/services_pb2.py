@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from diredi_secure._proto.diredi.v1 import packet_pb2 as diredi_dot_v1_dot_packet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iredi/v1/services.proto\x12\tdiredi.v1\x1a\x16\x64iredi/v1/packet.proto\";\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_length\x18\x03 \x01(\x04\"0\n\x0fMetadataRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"$\n\x10MetadataResponse\x12\x10\n\x08metadata\x18\x01 \x01(\x0c\"1\n\rTargetRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x04\"3\n\rEnrollRequest\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\r\n\x05proof\x18\x02 \x01(\x0c\"U\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cinbox_key_id\x18\x02 \x01(\x0c\x12\x1a\n\x12receipt_public_key\x18\x03 \x01(\x0c\"(\n\x13\x44\x65viceStatusRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x81\x01\n\x14\x44\x65viceStatusResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x04 \x01(\x01\x12\x17\n\x0fhighest_counter\x18\x05 \x01(\x04\x32\x81\x01\n\x10KnowledgeService\x12\x35\n\x06Submit\x12\x17.diredi.v1.SignedPacket\x1a\x12.diredi.v1.Receipt\x12\x36\n\x0cSubmitStream\x12\x10.diredi.v1.Chunk\x1a\x12.diredi.v1.Receipt(\x01\x32\x94\x01\n\rUpdateService\x12\x46\n\x0bGetMetadata\x12\x1a.diredi.v1.MetadataRequest\x1a\x1b.diredi.v1.MetadataResponse\x12;\n\x0b\x46\x65tchTarget\x12\x18.diredi.v1.TargetRequest\x1a\x10.diredi.v1.Chunk0\x01\x32\xa0\x01\n\x11\x45nrollmentService\x12=\n\x06\x45nroll\x12\x18.diredi.v1.EnrollRequest\x1a\x19.diredi.v1.EnrollResponse\x12L\n\tGetStatus\x12\x1e.diredi.v1.DeviceStatusRequest\x1a\x1f.diredi.v1.DeviceStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iredi/v1/services.proto\x12\tdiredi.v1\x1a\x16\x64iredi/v1/packet.proto\";\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_length\x18\x03 \x01(\x04\"0\n\x0fMetadataRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"$\n\x10MetadataResponse\x12\x10\n\x08metadata\x18\x01 \x01(\x0c\"1\n\rTargetRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x04\"3\n\rEnrollRequest\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\r\n\x05proof\x18\x02 \x01(\x0c\"U\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cinbox_key_id\x18\x02 \x01(\x0c\x12\x1a\n\x12receipt_public_key\x18\x03 \x01(\x0c\"(\n\x13\x44\x65viceStatusRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x98\x01\n\x14\x44\x65viceStatusResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x04 \x01(\x01\x12\x17\n\x0fhighest_counter\x18\x05 \x01(\x04\x12\x15\n\repsilon_delta\x18\x06 \x01(\x01\x32\x81\x01\n\x10KnowledgeService\x12\x35\n\x06Submit\x12\x17.diredi.v1.SignedPacket\x1a\x12.diredi.v1.Receipt\x12\x36\n\x0cSubmitStream\x12\x10.diredi.v1.Chunk\x1a\x12.diredi.v1.Receipt(\x01\x32\x94\x01\n\rUpdateService\x12\x46\n\x0bGetMetadata\x12\x1a.diredi.v1.MetadataRequest\x1a\x1b.diredi.v1.MetadataResponse\x12;\n\x0b\x46\x65tchTarget\x12\x18.diredi.v1.TargetRequest\x1a\x10.diredi.v1.Chunk0\x01\x32\xa0\x01\n\x11\x45nrollmentService\x12=\n\x06\x45nroll\x12\x18.diredi.v1.EnrollRequest\x1a\x19.diredi.v1.EnrollResponse\x12L\n\tGetStatus\x12\x1e.diredi.v1.DeviceStatusRequest\x1a\x1f.diredi.v1.DeviceStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,11 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICESTATUSREQUEST']._serialized_start=403
   _globals['_DEVICESTATUSREQUEST']._serialized_end=443
   _globals['_DEVICESTATUSRESPONSE']._serialized_start=446
-  _globals['_DEVICESTATUSRESPONSE']._serialized_end=575
-  _globals['_KNOWLEDGESERVICE']._serialized_start=578
-  _globals['_KNOWLEDGESERVICE']._serialized_end=707
-  _globals['_UPDATESERVICE']._serialized_start=710
-  _globals['_UPDATESERVICE']._serialized_end=858
-  _globals['_ENROLLMENTSERVICE']._serialized_start=861
-  _globals['_ENROLLMENTSERVICE']._serialized_end=1021
+  _globals['_DEVICESTATUSRESPONSE']._serialized_end=598
+  _globals['_KNOWLEDGESERVICE']._serialized_start=601
+  _globals['_KNOWLEDGESERVICE']._serialized_end=730
+  _globals['_UPDATESERVICE']._serialized_start=733
+  _globals['_UPDATESERVICE']._serialized_end=881
+  _globals['_ENROLLMENTSERVICE']._serialized_start=884
+  _globals['_ENROLLMENTSERVICE']._serialized_end=1044
 # @@protoc_insertion_point(module_scope)

@@ -187,12 +187,15 @@ class DeviceStatusResponse(_message.Message):
     EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     EPSILON_BUDGET_FIELD_NUMBER: _builtins.int
     HIGHEST_COUNTER_FIELD_NUMBER: _builtins.int
+    EPSILON_DELTA_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     status: _builtins.str
     """"active" | "revoked" | "unknown" """
     epsilon_spent: _builtins.float
     epsilon_budget: _builtins.float
     highest_counter: _builtins.int
+    epsilon_delta: _builtins.float
+    """the one delta epsilon_spent and epsilon_budget are stated at"""
     def __init__(
         self,
         *,
@@ -201,10 +204,11 @@ class DeviceStatusResponse(_message.Message):
         epsilon_spent: _builtins.float = ...,
         epsilon_budget: _builtins.float = ...,
         highest_counter: _builtins.int = ...,
+        epsilon_delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "epsilon_budget", b"epsilon_budget", "epsilon_spent", b"epsilon_spent", "highest_counter", b"highest_counter", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "epsilon_budget", b"epsilon_budget", "epsilon_delta", b"epsilon_delta", "epsilon_spent", b"epsilon_spent", "highest_counter", b"highest_counter", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

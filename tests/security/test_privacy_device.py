@@ -1,0 +1,131 @@
+"""Issue 13: what a curious cloud, another device or the network learns from the shipped device path.
+
+Each test names the attack. The old path seeded every private draw from ``seed`` (default 0) and
+derived delta, q and steps from N; these tests fail there."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from diredi_secure import privacy
+from diredi_secure.knowledge import KnowledgePayload, PayloadKind, PayloadTensor
+from diredi_secure.ml.data import NUM_CLASSES, Dataset
+from diredi_secure.ml.models import build_model, flat_parameters, student_spec
+from diredi_secure.ml.reverse import RDConfig, reverse_distill
+from diredi_secure.packet import open_packet
+
+from ..conftest import Pki, honest_dp
+
+KINDS = (PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA, PayloadKind.DP_PROTOTYPES)
+FAST = RDConfig(epsilon=8.0, epochs=1, kinds=KINDS)
+
+
+def _data(n: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, NUM_CLASSES, n)
+    x = (rng.random((n, 1, 8, 8)) * 0.3).astype(np.float32)
+    return Dataset(x, y)
+
+
+REF = np.random.default_rng(9).random((16, 1, 8, 8)).astype(np.float32)
+
+
+def _hist(res) -> np.ndarray:  # type: ignore[no-untyped-def]
+    h = res.payload.get(PayloadKind.LABEL_HISTOGRAM)
+    assert h is not None
+    return np.asarray(h.values, dtype=np.float64)
+
+
+def test_predictable_seed_recovery_of_the_histogram_fails() -> None:
+    """Knowing the old default seed (0) gave the exact counts back (max error 1e-6)."""
+    data = _data(120, 1)
+    truth = np.bincount(data.y, minlength=NUM_CLASSES)
+    res = reverse_distill(build_model(student_spec(), seed=0), data, REF, FAST)
+    released = _hist(res)
+    sigma = res.payload.get(PayloadKind.LABEL_HISTOGRAM).noise_multiplier  # type: ignore[union-attr]
+    best = np.inf
+    for guess in range(64):  # the attacker replays the noise of every small seed
+        noise = privacy.NoiseSource.seeded(guess).discrete_gaussian(np.zeros(NUM_CLASSES), sigma)
+        best = min(best, float(np.abs(released - noise - truth).max()))
+    assert best >= 1.0, "some seed reproduces the device's histogram noise"
+
+
+def test_two_devices_histogram_noise_does_not_cancel() -> None:
+    """Same N, different data: their histograms' difference used to be their true difference."""
+    a, b = _data(120, 2), _data(120, 3)
+    ra = reverse_distill(build_model(student_spec(), seed=0), a, REF, FAST)
+    rb = reverse_distill(build_model(student_spec(), seed=0), b, REF, FAST)
+    true_diff = np.bincount(a.y, minlength=10) - np.bincount(b.y, minlength=10)
+    assert np.abs((_hist(ra) - _hist(rb)) - true_diff).max() >= 1.0
+
+
+def test_rerun_on_the_same_data_gives_fresh_noise() -> None:
+    data = _data(60, 4)
+    r1 = reverse_distill(build_model(student_spec(), seed=0), data, REF, FAST)
+    r2 = reverse_distill(build_model(student_spec(), seed=0), data, REF, FAST)
+    assert not np.array_equal(_hist(r1), _hist(r2))
+    w1 = r1.payload.get(PayloadKind.WEIGHT_DELTA).values  # type: ignore[union-attr]
+    w2 = r2.payload.get(PayloadKind.WEIGHT_DELTA).values  # type: ignore[union-attr]
+    assert not np.array_equal(w1, w2)
+    assert not r1.dp.noise_seeded
+
+
+def test_research_seed_is_deterministic_and_declared() -> None:
+    data = _data(60, 5)
+    cfg = replace(FAST, research_seed=7)
+    r1 = reverse_distill(build_model(student_spec(), seed=0), data, REF, cfg)
+    r2 = reverse_distill(build_model(student_spec(), seed=0), data, REF, cfg)
+    assert np.array_equal(_hist(r1), _hist(r2)) and r1.dp.noise_seeded
+
+
+def test_headers_of_different_n_are_identical(pki: Pki) -> None:
+    """The DP fields on the wire (and every entry's noise) are the same for N = 60, 118, 400."""
+    headers = []
+    for counter, n in enumerate((60, 118, 400), start=1):
+        res = reverse_distill(build_model(student_spec(), seed=0), _data(n, n), REF, FAST)
+        sealed = pki.seal(payload=res.payload, dp=res.dp, counter=counter)
+        h = sealed.header
+        entries = [(e.name, e.kind, e.shape, e.noise_multiplier, e.epsilon) for e in h.payload.entries]
+        headers.append((h.dp, entries))
+        # and the cloud accepts it as accounted
+        opened = open_packet(sealed.data, **pki.open_kwargs())  # type: ignore[arg-type]
+        assert opened.epsilon == pytest.approx(8.0, rel=1e-5)
+        pki.replay.record(h.device_id, h.packet_id, h.counter)
+    assert headers[0] == headers[1] == headers[2]
+    assert headers[0][0].delta == privacy.DEFAULT_DP_POLICY.delta
+
+
+@pytest.mark.parametrize("kind, shape", [(PayloadKind.LABEL_HISTOGRAM, (10,)),
+                                          (PayloadKind.DP_PROTOTYPES, (10, 64))])
+def test_noise_free_side_channel_is_refused_at_ingest(pki: Pki, kind: PayloadKind,
+                                                      shape: tuple[int, ...]) -> None:
+    """Exact private statistics declared with noise 0 were charged only the DP-SGD epsilon."""
+    exact = PayloadTensor(kind.value, kind, np.ones(shape, np.float32), "float32")
+    logits = PayloadTensor("reference_logits", PayloadKind.REFERENCE_LOGITS,
+                           np.zeros((4, 10), np.float32), "float16")
+    sealed = pki.seal(payload=KnowledgePayload((logits, exact)), dp=honest_dp())
+    with pytest.raises(privacy.UnaccountedRelease) as info:
+        open_packet(sealed.data, **pki.open_kwargs())  # type: ignore[arg-type]
+    assert info.value.reason == "unaccounted_release"
+    assert not pki.replay.seen
+
+
+def test_seeded_packet_is_refused_at_ingest(pki: Pki) -> None:
+    sealed = pki.seal(dp=replace(honest_dp(), noise_seeded=True))
+    with pytest.raises(privacy.NoiseSeeded):
+        open_packet(sealed.data, **pki.open_kwargs())  # type: ignore[arg-type]
+
+
+def test_policy_is_checked_before_decryption(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diredi_secure.packet as packet_mod
+
+    def boom(*a: object, **k: object) -> bytes:
+        raise AssertionError("decrypted a packet the header already condemns")
+
+    monkeypatch.setattr(packet_mod, "hpke_open", boom)
+    with pytest.raises(privacy.NoiseSeeded):
+        open_packet(pki.seal(dp=replace(honest_dp(), noise_seeded=True)).data,
+                    **pki.open_kwargs())  # type: ignore[arg-type]
