@@ -3,9 +3,11 @@
 Mounted by the lead as ``diredi audit`` (``app.add_typer(audits.cli.app, name="audit")``).
 ``run`` ends with exactly one line::
 
-    audit: verdict=pass|fail eps_lb=X claimed_eps=E auc=A tpr_at_1pct_fpr=T
+    audit: verdict=pass|fail|inconclusive eps_lb=X claimed_eps=E auc=A tpr_at_1pct_fpr=T
 
-Exit status is 0 for a pass and 1 for a failing verdict (the report is written either way);
+after one line per mechanism (``dp_sgd: verdict=... claimed_eps=... eps_lb=... roc_eps=...
+ceiling=...``). Exit status is 0 for a pass, 1 for a failing verdict and 3 for an inconclusive
+one (the report is written either way);
 configuration errors raise :class:`~diredi_secure.errors.ConfigError` (the lead's main() maps them
 to status 2).
 
@@ -43,7 +45,10 @@ def run(
     scenario_dir: Annotated[
         Path | None, typer.Option("--scenario", help="a saved scenario (default: from seed)")
     ] = None,
-    leak: str | None = typer.Option(None, "--leak", help="plant a leak: raw_prototypes"),
+    implementation: str = typer.Option(
+        "honest", "--implementation",
+        help="device implementation under attack: honest, or a lying control (no_dpsgd_noise, "
+             "no_histogram_noise, no_prototype_noise, fixed_seed, small_dpsgd_noise)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the audit on the default (or a given) scenario and write the report."""
@@ -55,13 +60,19 @@ def run(
 
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    if not epsilon > 0:
+        raise ConfigError(f"claimed epsilon must be > 0, got {epsilon}")
+    from .mechanisms import LyingDevice
     from .report import write_report
     from .suite import AuditConfig, run_audit
 
-    # an infinite claim is a run without DP (the positive control), like --no-dp
-    cfg = AuditConfig(epsilon=epsilon, dp=not no_dp and math.isfinite(epsilon),
-                      profile=PROFILES[profile], seed=seed,
-                      user=user, leak=leak)
+    try:
+        impl = LyingDevice(implementation)
+    except ValueError as exc:
+        raise ConfigError(f"unknown implementation {implementation!r}") from exc
+    # --no-dp is the positive control: the device trains without DP (claim inf)
+    cfg = AuditConfig(epsilon=math.inf if no_dp else epsilon, implementation=impl,
+                      profile=PROFILES[profile], seed=seed, user=user)
     scenario = load_scenario(scenario_dir) if scenario_dir is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -69,6 +80,6 @@ def run(
                            progress=(lambda m: typer.echo(m, err=True)) if verbose else None)
     _, html_path, digest = write_report(result, out)
     typer.echo(f"report: {html_path} sha256={digest}", err=True)
-    typer.echo(result.summary_line())
+    typer.echo("\n".join(result.text_lines()))
     if result.verdict != "pass":
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1 if result.verdict == "fail" else 3)

@@ -33,13 +33,18 @@ from .profiles import PROFILES
 
 if TYPE_CHECKING:
     from diredi_secure.ml.data import Scenario
+    from diredi_secure.ml.reverse import RDConfig
+
+    from .mechanisms import LyingDevice
 
 __all__ = ["GATE_FORMAT", "GateOutcome", "run_release_gate"]
 
 #: Identifies the ``release_gate`` section written into the audit report.
 GATE_FORMAT = "diredi-release-gate/1"
 
-Verdict = Literal["pass", "fail"]
+Verdict = Literal["pass", "fail", "inconclusive"]
+"""``inconclusive``: nothing failed, but some mechanism's claimed epsilon is at or above what its
+attack can detect (the ceiling, in the report); it blocks a release like ``fail`` unless forced."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ class GateOutcome:
 
     @property
     def may_release(self) -> bool:
-        """True when the release may go ahead: the audit passed, or a failure was forced."""
+        """True when the release may go ahead: the audit passed, or a failing or inconclusive
+        verdict was forced."""
         return self.verdict == "pass" or self.forced
 
 
@@ -75,11 +81,18 @@ def run_release_gate(
     force: bool = False,
     user: str = "A",
     progress: Callable[[str], None] | None = None,
+    rd: RDConfig | None = None,
+    implementation: LyingDevice | str = "honest",
 ) -> GateOutcome:
     """Audit RD at the claimed ``epsilon`` and write the report into ``out_dir``.
 
-    ``epsilon`` is the largest epsilon the released knowledge claims; ``math.inf`` (a packet
-    without DP) runs the audit without DP, which always fails (criterion "packet is DP").
+    ``epsilon`` is the largest *total* epsilon the released knowledge claims; ``math.inf`` (a
+    packet without DP) runs the audit without DP, which always fails (criterion "packet is DP").
+    ``rd`` is the RD configuration the devices run (default: the shipped device configuration at
+    ``epsilon``, :func:`.mechanisms.shipped_device_config`); its ``epsilon`` must be the claim.
+    ``implementation`` (a :class:`~.mechanisms.LyingDevice` or its value) picks the device
+    implementation under attack: ``"honest"``, or a positive control. Verdicts: ``pass``,
+    ``fail``, ``inconclusive`` (a claim above its attack's ceiling; never ``pass``).
     ``scenario`` defaults to the one built from ``seed``; ``user`` picks the device whose data the
     audit trains on. Never raises on a failing verdict. Raises :class:`ConfigError` for an
     epsilon that is not > 0 or an unknown profile, :class:`~diredi_secure.errors.LocalError`
@@ -94,23 +107,32 @@ def run_release_gate(
     except OSError as exc:
         raise LocalError(f"cannot create the audit report directory {out_dir}: "
                          f"{exc.strerror}") from exc
-    from .report import write_report  # torch is imported on use only
+    from .mechanisms import LyingDevice  # torch is imported on use only
+    from .report import write_report
     from .suite import AuditConfig, run_audit
 
-    config = AuditConfig(epsilon=epsilon, dp=math.isfinite(epsilon), profile=PROFILES[profile],
+    try:
+        impl = LyingDevice(implementation)
+    except ValueError as exc:
+        raise ConfigError(f"unknown device implementation {implementation!r}; choose one of "
+                          f"{[v.value for v in LyingDevice]}") from exc
+    config = AuditConfig(epsilon=epsilon, rd=rd, implementation=impl, profile=PROFILES[profile],
                          seed=seed, user=user)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' advisory warnings, not findings
         result = run_audit(config, scenario=scenario, progress=progress)
-    verdict: Verdict = "pass" if result.verdict == "pass" else "fail"
-    forced = force and verdict == "fail"
+    verdict: Verdict = result.verdict
+    forced = force and verdict != "pass"
     section: dict[str, object] = {
         "format": GATE_FORMAT,
         "profile": profile,
         "claimed_epsilon": epsilon,
         "seed": seed,
         "user": user,
+        "implementation": impl.value,
         "verdict": verdict,
+        "mechanisms": {m.mechanism: {"verdict": m.verdict, "claimed_epsilon": m.claimed_epsilon,
+                                     "ceiling": m.ceiling} for m in result.mechanisms},
         "force_requested": force,
         "forced": forced,
     }

@@ -12,22 +12,25 @@ __all__ = ["PROFILES", "AuditProfile"]
 
 @dataclass(frozen=True)
 class AuditProfile:
-    """How much work one audit does. ``shadows`` is the number of offline LiRA shadow RD runs."""
+    """How much work one audit does. ``shadows`` is the number of offline LiRA shadow RD runs (and
+    of the honest reference runs of the noise floor); ``trials`` the number of neighbouring-dataset
+    runs of the histogram/prototype release. RD's own schedule (epochs, steps) is the device's,
+    not the profile's."""
 
     name: str
     canaries: int
     shadows: int
-    rd_epochs: int
+    trials: int
     shipped_epochs: int
     surrogate_epochs: int
     reconstruction_iterations: int
     reconstruction_trials: int
 
     def __post_init__(self) -> None:
-        if self.canaries < 2 or self.shadows < 2:
-            raise ConfigError(f"profile {self.name!r}: needs >= 2 canaries and >= 2 shadow runs "
+        if self.canaries < 2 or self.shadows < 2 or self.trials < 2:
+            raise ConfigError(f"profile {self.name!r}: needs >= 2 canaries, trials and shadow runs "
                               "(offline LiRA estimates a variance)")
-        if min(self.rd_epochs, self.shipped_epochs, self.surrogate_epochs) < 1 or min(
+        if min(self.shipped_epochs, self.surrogate_epochs) < 1 or min(
                 self.reconstruction_iterations, self.reconstruction_trials) < 0:
             raise ConfigError(f"profile {self.name!r}: epochs must be >= 1, reconstruction "
                               "iterations and trials >= 0")
@@ -38,10 +41,10 @@ PROFILES: dict[str, AuditProfile] = {
     # machine under load ~7): 5-15 s per audit. 512 canaries instead of 256 raised the positive
     # control's one-run bound from 0.20 to 0.62 at no measurable cost; 8 shadows instead of 3 did
     # not change it (the bound is limited by m, not by LiRA's OUT estimate), so 4 are kept.
-    "fast": AuditProfile("fast", canaries=512, shadows=4, rd_epochs=30, shipped_epochs=10,
+    "fast": AuditProfile("fast", canaries=512, shadows=4, trials=1000, shipped_epochs=10,
                          surrogate_epochs=60, reconstruction_iterations=60,
                          reconstruction_trials=1),
-    "full": AuditProfile("full", canaries=1000, shadows=16, rd_epochs=30, shipped_epochs=30,
+    "full": AuditProfile("full", canaries=1000, shadows=16, trials=4000, shipped_epochs=30,
                          surrogate_epochs=100, reconstruction_iterations=300,
                          reconstruction_trials=4),
 }

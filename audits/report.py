@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["REPORT_FORMAT", "THREAT_MODEL", "report_html", "report_json", "write_report"]
 
-REPORT_FORMAT = "diredi-audit-report/1"
+REPORT_FORMAT = "diredi-audit-report/2"
 
 THREAT_MODEL = (
     "Adversary: the cloud (or anyone holding a device's packets). It knows the shipped edge model, "
@@ -59,7 +59,15 @@ def report_json(
     out: dict[str, object] = {
         "format": REPORT_FORMAT,
         "summary": result.summary_line(),
+        "text": result.text_lines(),
         "verdict": result.verdict,
+        "implementation": result.config.implementation.value,
+        "mechanisms": [m.to_json() for m in result.mechanisms],
+        "noise_floor": None if result.noise_floor is None else result.noise_floor.to_json(),
+        "release_attacks": [
+            {**am.to_json(), "mechanism": name, "canary_audit": ca.to_json()}
+            for name, am, ca in result.release_attacks
+        ],
         "criteria": [{"name": n, "ok": ok, "detail": d} for n, ok, d in result.criteria],
         "leak_detected": result.leak_detected,
         "claimed_epsilon": result.claimed_epsilon,
@@ -71,7 +79,7 @@ def report_json(
             "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
             "sample_rate": dp.sample_rate, "steps": dp.steps, "accountant": dp.accountant,
             "epsilon": dp.epsilon, "delta": dp.delta, "poisson_sampling": dp.poisson_sampling,
-            "total_epsilon": dp.total_epsilon,
+            "total_epsilon": dp.total_epsilon, "noise_seeded": dp.noise_seeded,
         },
         "accounting": result.accounting.to_json() if result.accounting is not None else None,
         "attacks": [
@@ -171,6 +179,11 @@ def report_html(result: AuditResult, data: dict[str, object] | None = None) -> s
     nat_png = metrics.roc_loglog_png(list(result.natural_rocs),
                                      title="Natural membership ROC (user data vs held-out)")
     recon_png = _png_recon(result)
+    mrows = "".join(
+        f"<tr><td>{e(m.mechanism)}</td><td class={'ok' if m.verdict == 'pass' else 'bad'}>"
+        f"{e(m.verdict)}</td><td>{m.claimed_epsilon:.4g}</td><td>{m.eps_lower_bound:.3f}</td>"
+        f"<td>{m.roc_epsilon:.3f}</td><td>{m.ceiling:.3f}</td><td>{e(m.detail)}</td></tr>"
+        for m in result.mechanisms)
     rows = "".join(
         f"<tr><td>{e(n)}</td><td class={'ok' if ok else 'bad'}>{'pass' if ok else 'FAIL'}</td>"
         f"<td>{e(d)}</td></tr>" for n, ok, d in result.criteria)
@@ -201,12 +214,20 @@ overflow:auto}}</style></head><body>
 <p><code>{e(result.summary_line())}</code></p>
 {_gate_html(data)}
 <h2>Threat model</h2><p>{e(THREAT_MODEL)}</p>
+<h2>Mechanisms</h2><p>Device implementation under attack: {e(result.config.implementation.value)}.
+Each mechanism is tested against its own declared epsilon at delta {result.delta:g}. The ceiling is
+the largest epsilon its attack could prove even if perfect; a claim at or above it is
+<b>inconclusive</b>, never a pass.</p>
+<table><tr><th>mechanism</th><th>verdict</th><th>claimed eps</th><th>one-run eps LB</th>
+<th>ROC eps</th><th>ceiling</th><th>detail</th></tr>{mrows}</table>
+<pre>{e(chr(10).join(result.text_lines()))}</pre>
 <h2>Verdict criteria</h2><table><tr><th>criterion</th><th>result</th><th>detail</th></tr>
 {rows}</table>
 <p>Positive-control power: a leak is {'seen' if result.leak_detected else 'not seen'} (epsilon
 lower bound above 0, or an AUC whose 95% interval lies above 0.5).</p>
 <h2>DP settings declared by the packet</h2><pre>{e(dp)}</pre>
-<h2>Accounting recomputation (RDP and PRV)</h2><pre>{e(acct)}</pre>
+<h2>DP-SGD noise floor</h2><pre>{e(json.dumps(data["noise_floor"], indent=1))}</pre>
+<h2>Accounting (privacy.account_packet)</h2><pre>{e(acct)}</pre>
 <h2>Membership inference on canaries</h2>
 <p>Intervals: AUC (Hanley-McNeil), TPR (Clopper-Pearson, {e(str(data["settings"]))[:0]}confidence
 {result.settings['per_test_confidence']:.4f} per test after Bonferroni over

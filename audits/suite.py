@@ -7,22 +7,27 @@ knowledge to run shadow RD runs). It sees the decoded payload of one packet. The
 one training example of the user (add/remove one example, DP-SGD's neighbouring relation). A white-
 box bound attacks the DP-adapted model itself, which never leaves the device.
 
-One audit run:
+One audit run attacks the exact configuration devices ship (``AuditConfig.rd``: same payload
+kinds, the policy's N-independent DP parameters and delta) and every mechanism in its packet:
 
 1. build the shipped student (supervised on the manufacturer's presumed data; KD from the teacher
    does not change what RD leaks, and is skipped for speed);
 2. draw ``m`` canaries (random sparse binary patterns with a random label: off the data manifold,
    so only memorisation fits them), each put into the user's training data with probability 1/2;
-3. run RD once (Opacus DP-SGD at the claimed epsilon, or no DP for the positive control), encode and
-   decode the payload as the cloud would;
+3. run RD once with the device implementation under test (honest, or a lying control of
+   :class:`~.mechanisms.LyingDevice`), encode and decode the payload as the cloud would; the
+   header is what the honest configuration declares;
 4. build what the cloud can build: for ``weight_delta`` the adapted model (shipped + delta), for
    ``reference_logits`` a surrogate distilled from the shipped model towards ``z_shipped + diff`` on
    the reference set; plus the white-box adapted model;
-5. score every canary with the loss-threshold attack and offline LiRA (``shadows`` RD runs on the
-   user's data without canaries) on every channel; metrics, ROC, DP-consistency test;
-6. the one-run epsilon lower bound on the canary scores (confidence split over channel x attack);
-7. accounting checks, packet inspection, reconstruction attacks;
-8. a verdict (see :func:`decide_verdict`).
+5. DP-SGD: score every canary with the loss-threshold attack and offline LiRA (``shadows`` device
+   runs on the user's data without canaries) on every channel; ROC test and one-run bound against
+   DP-SGD's own epsilon; the noise floor (shadow runs against the auditor's honest reference runs);
+6. histogram and prototypes: neighbouring-dataset trials of the device's release code
+   (:func:`~.mechanisms.run_release_trials`), tested against their own epsilons;
+7. accounting (``privacy.account_packet``), packet inspection, reconstruction attacks;
+8. per mechanism pass / fail / inconclusive (claim above the ceiling of its attack), and the
+   overall verdict (see :func:`decide_verdict`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,7 +48,6 @@ from diredi_secure.knowledge import (
     DPParameters,
     KnowledgePayload,
     PayloadKind,
-    PayloadTensor,
     decode_payload,
     encode_payload,
 )
@@ -50,12 +55,16 @@ from diredi_secure.ml.data import Dataset, Scenario, make_scenario
 from diredi_secure.ml.distill import KDConfig, TrainConfig, kd_train, train_classifier
 from diredi_secure.ml.evaluate import accuracy, predict_logits
 from diredi_secure.ml.merge import adapted_model
-from diredi_secure.ml.models import build_model, student_spec
-from diredi_secure.ml.reverse import RDConfig, RDResult, noise_multiplier_for, reverse_distill
+from diredi_secure.ml.models import build_model, flat_parameters, student_spec
+from diredi_secure.ml.reverse import RDConfig, RDResult, dp_parameters_for, reverse_distill
+from diredi_secure.privacy import MechanismKind, NoiseSource
 
-from . import accounting, canary, inspection, membership, metrics, reconstruction
+from . import accounting, canary, inspection, mechanisms, membership, metrics, reconstruction
+from .mechanisms import LyingDevice, MechanismAudit, NoiseFloor, shipped_device_config
 from .metrics import AttackMetrics, Roc
 from .profiles import PROFILES, AuditProfile
+
+Verdict = Literal["pass", "fail", "inconclusive"]
 
 __all__ = [
     "PROFILES",
@@ -63,6 +72,8 @@ __all__ = [
     "AuditProfile",
     "AuditResult",
     "ChannelAttack",
+    "LyingDevice",
+    "Verdict",
     "decide_verdict",
     "run_audit",
 ]
@@ -70,22 +81,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """One audit. ``epsilon`` is the claim under test. ``dp=False`` is the positive control: the
-    device trains without noise (the header then honestly says so). ``leak`` plants a deliberate
-    leak in a DP run (``"raw_prototypes"``: exact per-class means of the user's data, declared as
-    noised prototypes) to show inspection and reconstruction see it. ``threads`` is torch's intra-op
-    thread count during the run (restored afterwards): the audited models are tiny, so one thread is
-    fastest, and on a shared 2-core machine two contending threads made DP-SGD 3 to 8 times slower."""
+    """One audit. ``epsilon`` is the claim under test: the packet's *total* epsilon (``math.inf``:
+    the device trains without DP, the positive control whose header honestly says so). ``rd`` is
+    the RD configuration devices run (default: :func:`.mechanisms.shipped_device_config` at
+    ``epsilon``: reference logits, weight delta, prototypes and the label histogram, every DP
+    parameter from the policy, the same for every N); its ``epsilon`` must equal the claim.
+    ``implementation`` selects the device implementation under attack (honest, or a lying
+    positive control that keeps the honest header). ``threads`` is torch's intra-op thread count
+    during the run (restored afterwards): the audited models are tiny, so one thread is fastest,
+    and on a shared 2-core machine two contending threads made DP-SGD 3 to 8 times slower."""
 
     epsilon: float = 8.0
-    dp: bool = True
+    rd: RDConfig | None = None
+    implementation: LyingDevice = LyingDevice.HONEST
     profile: AuditProfile = field(default_factory=lambda: PROFILES["fast"])
     seed: int = 0
     user: str = "A"
-    delta: float | None = 1e-6
     confidence: float = 0.95
-    leak: str | None = None
-    kinds: tuple[PayloadKind, ...] = (PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA)
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -95,8 +107,14 @@ class AuditConfig:
             raise ConfigError(f"claimed epsilon must be > 0, got {self.epsilon}")
         if not 0.5 < self.confidence < 1.0:
             raise ConfigError(f"confidence must be in (0.5, 1), got {self.confidence}")
-        if self.leak not in (None, "raw_prototypes"):
-            raise ConfigError(f"unknown planted leak {self.leak!r}")
+        if self.rd is not None and self.rd.epsilon != self.epsilon:
+            raise ConfigError(f"the RD configuration targets epsilon {self.rd.epsilon:g}, the "
+                              f"claim under test is {self.epsilon:g}")
+        LyingDevice(self.implementation)
+
+    @property
+    def device_config(self) -> RDConfig:
+        return self.rd if self.rd is not None else shipped_device_config(self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -117,6 +135,7 @@ class AuditResult:
     claimed_epsilon: float
     delta: float
     dp: DPParameters
+    """The header the device declared (for a lying control: the honest one it pretends to)."""
     accounting: accounting.PacketAccountingCheck | None
     attacks: tuple[ChannelAttack, ...]
     natural: tuple[metrics.AttackMetrics, ...]
@@ -125,7 +144,10 @@ class AuditResult:
     reconstruction: reconstruction.ReconstructionResult
     eps_lower_bound: float
     best_attack: ChannelAttack
-    verdict: str
+    mechanisms: tuple[MechanismAudit, ...]
+    noise_floor: NoiseFloor | None
+    release_attacks: tuple[tuple[str, metrics.AttackMetrics, canary.CanaryAudit], ...]
+    verdict: Verdict
     criteria: tuple[tuple[str, bool, str], ...]
     leak_detected: bool
     utility: dict[str, float]
@@ -139,6 +161,10 @@ class AuditResult:
             f"audit: verdict={self.verdict} eps_lb={self.eps_lower_bound:.3f} "
             f"claimed_eps={claimed} auc={m.auc:.3f} tpr_at_1pct_fpr={m.tpr_at_1pct.rate:.3f}"
         )
+
+    def text_lines(self) -> list[str]:
+        """One line per mechanism (claim, bounds, ceiling), then the summary line."""
+        return [*(m.line() for m in self.mechanisms), self.summary_line()]
 
 
 def _make_canaries(m: int, rng: np.random.Generator, density: float = 0.15) -> Dataset:
@@ -190,56 +216,27 @@ def _channels(shipped: nn.Module, result: RDResult, payload: KnowledgePayload,
     return out
 
 
-def _rd_config(config: AuditConfig, n: int, batch_size: int = 50) -> RDConfig:
-    base = RDConfig(epochs=config.profile.rd_epochs, batch_size=batch_size, kinds=config.kinds,
-                    accountant="prv", delta=config.delta)
-    if config.dp:
-        return replace(base, epsilon=config.epsilon)
-    return replace(base, epsilon=math.inf)
-
-
-def _plant_leak(payload: KnowledgePayload, data: Dataset, dp: DPParameters) -> KnowledgePayload:
-    """Deliberately leaking payload: exact per-class means of the private data, declared as DP
-    prototypes with the noise a real run would have used (but none added)."""
-    means = np.zeros((10, data.x[0].size), np.float32)
-    flat = data.x.reshape(len(data), -1)
-    for c in range(10):
-        if np.any(data.y == c):
-            means[c] = flat[data.y == c].mean(axis=0)
-    sigma = noise_multiplier_for(1.0, dp.delta, 1.0, 1, "prv")
-    entry = PayloadTensor("dp_prototypes", PayloadKind.DP_PROTOTYPES, means, dtype="float16",
-                          noise_multiplier=sigma, epsilon=1.0)
-    return KnowledgePayload((*payload.tensors, entry))
-
-
 def decide_verdict(
     claimed_epsilon: float,
-    delta: float,
     dp: DPParameters,
     acct: accounting.PacketAccountingCheck | None,
-    attacks: tuple[ChannelAttack, ...],
-    eps_lb: float,
     insp: inspection.InspectionResult,
+    mechanisms: tuple[MechanismAudit, ...],
     *,
     tolerance: float = 1e-9,
-) -> tuple[str, tuple[tuple[str, bool, str], ...]]:
-    """``pass`` only if every criterion holds. Criteria 4 and 5 are the pass criteria of issue 6,
-    applied exactly; 1-3 and 6 are ours (they catch what a finite sample of canaries cannot):
+) -> tuple[Verdict, tuple[tuple[str, bool, str], ...]]:
+    """``fail`` if any criterion fails, ``inconclusive`` if none fails but some mechanism's claim
+    is above the ceiling of its attack, ``pass`` only if all hold and every mechanism passed:
 
     1. the packet is differentially private at all (noise multiplier > 0, finite epsilon, Poisson);
-    2. its declared total epsilon is at most the claimed epsilon (``tolerance`` only absorbs
-       floating-point rounding; Opacus' noise search always lands below the target);
-    3. the accounting recomputation has no findings (RDP and PRV, PRV <= RDP, sampling);
-    4. the one-run epsilon lower bound (95 %) is at most the claimed epsilon;
-    5. for every attack on every channel and at every threshold of its ROC, with one-sided
-       Clopper-Pearson bounds (Bonferroni over thresholds, both directions and all tests):
-       ``TPR_low <= e^eps FPR_high + delta``, and the mirror ``TNR_low <= e^eps FNR_high + delta``
-       (also implied by (eps, delta)-DP). A finite claim with an attack whose curve was not tested,
-       or with no attack at all, fails;
-    6. packet inspection finds the payload exactly as declared with no copy of a user sample.
-
-    The positive control (power) is not a verdict criterion: a run without DP fails criterion 1
-    anyway; whether the attacks *saw* its leak is ``AuditResult.leak_detected``.
+    2. its declared total epsilon is at most the claimed total (``tolerance``: float rounding);
+    3. ``privacy.account_packet`` accepts the header and entries (bounds, no seeded noise,
+       nothing unaccounted, no understated epsilon);
+    4. packet inspection finds the payload exactly as declared, noised entries noised, no copy of
+       a user sample;
+    5. per mechanism (DP-SGD, label histogram, prototypes; :func:`.mechanisms.judge_mechanism`):
+       its one-run bound and every ROC curve of its attacks within its own claimed epsilon at the
+       policy's delta, and for DP-SGD the noise floor.
     """
     crit: list[tuple[str, bool, str]] = []
     is_dp = dp.noise_multiplier > 0 and math.isfinite(dp.epsilon) and dp.poisson_sampling
@@ -250,28 +247,20 @@ def decide_verdict(
     crit.append(("declared epsilon <= claimed", declared <= claimed_epsilon + tolerance,
                  f"declared {declared:.6g} vs claimed {claimed_epsilon:g}"))
     crit.append(("accounting recomputation", acct is not None and acct.ok,
-                 "no findings" if acct is not None and acct.ok else
+                 "account_packet accepts it" if acct is not None and acct.ok else
                  "; ".join(acct.findings) if acct is not None else "not DP: nothing to account"))
-    crit.append(("eps lower bound <= claimed", eps_lb <= claimed_epsilon,
-                 f"eps_lb {eps_lb:.3f} at 95% vs claimed {claimed_epsilon:g}"))
-    untested = [a for a in attacks if a.metrics.consistency is None]
-    bad = [a for a in attacks if a.metrics.consistency is not None
-           and not a.metrics.consistency.consistent]
-    if math.isfinite(claimed_epsilon) and (untested or not attacks):
-        crit.append(("ROC consistent with (eps, delta)", False,
-                     "no attack to test" if not attacks else
-                     "not tested: " + ", ".join(f"{a.channel}/{a.attack}" for a in untested)))
-    else:
-        crit.append(("ROC consistent with (eps, delta)", not bad,
-                     "all curves consistent at every threshold" if not bad else
-                     ", ".join(f"{a.channel}/{a.attack} (emp. eps "
-                               f"{a.metrics.consistency.empirical_epsilon:.2f}, "
-                               f"{a.metrics.consistency.violations} thresholds violate)"
-                               for a in bad if a.metrics.consistency is not None)))
     crit.append(("packet inspection", insp.ok,
                  "payload as declared, no user sample in it" if insp.ok
                  else "; ".join(insp.findings)))
-    verdict = "pass" if all(ok for _, ok, _ in crit) else "fail"
+    for m in mechanisms:
+        crit.append((f"mechanism {m.mechanism}", m.verdict != "fail", f"{m.verdict}: {m.detail}"))
+    verdict: Verdict
+    if not all(ok for _, ok, _ in crit):
+        verdict = "fail"
+    elif not mechanisms or any(m.verdict == "inconclusive" for m in mechanisms):
+        verdict = "inconclusive"
+    else:
+        verdict = "pass"
     return verdict, tuple(crit)
 
 
@@ -292,6 +281,26 @@ def run_audit(
         torch.set_num_threads(previous_threads)
 
 
+def _flat_delta(model: nn.Module, shipped: nn.Module) -> np.ndarray:
+    out: np.ndarray = flat_parameters(model) - flat_parameters(shipped)
+    return out
+
+
+def _release_mechanism(
+    name: str, scores: np.ndarray, included: np.ndarray, *, claimed: float, delta: float,
+    confidence: float,
+) -> tuple[MechanismAudit, metrics.AttackMetrics, canary.CanaryAudit]:
+    am = metrics.attack_metrics(f"{name}/neighbouring_trials", scores, included, epsilon=claimed,
+                                delta=delta, confidence=confidence)
+    ca = canary.audit_canary_scores(scores, included, delta=delta, confidence=confidence)
+    ceiling = mechanisms.detection_ceiling(included, delta=delta, canary_confidence=confidence,
+                                           roc_confidence=confidence)
+    audit = mechanisms.judge_mechanism(
+        name, claimed_epsilon=claimed, delta=delta, ceiling=ceiling,
+        eps_lower_bound=ca.epsilon_lower_bound, consistency=((am.name, am.consistency),))
+    return audit, am, ca
+
+
 def _run_audit(
     config: AuditConfig,
     scenario: Scenario | None,
@@ -300,6 +309,8 @@ def _run_audit(
     say = progress or (lambda _msg: None)
     secs: dict[str, float] = {}
     prof = config.profile
+    impl = LyingDevice(config.implementation)
+    rd = config.device_config
     rng = np.random.default_rng(config.seed)
     t0 = time.perf_counter()
     scenario = scenario if scenario is not None else make_scenario(config.seed)
@@ -311,46 +322,70 @@ def _run_audit(
     included = canary.sample_inclusion(prof.canaries, rng)
     train = Dataset.concat([user.train, canaries.subset(np.nonzero(included)[0])])
     secs["setup"] = time.perf_counter() - t0
-    say(f"setup: {len(train)} training examples ({int(included.sum())} canaries)")
+    say(f"setup: {len(train)} training examples ({int(included.sum())} canaries), "
+        f"implementation {impl.value}")
 
+    # the device's run: its implementation, the header the honest configuration declares
     t0 = time.perf_counter()
-    rd_cfg = _rd_config(config, len(train))
-    result = reverse_distill(shipped, train, scenario.reference_x, rd_cfg, seed=config.seed + 1,
-                             rng=np.random.default_rng(config.seed + 2))
-    payload = result.payload
-    if config.leak == "raw_prototypes":
-        payload = _plant_leak(payload, train, result.dp)
-    wire, descriptor = encode_payload(payload)
+    run_cfg = mechanisms.device_rd_config(rd, impl)
+    result = reverse_distill(shipped, train, scenario.reference_x, run_cfg,
+                             noise=mechanisms.device_noise(impl))
+    header = dp_parameters_for(rd, seeded=False) if rd.private else result.dp
+    wire, descriptor = encode_payload(result.payload)
     seen = decode_payload(wire, descriptor)  # exactly what the cloud holds
     secs["rd"] = time.perf_counter() - t0
-    delta = result.dp.delta if result.dp.delta > 0 else 1.0 / (10.0 * len(train))
-    say(f"rd: epsilon={result.dp.epsilon:.3g} sigma={result.dp.noise_multiplier:.3g} "
-        f"steps={result.dp.steps}")
+    delta = rd.policy.delta
+    say(f"rd: declared epsilon={header.epsilon:.3g} total={header.total_epsilon:.3g} "
+        f"sigma={header.noise_multiplier:.3g} (run with {result.dp.noise_multiplier:.3g}) "
+        f"steps={header.steps}")
+
+    acct: accounting.PacketAccountingCheck | None = None
+    claims: dict[MechanismKind, accounting.MechanismClaim] = {}
+    if rd.private:
+        acct = accounting.check_packet_accounting(header, seen.tensors, policy=rd.policy)
+        claims = {c.kind: c for c in acct.claims}
+
+    def claim(*kinds: MechanismKind) -> float:
+        if not all(k in claims for k in kinds):
+            return math.inf
+        return accounting.composed_epsilon([claims[k] for k in kinds], delta)
 
     t0 = time.perf_counter()
     chans = _channels(shipped, result, seen, scenario.reference_x, prof, config.seed)
     shadow_stats: dict[str, list[np.ndarray]] = {name: [] for name in chans}
-    # Offline LiRA shadows: RD on the user's data without any canary (OUT for every canary),
-    # same DP setting, fresh seeds.
-    shadow_cfg = replace(rd_cfg, delta=delta)
+    device_deltas: list[np.ndarray] = []
+    # Offline LiRA shadows: the device's implementation on the user's data without any canary
+    # (OUT for every canary). Their weight deltas also give the DP-SGD noise floor.
     for s in range(prof.shadows):
-        sres = reverse_distill(shipped, user.train, scenario.reference_x, shadow_cfg,
-                               seed=config.seed + 100 + s,
-                               rng=np.random.default_rng(config.seed + 200 + s))
+        sres = reverse_distill(shipped, user.train, scenario.reference_x, run_cfg,
+                               noise=mechanisms.device_noise(impl))
         sseen = decode_payload(*encode_payload(sres.payload))
         schans = _channels(shipped, sres, sseen, scenario.reference_x, prof, config.seed + 300 + s)
+        device_deltas.append(_flat_delta(sres.adapted, shipped))
         for name in chans:
             shadow_stats[name].append(
                 membership.logit_confidence(predict_logits(schans[name], canaries.x), canaries.y))
+    floor: NoiseFloor | None = None
+    if rd.private:
+        # the auditor's own honest runs of the published algorithm, same data and configuration
+        reference = [_flat_delta(reverse_distill(shipped, user.train, scenario.reference_x, rd,
+                                                 noise=NoiseSource.secure()).adapted, shipped)
+                     for _ in range(prof.shadows)]
+        floor = mechanisms.noise_floor(device_deltas, reference)
     secs["shadows"] = time.perf_counter() - t0
-    say(f"shadows: {prof.shadows} RD runs")
+    say(f"shadows: {prof.shadows} device runs" + ("" if floor is None else
+        f", {prof.shadows} reference runs, noise-floor ratio {floor.ratio:.3g}"))
 
+    # the confidence is split over the mechanisms attacked, then (DP-SGD) over channels x tests
     t0 = time.perf_counter()
+    n_mech = 3 if PayloadKind.DP_PROTOTYPES in rd.kinds else (
+        2 if PayloadKind.LABEL_HISTOGRAM in rd.kinds else 1)
+    mech_conf = 1.0 - (1.0 - config.confidence) / n_mech
     base_logits = predict_logits(shipped, canaries.x)
     n_tests = 2 * len(chans)
-    per_conf = 1.0 - (1.0 - config.confidence) / n_tests
-    canary_conf = 1.0 - (1.0 - config.confidence) / len(chans)
-    claimed = config.epsilon
+    per_conf = 1.0 - (1.0 - mech_conf) / n_tests
+    canary_conf = 1.0 - (1.0 - mech_conf) / len(chans)
+    sgd_claim = claim(MechanismKind.DP_SGD)
     attacks: list[ChannelAttack] = []
     for name, model in chans.items():
         logits = predict_logits(model, canaries.x)
@@ -360,14 +395,13 @@ def _run_audit(
                 membership.logit_confidence(logits, canaries.y), np.stack(shadow_stats[name])),
         }
         for attack, sc in scored.items():
-            am = metrics.attack_metrics(f"{name}/{attack}", sc, included, epsilon=claimed,
+            am = metrics.attack_metrics(f"{name}/{attack}", sc, included, epsilon=sgd_claim,
                                         delta=delta, confidence=per_conf)
             # the one-run bound uses one pre-registered attack per channel (LiRA), so its
             # confidence is split over channels only; the loss attack reports the same numbers
             ca = canary.audit_canary_scores(sc, included, delta=delta, confidence=canary_conf)
             attacks.append(ChannelAttack(name, attack, sc, am, metrics.roc_curve(sc, included),
                                          ca))
-    # natural members: the user's real training data vs the user's held-out data
     natural: list[metrics.AttackMetrics] = []
     natural_rocs: list[tuple[str, metrics.Roc]] = []
     nat = Dataset.concat([user.train, user.test])
@@ -381,43 +415,74 @@ def _run_audit(
     registered = [a for a in attacks if a.attack == "lira_offline"]
     eps_lb = max(a.canary_audit.epsilon_lower_bound for a in registered)
     best = max(registered, key=lambda a: (a.canary_audit.epsilon_lower_bound, a.metrics.auc))
+    sgd_ceiling = mechanisms.detection_ceiling(included, delta=delta,
+                                               canary_confidence=canary_conf,
+                                               roc_confidence=per_conf)
+    mech_audits = [mechanisms.judge_mechanism(
+        MechanismKind.DP_SGD.value, claimed_epsilon=sgd_claim, delta=delta, ceiling=sgd_ceiling,
+        eps_lower_bound=eps_lb,
+        consistency=tuple((f"{a.channel}/{a.attack}", a.metrics.consistency) for a in attacks),
+        extra_failure=None if floor is None or floor.ok else
+        f"noise floor: the device's runs vary {floor.ratio:.3g} times as much as honest ones "
+        f"(< {floor.threshold:g})")]
     secs["attacks"] = time.perf_counter() - t0
 
+    # the histogram and the prototypes: neighbouring-dataset trials of the device's release code
     t0 = time.perf_counter()
-    acct: accounting.PacketAccountingCheck | None = None
-    if config.dp and result.dp.noise_multiplier > 0:
-        acct = accounting.check_packet_accounting(
-            result.dp, seen.tensors, dataset_size=len(train),
-            batch_size=result.dp.sample_rate * len(train))
+    release: list[tuple[str, metrics.AttackMetrics, canary.CanaryAudit]] = []
+    if PayloadKind.LABEL_HISTOGRAM in rd.kinds or PayloadKind.DP_PROTOTYPES in rd.kinds:
+        trials = mechanisms.run_release_trials(shipped, user.train, rd, trials=prof.trials,
+                                               implementation=impl, rng=rng)
+        wanted = [(MechanismKind.LABEL_HISTOGRAM.value, trials.histogram_scores,
+                   claim(MechanismKind.LABEL_HISTOGRAM))]
+        if PayloadKind.DP_PROTOTYPES in rd.kinds:
+            # the released prototypes are divided by the released counts: the attack sees both
+            wanted.append((MechanismKind.DP_PROTOTYPES.value, trials.prototype_scores,
+                           claim(MechanismKind.LABEL_HISTOGRAM, MechanismKind.DP_PROTOTYPES)))
+        for name, sc, eps in wanted:
+            audit, am, ca = _release_mechanism(name, sc, trials.included, claimed=eps,
+                                               delta=delta, confidence=mech_conf)
+            mech_audits.append(audit)
+            release.append((name, am, ca))
+    secs["release_trials"] = time.perf_counter() - t0
+    say("mechanisms: " + "; ".join(m.line() for m in mech_audits))
+
+    t0 = time.perf_counter()
     insp = inspection.inspect_payload(seen, descriptor, wire, private=train,
-                                      reference_x=scenario.reference_x)
+                                      reference_x=scenario.reference_x,
+                                      prototype_clip=rd.policy.prototype_clip)
+    batch = max(1, round(rd.policy.sample_rate * len(train)))
     recon = reconstruction.run_reconstruction(
-        shipped, seen, train, scenario.reference_x, batch_size=rd_cfg.batch_size,
+        shipped, seen, train, scenario.reference_x, batch_size=batch,
         lr=result.lr, steps=result.dp.steps, iterations=prof.reconstruction_iterations,
         trials=prof.reconstruction_trials, seed=config.seed)
     secs["inspect_reconstruct"] = time.perf_counter() - t0
 
-    verdict, criteria = decide_verdict(claimed, delta, result.dp, acct, tuple(attacks), eps_lb,
-                                       insp)
-    # power: the audit sees a leak if the bound is clearly above 0 or some AUC is significantly
+    verdict, criteria = decide_verdict(config.epsilon, header, acct, insp, tuple(mech_audits))
+    # power: the audit sees a leak if some bound is clearly above 0 or some AUC is significantly
     # above 1/2 (its lower interval end)
-    leak = eps_lb > 0.0 or any(a.metrics.auc_interval[0] > 0.5 for a in attacks)
+    leak = (any(m.eps_lower_bound > 0.0 for m in mech_audits)
+            or any(a.metrics.auc_interval[0] > 0.5 for a in attacks)
+            or any(am.auc_interval[0] > 0.5 for _, am, _ in release))
     utility = {
         "shipped_user_test_acc": accuracy(shipped, user.test),
         "adapted_user_test_acc": accuracy(result.adapted, user.test),
     }
     settings: dict[str, object] = {
         "profile": prof.name, "canaries": prof.canaries, "shadows": prof.shadows,
-        "rd_epochs": prof.rd_epochs, "batch_size": rd_cfg.batch_size, "user": config.user,
-        "seed": config.seed, "training_examples": len(train), "dp": config.dp,
-        "leak": config.leak, "kinds": [k.value for k in config.kinds],
+        "release_trials": prof.trials, "steps": header.steps,
+        "sample_rate": header.sample_rate, "expected_batch": batch, "user": config.user,
+        "seed": config.seed, "training_examples": len(train), "dp": rd.private,
+        "implementation": impl.value, "kinds": [k.value for k in rd.kinds],
         "payload_bytes": len(wire), "confidence": config.confidence,
-        "per_test_confidence": per_conf, "tests_bonferroni": n_tests,
+        "mechanism_confidence": mech_conf, "per_test_confidence": per_conf,
+        "tests_bonferroni": n_tests,
     }
     return AuditResult(
-        config=config, claimed_epsilon=claimed, delta=delta, dp=result.dp, accounting=acct,
+        config=config, claimed_epsilon=config.epsilon, delta=delta, dp=header, accounting=acct,
         attacks=tuple(attacks), natural=tuple(natural), natural_rocs=tuple(natural_rocs),
         inspection=insp, reconstruction=recon, eps_lower_bound=eps_lb, best_attack=best,
+        mechanisms=tuple(mech_audits), noise_floor=floor, release_attacks=tuple(release),
         verdict=verdict, criteria=criteria, leak_detected=leak, utility=utility, seconds=secs,
         settings=settings,
     )
