@@ -65,8 +65,7 @@ def world() -> World:
 def test_claim_cap_keeps_a_poisoner_off_the_presumed_classes(world: World) -> None:
     seed, cfg, sc, teacher, shipped, rd = world
     b = sc.users[1]
-    honest = reverse_distill(shipped, b.train, sc.reference_x, rd, seed=seed + 11,
-                             rng=np.random.default_rng(1))
+    honest = reverse_distill(shipped, b.train, sc.reference_x, replace(rd, research_seed=11))
     devices = [DeviceKnowledge("B", honest.payload),
                DeviceKnowledge("P", _everything_is(9, honest.payload,
                                                    flat_parameters(shipped).size))]
@@ -74,7 +73,7 @@ def test_claim_cap_keeps_a_poisoner_off_the_presumed_classes(world: World) -> No
     def merge(merge: MergeConfig, devs: list[DeviceKnowledge]) -> MergeResult:
         return merge_into_teacher(teacher, shipped, devs, sc.reference_x, sc.presumed_train,
                                   merge, seed=seed, rng=np.random.default_rng(2),
-                                  presumed_val=sc.presumed_val, prototype_clip=rd.prototype_clip)
+                                  presumed_val=sc.presumed_val, prototype_clip=rd.policy.prototype_clip)
 
     def presumed_after(config: MergeConfig) -> float:
         merged = merge(config, devices)
@@ -96,10 +95,12 @@ def test_claim_cap_keeps_a_poisoner_off_the_presumed_classes(world: World) -> No
     assert np.all(p_claims[n_ref:n_b] == -1)  # B's rows are not the poisoner's to claim
     uncapped = presumed_after(MergeConfig(max_claim_share=None))
     no_relief = presumed_after(MergeConfig(anchor_relax_confidence=None))
-    # Measured: 0.982 before; 0.920 capped; 0.460 uncapped; 0.947 with no relief at all (the
-    # clipped soft difference alone). The cap leaves the poisoner about the room it has without
-    # the relief; the rest is the bound of the row / device clips.
-    assert capped >= no_relief - 0.05 and capped >= before - 0.08
+    # Measured (privacy/ schedule: a total of 8 at delta 1e-5, B's RD noise from research seeds
+    # 11-14): 0.982 before; capped 0.894-0.956; uncapped 0.487-0.619; no relief at all (the
+    # clipped soft difference alone) 0.956-0.965. The cap leaves the poisoner about the room it
+    # has without the relief (0 to 6 points more over those draws; the margins below were 0.05
+    # and 0.08 when they rested on one draw); the rest is the bound of the row / device clips.
+    assert capped >= no_relief - 0.08 and capped >= before - 0.10
     assert uncapped < capped - 0.2  # the attack is real: without the cap it lands
 
 
@@ -111,14 +112,14 @@ def test_own_claims_keep_a_users_new_classes_in_its_own_model_under_attack(world
     # without own claims and prior (METHOD.md, round 6, has the same attack on other draws).
     seed, cfg, sc, teacher, shipped, rd = world
     a, b = sc.users[0], sc.users[1]
-    res = [reverse_distill(shipped, u.train, sc.reference_x, rd, seed=seed + 10 + i,
-                           rng=np.random.default_rng(i)) for i, u in enumerate((a, b))]
+    res = [reverse_distill(shipped, u.train, sc.reference_x, replace(rd, research_seed=10 + i))
+           for i, u in enumerate((a, b))]
     poison = _everything_is(9, res[1].payload, flat_parameters(shipped).size)
     devices = [DeviceKnowledge("A", res[0].payload), DeviceKnowledge("B", res[1].payload),
                DeviceKnowledge("P", poison)]
     merged = merge_into_teacher(teacher, shipped, devices, sc.reference_x, sc.presumed_train,
                                 cfg.merge, seed=seed, rng=np.random.default_rng(2),
-                                presumed_val=sc.presumed_val, prototype_clip=rd.prototype_clip)
+                                presumed_val=sc.presumed_val, prototype_clip=rd.policy.prototype_clip)
 
     def a_model(rekd: ReKDConfig) -> float:
         m = rekd_student(merged.teacher, student_spec(), sc.presumed_train, merged.transfer_x,

@@ -22,6 +22,7 @@ from diredi_secure.ml.models import build_model, student_spec, teacher_spec
 from diredi_secure.ml.rekd import ReKDConfig, rekd_student
 from diredi_secure.ml.reverse import RDConfig, extract_payload
 from diredi_secure.ml.sensor import _expected_clipped, estimate_sensor_kernel, render
+from diredi_secure.privacy import NoiseSource
 
 CLIP = 3.5
 
@@ -108,10 +109,11 @@ def test_noise_model_reads_the_devices_own_prototypes_better_than_the_linear_fit
         idx = np.concatenate([rng.choice(np.flatnonzero(data.y == c), 12, replace=False)
                               for c in range(10)])
         user = Dataset(apply_domain_shift(data.x[idx]), data.y[idx])
-        payload, _ = extract_payload(model, model, user, presumed.x[:4], cfg, delta=1e-3, rng=rng)
+        payload = extract_payload(model, model, user, presumed.x[:4], cfg,
+                                  schedule=cfg.schedule(), noise=NoiseSource.seeded(seed))
         payload = decode_payload(*encode_payload(payload))
         for noise_model in (True, False):
-            fit = estimate_sensor_kernel(payload, presumed, clip=cfg.prototype_clip,
+            fit = estimate_sensor_kernel(payload, presumed, clip=cfg.policy.prototype_clip,
                                          noise_model=noise_model)
             assert fit is not None
             errors[noise_model].append(float(np.abs(fit.kernel - _shift_blur_kernel()).sum()))
