@@ -337,6 +337,9 @@ class ReproduceResult:
     def select(self, method: str, epsilon: float | None) -> list[MethodRun]:
         return [r for r in self.runs if r.method == method and _same_eps(r.epsilon, epsilon)]
 
+    def select_any(self, method: str) -> list[MethodRun]:
+        return [r for r in self.runs if r.method == method]
+
     def summary(self) -> list[SummaryRow]:
         rows: list[SummaryRow] = []
         keys: list[tuple[str, float | None]] = []
@@ -972,6 +975,14 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
             _against_local_table(vs_local),
             "",
         ]
+    losses = _where_diredi_loses(result)
+    if losses is not None:
+        parts += ["## Where DiReDi (full payload) does not win", "",
+                  "Every other method with a DP setting (the baselines, then DiReDi's own "
+                  "single-entry payloads) against DiReDi's per-user model at the same spent ε, "
+                  "paired by seed; listed wherever the other method's mean is higher:", "",
+                  *(losses or ["- Nowhere: DiReDi's mean is at least each such method's, on "
+                               "both axes, at every ε."]), ""]
     try:
         fig = quick_figures(result)
     except ConfigError:
@@ -1008,9 +1019,9 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
         "- One small scenario (8x8 digits, three simulated users, one round): they compare "
         "methods on the same data and budget; they do not predict accuracy on other data.",
         "- The oracle needs every user's raw data in the cloud: an upper bound, not an option.",
-        "- Local fine-tuning keeps the adapted model on the device (nothing uploaded); it uses "
-        "the same DP-SGD run as DiReDi's RD, including its pull toward the shipped model, so it "
-        "is a strong version of that baseline.",
+        "- Local fine-tuning keeps the adapted model on the device (nothing uploaded); it is "
+        "the same RD code (DP-SGD with the pull toward the shipped model) given the whole "
+        "budget, so it is a strong version of that baseline.",
         "- ε is the per-device cost of this one round; a device's lifetime budget composes "
         "rounds. The full payload's DP histogram and prototypes come out of the same total, so "
         "its DP-SGD runs with more noise than the local-DP baselines' at the same ε.",
@@ -1054,6 +1065,31 @@ def _schedule_table(result: ReproduceResult) -> str:
                      f"{row['local_lr']:g} | {row['full_noise_multiplier']:.3f} | "
                      f"{row['full_lr']:g} | {text} | {gap} |")
     return "\n".join(lines)
+
+
+def _where_diredi_loses(result: ReproduceResult) -> list[str] | None:
+    """Bullets for every (baseline, ε, axis) where the baseline's paired mean beats DiReDi's full
+    payload; None when DiReDi's full payload was not run."""
+    if not result.select_any("diredi_full"):
+        return None
+    out = []
+    for base in ("local_ft", "fedavg", "fedmd", "diredi_logits", "diredi_delta"):
+        if not result.select_any(base):
+            continue
+        for e in result.paired("diredi_full", base):
+            eps = None if e["epsilon"] is None else float(e["epsilon"])
+            for axis, key in (("user-test", "difference"), ("presumed-test", "presumed_difference")):
+                diff = float(e[key] or 0.0)
+                if diff < 0:
+                    ci = float(e[key + "_ci"] if e[key + "_ci"] is not None else math.nan)
+                    sure = ("" if math.isnan(ci) else
+                            " (the 95% interval excludes zero)" if abs(diff) > ci else
+                            " (within the 95% interval of zero)")
+                    out.append(f"- ε {format_epsilon(eps)}: {METHODS[base]} is ahead on "
+                               f"{axis} accuracy by {-diff:.3f}"
+                               + ("" if math.isnan(ci) else f" ± {ci:.3f}") + f"{sure}, "
+                               f"over {e['n']} seed(s).")
+    return out
 
 
 def _choice_notes(result: ReproduceResult) -> list[str]:

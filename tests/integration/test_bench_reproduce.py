@@ -209,6 +209,10 @@ def test_against_local_dp_pairs_by_seed() -> None:
     assert row["presumed_difference"] == pytest.approx(0.16)
     md = rp.results_markdown(_synthetic(), "results.png", "x")
     assert "| 8 | 2 | 0.560 | 0.620 | -0.060 ± 0.127 | +0.160 ± 0.000 |" in md
+    # Where a baseline beats DiReDi it is said, with its interval.
+    assert ("- ε 8: local fine-tuning on the device is ahead on user-test accuracy by 0.060 ± "
+            "0.127 (within the 95% interval of zero), over 2 seed(s).") in md
+    assert "FedAvg, weight deltas (one round) is ahead" not in md
 
 
 def test_quick_figures_refuse_missing_methods() -> None:
