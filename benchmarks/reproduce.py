@@ -1081,7 +1081,8 @@ def _where_diredi_loses(result: ReproduceResult) -> list[str] | None:
             for axis, key in (("user-test", "difference"), ("presumed-test", "presumed_difference")):
                 diff = float(e[key] or 0.0)
                 if diff < 0:
-                    ci = float(e[key + "_ci"] if e[key + "_ci"] is not None else math.nan)
+                    half = e[key + "_ci"]
+                    ci = math.nan if half is None else float(half)
                     sure = ("" if math.isnan(ci) else
                             " (the 95% interval excludes zero)" if abs(diff) > ci else
                             " (within the 95% interval of zero)")
