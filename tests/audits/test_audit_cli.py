@@ -26,7 +26,7 @@ def test_importing_the_audit_cli_does_not_import_torch() -> None:
 def test_help_lists_the_options() -> None:
     res = CliRunner().invoke(app, ["run", "--help"])
     assert res.exit_code == 0
-    for opt in ("--epsilon", "--no-dp", "--profile", "--out", "--scenario", "--leak"):
+    for opt in ("--epsilon", "--no-dp", "--profile", "--out", "--scenario", "--implementation"):
         assert opt in res.output
 
 

@@ -1,11 +1,14 @@
-"""The release gate, and the two end-to-end audits issue 6 requires in CI (fast profile, each
-under 90 s on 2 cores; marked ``audit_e2e``, not ``slow``, so ``make test`` runs them):
+"""The release gate and the end-to-end audits CI runs (fast profile, each well under 60 s on 2
+cores; marked ``audit_e2e``, not ``slow``, so ``make test`` runs them), all on the shipped device
+configuration (reference logits, weight delta, prototypes and histogram; the policy's schedule):
 
-* the positive control: RD without DP must fail and the attacks must see its leak, otherwise the
-  audit has no power;
-* a DP run at epsilon 1 must pass every criterion.
+* the positive control: RD without DP must fail and the attacks must see its leak;
+* the honest device at total epsilon 1 must pass every criterion (all mechanisms conclusive);
+* each lying device (honest header, one thing broken) must fail, on the mechanism it broke;
+* at the default total epsilon 8 the DP-SGD claim (about 7.5) is above the ceiling of its attack:
+  the verdict is ``inconclusive``, with the ceiling in the JSON and the text, never ``pass``.
 
-Both go through :func:`run_release_gate`, the path ``diredi cloud merge`` takes.
+All go through :func:`run_release_gate`, the path ``diredi cloud merge`` takes.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from pathlib import Path
 
 import pytest
 from diredi_secure.audits.gate import GATE_FORMAT, run_release_gate
+from diredi_secure.audits.mechanisms import LyingDevice
 
 from diredi_secure.errors import ConfigError, LocalError
 
 SUMMARY = re.compile(
-    r"^audit: verdict=(pass|fail) eps_lb=(\d+\.\d{3}) claimed_eps=(\S+) auc=(\d\.\d{3}) "
+    r"^audit: verdict=(pass|fail|inconclusive) eps_lb=(\d+\.\d{3}) claimed_eps=(\S+) auc=(\d\.\d{3}) "
     r"tpr_at_1pct_fpr=(\d\.\d{3})$")
 
 
@@ -49,7 +53,7 @@ def _report(path: Path, digest: str) -> dict[str, object]:
     raw = path.read_bytes()
     assert hashlib.sha256(raw).hexdigest() == digest  # what the attestation records
     data = json.loads(raw)
-    assert data["format"] == "diredi-audit-report/1"
+    assert data["format"] == "diredi-audit-report/2"
     html = path.with_name("audit.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in html and "http" not in html.replace("http-equiv", "")
     return data  # type: ignore[no-any-return]
@@ -94,7 +98,68 @@ def test_dp_run_at_epsilon_1_passes(tmp_path: Path) -> None:
     for attack in data["attacks"]:  # type: ignore[attr-defined]
         cons = attack["dp_consistency"]
         assert cons["consistent"] and cons["violations"] == 0, attack["name"]
-        assert cons["epsilon"] == 1.0 and cons["delta"] == data["delta"]
+        # tested against DP-SGD's own epsilon (the total 1 minus what the entries spend)
+        assert cons["epsilon"] == pytest.approx(0.954, abs=1e-3)
+        assert cons["delta"] == data["delta"] == 1e-5
     assert all(c["ok"] for c in data["criteria"])  # type: ignore[attr-defined]
     gate = data["release_gate"]
     assert isinstance(gate, dict) and gate["forced"] is False and gate["verdict"] == "pass"
+    # every mechanism of the shipped packet was attacked, against its own claim, conclusively
+    mech = {m["mechanism"]: m for m in data["mechanisms"]}  # type: ignore[attr-defined]
+    assert set(mech) == {"dp_sgd", "label_histogram", "dp_prototypes"}
+    for m in mech.values():
+        assert m["verdict"] == "pass" and m["claimed_epsilon"] < m["ceiling"], m
+        assert m["delta"] == 1e-5
+    assert data["noise_floor"]["ok"] is True  # type: ignore[index]
+    assert data["dp_parameters"]["accountant"] == "rdp"  # type: ignore[index]
+
+
+#: each control, and the mechanism whose verdict it must turn to "fail"
+CONTROLS = [
+    (LyingDevice.NO_DPSGD_NOISE, "dp_sgd"),
+    (LyingDevice.NO_HISTOGRAM_NOISE, "label_histogram"),
+    (LyingDevice.NO_PROTOTYPE_NOISE, "dp_prototypes"),
+    (LyingDevice.FIXED_SEED, "label_histogram"),
+    (LyingDevice.SMALL_DPSGD_NOISE, "dp_sgd"),
+]
+
+
+@pytest.mark.audit_e2e
+@pytest.mark.parametrize(("implementation", "broken"), CONTROLS, ids=[c.value for c, _ in CONTROLS])
+def test_lying_device_fails(implementation: LyingDevice, broken: str, tmp_path: Path) -> None:
+    # total epsilon 1: every mechanism's claim is below its attack's ceiling, so a lie can fail
+    out = run_release_gate(epsilon=1.0, out_dir=tmp_path, implementation=implementation)
+    data = _report(out.report_path, out.report_sha256)
+    assert out.verdict == "fail", data["mechanisms"]
+    assert not out.may_release
+    mech = {m["mechanism"]: m for m in data["mechanisms"]}  # type: ignore[attr-defined]
+    assert mech[broken]["verdict"] == "fail", mech[broken]
+    assert mech[broken]["claimed_epsilon"] < mech[broken]["ceiling"]
+    # the header is the honest one: nothing in it gives the lie away
+    assert data["dp_parameters"]["noise_seeded"] is False  # type: ignore[index]
+    crit = {c["name"]: c["ok"] for c in data["criteria"]}  # type: ignore[attr-defined]
+    assert crit["packet is DP"] and crit["declared epsilon <= claimed"]
+    assert crit["accounting recomputation"]
+    assert data["implementation"] == implementation.value
+
+
+@pytest.mark.audit_e2e
+def test_shipped_epsilon_8_is_inconclusive_with_the_ceiling_shown(tmp_path: Path) -> None:
+    out = run_release_gate(epsilon=8.0, out_dir=tmp_path)
+    data = _report(out.report_path, out.report_sha256)
+    assert out.verdict == "inconclusive", data["criteria"]
+    assert not out.may_release
+    mech = {m["mechanism"]: m for m in data["mechanisms"]}  # type: ignore[attr-defined]
+    sgd = mech["dp_sgd"]
+    assert sgd["verdict"] == "inconclusive"
+    assert sgd["claimed_epsilon"] == pytest.approx(7.53, abs=0.01)
+    assert sgd["claimed_epsilon"] > sgd["ceiling"]
+    assert 3.0 < sgd["ceiling"] < 4.7
+    # the histogram (0.5) and the composed histogram + prototypes (about 2.4) stay conclusive
+    assert mech["label_histogram"]["verdict"] == "pass"
+    assert mech["dp_prototypes"]["verdict"] == "pass"
+    text = "\n".join(data["text"])  # type: ignore[arg-type]
+    assert f"ceiling={sgd['ceiling']:.3f}" in text and "verdict=inconclusive" in text
+    assert "inconclusive" in out.report_path.with_name("audit.html").read_text(encoding="utf-8")
+    forced = run_release_gate(epsilon=8.0, out_dir=tmp_path / "forced", force=True)
+    assert forced.verdict == "inconclusive" and forced.forced and forced.may_release

@@ -1,9 +1,10 @@
-"""Unit tests on the audit maths: accounting, metrics, the one-run canary bound."""
+"""Unit tests on the audit maths: accounting (through diredi_secure.privacy), metrics, the one-run
+canary bound."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import numpy as np
@@ -16,124 +17,116 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from diredi_secure.errors import ConfigError, PolicyViolation
+from diredi_secure.knowledge import DPParameters, PayloadKind
+from diredi_secure.ml.reverse import RDConfig, dp_parameters_for
+from diredi_secure.privacy import (
+    DEFAULT_DP_POLICY,
+    RDP_ORDERS,
+    epsilon_from_curve,
+    gaussian_epsilon,
+)
+
+SHIPPED = (PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA, PayloadKind.DP_PROTOTYPES)
 
 
-@dataclass(frozen=True)
-class DP:
-    noise_multiplier: float = 1.0
-    clip_norm: float = 1.0
-    sample_rate: float = 0.01
-    steps: int = 1000
-    accountant: str = "rdp"
-    epsilon: float = 2.11
-    delta: float = 1e-5
-    poisson_sampling: bool = True
-    total_epsilon: float = 0.0
+def _packet(total: float = 8.0, **dp_changes: object) -> tuple[DPParameters, list[Entry]]:
+    """The header and entry declarations the shipped device configuration puts on the wire."""
+    cfg = RDConfig(epsilon=total, kinds=SHIPPED)
+    sched = cfg.schedule()
+    assert sched.histogram_noise_multiplier is not None
+    assert sched.prototype_noise_multiplier is not None
+    entries = [Entry("reference_logits", PayloadKind.REFERENCE_LOGITS),
+               Entry("weight_delta", PayloadKind.WEIGHT_DELTA)]
+    for name, kind, sigma in (("label_histogram", PayloadKind.LABEL_HISTOGRAM,
+                               sched.histogram_noise_multiplier),
+                              ("dp_prototypes", PayloadKind.DP_PROTOTYPES,
+                               sched.prototype_noise_multiplier)):
+        entries.append(Entry(name, kind, sigma, gaussian_epsilon(sigma, DEFAULT_DP_POLICY.delta)))
+    return replace(dp_parameters_for(cfg, seeded=False), **dp_changes), entries  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
+    kind: PayloadKind
     noise_multiplier: float = 0.0
     epsilon: float = 0.0
 
 
 # ------------------------------------------------------------------------------------ accounting
-def test_rdp_recomputation_matches_opacus_accountant() -> None:
+def test_shipped_header_is_accepted_with_its_mechanism_epsilons() -> None:
+    dp, entries = _packet(8.0)
+    check = accounting.check_packet_accounting(dp, entries)
+    assert check.ok, check.findings
+    claims = {c.kind.value: c.epsilon for c in check.claims}
+    # the figures docs/AUDIT.md quotes: DP-SGD about 7.5, histogram 0.5, prototypes 2 at total 8
+    assert claims["dp_sgd"] == pytest.approx(7.53, abs=0.01)
+    assert claims["label_histogram"] == pytest.approx(0.5, abs=1e-6)
+    assert claims["dp_prototypes"] == pytest.approx(2.0, abs=1e-5)
+    assert check.recomputed_epsilon == pytest.approx(8.0, abs=1e-4)
+    assert check.to_json()["ok"] is True
+
+
+def test_header_is_the_same_for_every_n() -> None:
+    # nothing in the header depends on the user's data: the audit's claims are the devices' claims
+    a, _ = _packet(2.0)
+    b, _ = _packet(2.0)
+    assert a == b and a.delta == DEFAULT_DP_POLICY.delta and a.accountant == "rdp"
+
+
+def test_recomputation_matches_opacus_rdp_accountant() -> None:
+    # an independent reference: Opacus' own accountant on the same integer orders
+    dp, entries = _packet(2.0)
     acc = RDPAccountant()
-    acc.history = [(1.0, 0.01, 1000)]
-    mech = accounting.GaussianMechanism(1.0, 0.01, 1000)
-    ours, _ = accounting.rdp_epsilon([mech], delta=1e-5)
-    # our order grid is a superset of Opacus' defaults: never looser
-    assert ours <= acc.get_epsilon(1e-5) + 1e-9
-    assert ours == pytest.approx(2.10, abs=0.02)
-
-
-def test_prv_not_above_rdp_over_a_grid() -> None:
-    for sigma, q, steps in [(0.6, 0.05, 200), (1.0, 0.01, 1000), (2.0, 0.1, 50), (5.0, 1.0, 1)]:
-        rec = accounting.recompute_epsilon(
-            [accounting.GaussianMechanism(sigma, q, steps)], delta=1e-5
-        )
-        assert rec.prv_within_rdp, (sigma, q, steps, rec)
-        assert 0 < rec.prv_epsilon <= rec.rdp_epsilon + 0.05
-
-
-def test_honest_packet_passes_and_under_declared_packet_is_flagged() -> None:
-    honest = accounting.check_packet_accounting(DP(), dataset_size=10_000, batch_size=100)
-    assert honest.ok, honest.findings
-    low = accounting.check_packet_accounting(DP(epsilon=1.0))
-    assert not low.ok
-    assert any("below the recomputed" in f for f in low.findings)
-    with pytest.raises(accounting.AccountingError) as info:
-        accounting.verify_packet_accounting(DP(epsilon=1.0))
-    assert isinstance(info.value, PolicyViolation)
-
-
-def test_prv_declared_epsilon_is_checked_against_prv() -> None:
-    prv = accounting.recompute_epsilon(
-        [accounting.GaussianMechanism(1.0, 0.01, 1000)], delta=1e-5
-    ).prv_epsilon
-    assert accounting.check_packet_accounting(DP(accountant="prv", epsilon=prv)).ok
-    # the same number under "rdp" under-reports
-    assert not accounting.check_packet_accounting(DP(accountant="rdp", epsilon=prv)).ok
+    acc.history = [(dp.noise_multiplier, dp.sample_rate, dp.steps)]
+    theirs = acc.get_epsilon(dp.delta, alphas=[float(a) for a in RDP_ORDERS])
+    check = accounting.check_packet_accounting(dp, entries)
+    assert check.charge is not None, check.findings
+    assert check.charge.training_epsilon == pytest.approx(theirs, rel=1e-6)
 
 
 @pytest.mark.parametrize(
-    ("dp", "kwargs", "needle"),
+    ("changes", "reason"),
     [
-        (DP(poisson_sampling=False), {}, "poisson"),
-        (DP(), {"dataset_size": 10_000, "batch_size": 50}, "sample rate"),
-        (DP(), {"dataset_size": 100_000}, "not below 1/n"),
-        (DP(noise_multiplier=0.0), {}, "no Gaussian mechanism"),
-        (DP(sample_rate=1.5), {}, "no Gaussian mechanism"),
-        (DP(clip_norm=0.0), {}, "clip norm"),
+        ({"epsilon": 0.5}, "epsilon_"),
+        ({"total_epsilon": 1.0}, "epsilon_"),
+        ({"noise_seeded": True}, "seeded_noise"),
+        ({"poisson_sampling": False}, "no_poisson_sampling"),
+        ({"delta": 1e-3}, "delta_over_policy"),
+        ({"accountant": "prv"}, "accountant_unsupported"),
+        ({"noise_multiplier": 0.01}, "dp_parameter_out_of_bounds"),
     ],
 )
-def test_implausible_parameters_are_flagged(
-    dp: DP, kwargs: dict[str, int], needle: str
-) -> None:
-    check = accounting.check_packet_accounting(dp, **kwargs)  # type: ignore[arg-type]
-    assert not check.ok
-    assert any(needle in f for f in check.findings), check.findings
+def test_a_bad_header_is_one_finding_with_its_reason(changes: dict[str, object],
+                                                     reason: str) -> None:
+    dp, entries = _packet(8.0, **changes)
+    check = accounting.check_packet_accounting(dp, entries)
+    # (an understated epsilon is refused as "epsilon_understated" or "epsilon_mismatch")
+    assert not check.ok and len(check.reasons) == 1, check.findings
+    assert check.reasons[0].startswith(reason), check.reasons
+    with pytest.raises(PolicyViolation) as info:
+        accounting.verify_packet_accounting(dp, entries)
+    assert info.value.reason == check.reasons[0]
 
 
-def test_noisy_payload_entries_are_composed_into_the_packet() -> None:
-    hist = Entry("label_histogram", noise_multiplier=5.0, epsilon=0.1)  # truly about 1
-    check = accounting.check_packet_accounting(DP(total_epsilon=2.2), [hist])
-    assert any("label_histogram" in f for f in check.findings)
-    own = accounting.recompute_epsilon(
-        [accounting.GaussianMechanism(5.0, 1.0, 1)], delta=1e-5
-    )
-    good = Entry("label_histogram", noise_multiplier=5.0, epsilon=own.rdp_epsilon)
-    assert check.recomputed is not None
-    total = check.recomputed.rdp_epsilon
-    assert total > 2.10  # composition adds something
-    ok = accounting.check_packet_accounting(DP(total_epsilon=total), [good])
-    assert ok.ok, ok.findings
-    under = accounting.check_packet_accounting(DP(total_epsilon=2.11), [good])
-    assert any("total epsilon" in f for f in under.findings)
+def test_an_entry_without_noise_is_unaccounted() -> None:
+    dp, entries = _packet(8.0)
+    entries[2] = Entry("label_histogram", PayloadKind.LABEL_HISTOGRAM)
+    check = accounting.check_packet_accounting(dp, entries)
+    assert check.reasons == ("unaccounted_release",)
 
 
-def test_lifetime_composition_is_rdp_exact_and_below_basic_composition() -> None:
-    dp = DP()
-    life = accounting.compose_lifetime_epsilon([(dp, ()), (dp, ()), (dp, ())], delta=1e-5)
-    one_long, _ = accounting.rdp_epsilon(
-        [accounting.GaussianMechanism(1.0, 0.01, 3000)], delta=1e-5
-    )
-    assert life.rdp_epsilon == pytest.approx(one_long, rel=1e-9)
-    assert life.prv_epsilon <= life.rdp_epsilon + 0.1
-    assert life.rdp_epsilon < life.sum_of_declared
-    single, _ = accounting.rdp_epsilon([accounting.GaussianMechanism(1.0, 0.01, 1000)],
-                                       delta=1e-5)
-    assert life.tightest > single
-    # heterogeneous packets
-    other = DP(noise_multiplier=2.0, sample_rate=0.05, steps=100, epsilon=0.5)
-    het = accounting.compose_lifetime_epsilon(
-        [(dp, ()), (other, [Entry("label_histogram", 5.0, 1.0)])], delta=1e-5
-    )
-    assert len(het.mechanisms) == 3
+def test_lifetime_composition_is_the_ledger_composition() -> None:
+    dp, entries = _packet(2.0)
+    life = accounting.compose_lifetime_epsilon([(dp, entries)] * 3)
+    one = accounting.check_packet_accounting(dp, entries).charge
+    assert one is not None
+    assert life.epsilon == pytest.approx(
+        epsilon_from_curve(3 * one.curve, DEFAULT_DP_POLICY.delta)[0], rel=1e-12)
+    assert one.epsilon < life.epsilon < life.sum_of_declared
+    assert len(life.mechanisms) == 9
     with pytest.raises(ConfigError):
-        accounting.compose_lifetime_epsilon([], delta=1e-5)
+        accounting.compose_lifetime_epsilon([])
 
 
 # ---------------------------------------------------------------------------------- metrics

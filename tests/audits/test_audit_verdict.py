@@ -1,4 +1,5 @@
-"""The verdict logic on synthetic attacks: each pass criterion of issue 6 decides on its own."""
+"""The verdict logic on synthetic attacks: per mechanism (pass / fail / inconclusive above the
+ceiling) and overall."""
 
 from __future__ import annotations
 
@@ -6,114 +7,114 @@ import math
 
 import numpy as np
 import pytest
-from diredi_secure.audits import accounting, canary, inspection, metrics
-from diredi_secure.audits.suite import ChannelAttack, decide_verdict
+from diredi_secure.audits import canary, inspection, metrics
+from diredi_secure.audits.mechanisms import MechanismAudit, detection_ceiling, judge_mechanism
+from diredi_secure.audits.suite import decide_verdict
 
 from diredi_secure.knowledge import DPParameters
 
-DELTA = 1e-6
-
-
-def _dp(epsilon: float = 0.99, total: float = 0.0) -> DPParameters:
-    return DPParameters(noise_multiplier=5.0, clip_norm=1.0, sample_rate=0.4, steps=90,
-                        accountant="prv", epsilon=epsilon, delta=DELTA, total_epsilon=total)
-
-
-def _attack(scores: np.ndarray, included: np.ndarray, claimed: float,
-            consistency: bool = True) -> ChannelAttack:
-    am = metrics.attack_metrics("c/a", scores, included,
-                                epsilon=claimed if consistency else None, delta=DELTA)
-    return ChannelAttack("c", "a", scores, am, metrics.roc_curve(scores, included),
-                         canary.audit_canary_scores(scores, included, delta=DELTA))
-
-
+DELTA = 1e-5
 CLEAN = inspection.InspectionResult(ok=True, findings=())
 
 
-def _coins(m: int = 256, seed: int = 0) -> tuple[np.random.Generator, np.ndarray]:
+def _dp(epsilon: float = 0.9, total: float = 1.0) -> DPParameters:
+    return DPParameters(noise_multiplier=13.5, clip_norm=1.0, sample_rate=1 / 3, steps=90,
+                        accountant="rdp", epsilon=epsilon, delta=DELTA, total_epsilon=total)
+
+
+def _coins(m: int = 512, seed: int = 0) -> tuple[np.random.Generator, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng, canary.sample_inclusion(m, rng)
 
 
-def _decide(claimed: float, attacks: tuple[ChannelAttack, ...], eps_lb: float,
-            dp: DPParameters | None = None) -> dict[str, bool]:
-    verdict, crit = decide_verdict(claimed, DELTA, dp or _dp(), _ok_accounting(), attacks,
-                                   eps_lb, CLEAN)
-    out = {name: ok for name, ok, _ in crit}
-    assert (verdict == "pass") == all(out.values())
-    return out
+def _judge(scores: np.ndarray, inc: np.ndarray, claimed: float) -> MechanismAudit:
+    am = metrics.attack_metrics("m/a", scores, inc, epsilon=claimed, delta=DELTA)
+    ca = canary.audit_canary_scores(scores, inc, delta=DELTA)
+    ceiling = detection_ceiling(inc, delta=DELTA, canary_confidence=0.95, roc_confidence=0.95)
+    return judge_mechanism("m", claimed_epsilon=claimed, delta=DELTA, ceiling=ceiling,
+                           eps_lower_bound=ca.epsilon_lower_bound,
+                           consistency=(("m/a", am.consistency),))
 
 
-def _ok_accounting() -> accounting.PacketAccountingCheck:
-    # a check without findings (its recomputation is tested in test_audit_maths.py)
-    return accounting.PacketAccountingCheck(
-        declared_epsilon=0.99, declared_total_epsilon=0.0, declared_delta=DELTA,
-        declared_accountant="prv", recomputed=None, training_only=None)
+def test_ceiling_of_512_canaries_is_about_4_4() -> None:
+    _, inc = _coins(512)
+    # the suite's DP-SGD split: 3 mechanisms, 3 channels (one-run), 6 tests (ROC)
+    c = detection_ceiling(inc, delta=1e-6, canary_confidence=1 - 0.05 / 9,
+                          roc_confidence=1 - 0.05 / 18)
+    assert 3.5 < c < 4.7
 
 
-def test_chance_attack_passes_every_criterion() -> None:
+def test_chance_attack_passes_below_the_ceiling() -> None:
     rng, inc = _coins()
-    att = _attack(rng.normal(size=inc.size), inc, 1.0)
-    crit = _decide(1.0, (att,), att.canary_audit.epsilon_lower_bound)
-    assert all(crit.values()), crit
+    m = _judge(rng.normal(size=inc.size), inc, 1.0)
+    assert m.verdict == "pass", m.detail
 
 
-def test_lower_bound_above_claim_fails_only_that_criterion() -> None:
+def test_a_claim_above_the_ceiling_is_inconclusive_never_pass() -> None:
     rng, inc = _coins()
-    att = _attack(rng.normal(size=inc.size), inc, 1.0)
-    crit = _decide(1.0, (att,), 1.01)
-    assert not crit["eps lower bound <= claimed"]
-    assert crit["ROC consistent with (eps, delta)"]
-    # equal is allowed: the criterion is eps_lb <= claimed
-    assert _decide(1.0, (att,), 1.0)["eps lower bound <= claimed"]
+    m = _judge(rng.normal(size=inc.size), inc, 8.0)
+    assert m.ceiling < 8.0
+    assert m.verdict == "inconclusive"
+    assert "ceiling" in m.detail and f"{m.ceiling:.3f}" in m.line()
+    verdict, crit = decide_verdict(8.0, _dp(7.5, 8.0), None, CLEAN, (m,))
+    assert verdict == "fail"  # no accounting: criterion 3
+    from diredi_secure.audits.accounting import PacketAccountingCheck
+
+    ok = PacketAccountingCheck(7.5, 8.0, DELTA, "rdp", charge=None)
+    verdict, crit = decide_verdict(8.0, _dp(7.5, 8.0), ok, CLEAN, (m,))
+    assert verdict == "inconclusive", crit
 
 
-def test_roc_point_above_the_dp_line_fails() -> None:
-    rng, inc = _coins(512)
-    # a strong signal on 1/4 of the members: TPR_low well above e^0.5 FPR_high + delta at the
-    # top thresholds, while the AUC stays moderate
+def test_a_perfect_attack_fails_a_claim_below_the_ceiling() -> None:
+    _, inc = _coins()
+    m = _judge(inc.astype(float), inc, 1.0)
+    assert m.verdict == "fail"
+    assert m.eps_lower_bound > 1.0 and m.roc_epsilon > 1.0
+
+
+def test_any_failing_mechanism_fails_the_packet() -> None:
+    from diredi_secure.audits.accounting import PacketAccountingCheck
+
+    rng, inc = _coins()
+    good = _judge(rng.normal(size=inc.size), inc, 1.0)
+    high = _judge(rng.normal(size=inc.size), inc, 8.0)
+    bad = _judge(inc.astype(float), inc, 1.0)
+    ok = PacketAccountingCheck(0.9, 1.0, DELTA, "rdp", charge=None)
+    assert decide_verdict(1.0, _dp(), ok, CLEAN, (good, good))[0] == "pass"
+    assert decide_verdict(1.0, _dp(), ok, CLEAN, (good, high))[0] == "inconclusive"
+    assert decide_verdict(1.0, _dp(), ok, CLEAN, (good, high, bad))[0] == "fail"
+    dirty = inspection.InspectionResult(ok=False, findings=("copy",))
+    assert decide_verdict(1.0, _dp(), ok, dirty, (good,))[0] == "fail"
+
+
+def test_untested_curve_or_extra_failure_fails() -> None:
+    rng, inc = _coins()
     s = rng.normal(size=inc.size)
-    strong = inc & (rng.random(inc.size) < 0.25)
-    s[strong] += 8.0
-    att = _attack(s, inc, 0.5)
-    assert att.metrics.consistency is not None and att.metrics.consistency.violations > 0
-    # the criterion is exactly TPR_low <= exp(eps) FPR_high + delta at every threshold
-    roc, c = att.roc, att.metrics.consistency
-    alpha = (1 - c.confidence) / (2 * c.points)
-    from scipy import stats
-
-    tp, fp = roc.tp.astype(float), roc.fp.astype(float)
-    tpr_low = np.where(tp > 0, stats.beta.ppf(alpha, tp, roc.positives - tp + 1), 0.0)
-    fpr_high = np.where(fp < roc.negatives,
-                        stats.beta.ppf(1 - alpha, fp + 1, roc.negatives - fp), 1.0)
-    assert np.any(tpr_low > math.exp(0.5) * fpr_high + DELTA)
-    crit = _decide(0.5, (att,), 0.0)
-    assert not crit["ROC consistent with (eps, delta)"]
-    # the same curve is consistent with a claim large enough
-    att8 = _attack(s, inc, 8.0)
-    assert _decide(8.0, (att8,), 0.0)["ROC consistent with (eps, delta)"]
-
-
-def test_untested_curve_or_no_attack_fails_a_finite_claim() -> None:
-    rng, inc = _coins()
-    att = _attack(rng.normal(size=inc.size), inc, 1.0, consistency=False)
-    assert not _decide(1.0, (att,), 0.0)["ROC consistent with (eps, delta)"]
-    assert not _decide(1.0, (), 0.0)["ROC consistent with (eps, delta)"]
+    ca = canary.audit_canary_scores(s, inc, delta=DELTA)
+    m = judge_mechanism("m", claimed_epsilon=1.0, delta=DELTA, ceiling=4.0,
+                        eps_lower_bound=ca.epsilon_lower_bound, consistency=(("m/a", None),))
+    assert m.verdict == "fail"
+    m = judge_mechanism("m", claimed_epsilon=1.0, delta=DELTA, ceiling=4.0, eps_lower_bound=0.0,
+                        consistency=(), extra_failure="noise floor")
+    assert m.verdict == "fail" and "noise floor" in m.detail
 
 
 @pytest.mark.parametrize(
     ("dp", "failed"),
     [
-        (_dp(epsilon=1.2), "declared epsilon <= claimed"),
-        (_dp(epsilon=0.9, total=1.05), "declared epsilon <= claimed"),
+        (_dp(epsilon=1.2, total=1.2), "declared epsilon <= claimed"),
         (DPParameters(noise_multiplier=0.0, clip_norm=1.0, sample_rate=0.4, steps=90,
                       accountant="none", epsilon=math.inf, delta=DELTA), "packet is DP"),
         (DPParameters(noise_multiplier=5.0, clip_norm=1.0, sample_rate=0.4, steps=90,
-                      accountant="prv", epsilon=0.9, delta=DELTA, poisson_sampling=False),
+                      accountant="rdp", epsilon=0.9, delta=DELTA, poisson_sampling=False),
          "packet is DP"),
     ],
 )
 def test_header_criteria(dp: DPParameters, failed: str) -> None:
+    from diredi_secure.audits.accounting import PacketAccountingCheck
+
     rng, inc = _coins()
-    att = _attack(rng.normal(size=inc.size), inc, 1.0)
-    assert not _decide(1.0, (att,), 0.0, dp)[failed]
+    good = _judge(rng.normal(size=inc.size), inc, 1.0)
+    ok = PacketAccountingCheck(0.9, 1.0, DELTA, "rdp", charge=None)
+    verdict, crit = decide_verdict(1.0, dp, ok, CLEAN, (good,))
+    assert verdict == "fail" and not dict((n, o) for n, o, _ in crit)[failed]
