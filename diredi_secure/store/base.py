@@ -579,6 +579,8 @@ class Store(ABC):
         :class:`BudgetExceeded`, :class:`UnknownDevice`, :class:`CertificateRevoked`,
         :class:`StoreError`.
         """
+        if record.rdp_curve is None:
+            raise ValueError("store_packet needs the packet's RDP curve (PacketRecord.rdp_curve)")
         digest = hashlib.sha256(record.packet_bytes).digest()
         pid = bytes(record.packet_id)
         try:
@@ -603,12 +605,10 @@ class Store(ABC):
                         f"device {record.device_id}: counter {record.counter} is not above the "
                         f"highest accepted ({device.highest_counter})"
                     )
-                if record.rdp_curve is None:
-                    raise ValueError("store_packet needs the packet's RDP curve (rdp_curve)")
-                spent_curve = device.rdp_spent if device.rdp_spent is not None else None
                 new_curve, new_eps = charge(
                     device_id=record.device_id,
-                    spent_curve=curve_from_json(None) if spent_curve is None else spent_curve,
+                    spent_curve=(device.rdp_spent if device.rdp_spent is not None
+                                 else curve_from_json(None)),
                     packet_curve=record.rdp_curve,
                     budget=device.epsilon_budget,
                     policy=self._dp,

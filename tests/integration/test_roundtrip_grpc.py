@@ -35,6 +35,7 @@ from diredi_secure.services.edge import EdgeAgent, RetryPolicy
 from diredi_secure.services.status import ServiceUnavailable
 from diredi_secure.services.workspace import CloudWorkspace, DeviceWorkspace
 
+from diredi_secure import privacy
 from diredi_secure.errors import ReleaseRefused
 from diredi_secure.knowledge import PayloadKind
 from diredi_secure.ml.data import load_npz_dataset
@@ -123,7 +124,7 @@ def test_full_round_through_grpc(cloud_ws: CloudWorkspace, tmp_path: Path) -> No
                 rd=RDConfig(epochs=1),
             )
             assert rnd.base_model_sha256 == v1.model_sha256 and rnd.base_version == 1
-            assert 0 < rnd.dp.composed_epsilon <= 4.0 + 0.5 + 1e-6  # DP-SGD + the histogram's own
+            assert rnd.dp.composed_epsilon == pytest.approx(4.0, rel=1e-5)  # the total, composed
             body = agent.submit(rnd.sealed.data)
             assert body.device_id == f"device-{user}"
         assert len(store.list_packets()) == 2
@@ -303,8 +304,10 @@ def test_sigkill_keeps_every_acknowledged_packet(backend: str, tmp_path: Path) -
             assert len(rows) == len({r.packet_id for r in rows}) == len(sealed_all)  # each once
             for i in range(2):
                 mine = [r for r in rows if r.device_id == f"device-{i}"]
+                one = privacy.Mechanism(privacy.MechanismKind.DP_SGD, DP.noise_multiplier,
+                                        DP.sample_rate, DP.steps).curve()
                 assert store.epsilon_spent(f"device-{i}") == pytest.approx(
-                    DP.composed_epsilon * len(mine))  # charged once per packet
+                    privacy.lifetime_epsilon(one * len(mine)), rel=1e-9)  # composed once per packet
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
 
+from diredi_secure import privacy
 from diredi_secure.errors import (
     BudgetExceeded,
     CertificateRevoked,
@@ -133,7 +135,22 @@ def record(
         packet_bytes=body if body is not None else b"sealed:" + pid,
         receipt_bytes=receipt if receipt is not None else b"receipt:" + pid,
         received_at_ms=T0 + 1000 + counter,
+        rdp_curve=curve_of(epsilon),
     )
+
+
+def curve_of(epsilon: float):  # type: ignore[no-untyped-def]
+    """The ledger curve of one Gaussian release spending ``epsilon`` at the policy's delta."""
+    if epsilon == 0:
+        return privacy.zero_curve()
+    sigma = privacy.noise_for_epsilon(epsilon, delta=privacy.DEFAULT_DP_POLICY.delta,
+                                      sample_rate=1.0, steps=1, lo=0.05, hi=1e5)
+    return privacy.gaussian_curve(sigma, 1.0, 1)
+
+
+def composed(epsilon: float, k: int) -> float:
+    """Lifetime epsilon of ``k`` such packets, composed by the ledger's accountant."""
+    return privacy.lifetime_epsilon(curve_of(epsilon) * k)
 
 
 def snapshot(store: Store) -> tuple[object, ...]:
@@ -226,7 +243,7 @@ def test_store_packet_records_replay_state_and_ledger(store: Store) -> None:
     assert store.highest_counter("dev1") == 3
     assert store.packet_seen(record(3).packet_id)
     assert not store.packet_seen(b"unknown-id......")
-    assert store.epsilon_spent("dev1") == 1.5
+    assert store.epsilon_spent("dev1") == pytest.approx(1.5, rel=1e-5)
     [stored] = store.list_packets()
     assert stored.packet_bytes == record(3).packet_bytes
     assert stored.packet_sha256 == hashlib.sha256(record(3).packet_bytes).digest()
@@ -270,24 +287,52 @@ def test_counter_not_above_highest_is_a_replay(store: Store, counter: int) -> No
 
 def test_budget_exceeded_changes_nothing_and_burns_no_counter(store: Store) -> None:
     store.set_epsilon_budget("dev1", 1.0)
-    store.store_packet(record(1, epsilon=0.6))
+    store.store_packet(record(1, epsilon=0.8))
     before = snapshot(store)
     with pytest.raises(BudgetExceeded):
-        store.store_packet(record(2, epsilon=0.5))
+        store.store_packet(record(2, epsilon=0.8))  # composed: about 1.2 > 1.0
     assert snapshot(store) == before
-    assert store.epsilon_spent("dev1") == 0.6 and store.highest_counter("dev1") == 1
+    assert store.epsilon_spent("dev1") == pytest.approx(0.8, rel=1e-5)
+    assert store.highest_counter("dev1") == 1
     assert not store.packet_seen(record(2).packet_id)
     # The refused packet left no trace: a cheaper packet with the same counter is accepted.
-    store.store_packet(record(2, epsilon=0.4, packet_id=b"cheaper-2-......"))
-    assert store.epsilon_spent("dev1") == pytest.approx(1.0)
+    store.store_packet(record(2, epsilon=0.1, packet_id=b"cheaper-2-......"))
+    want = privacy.lifetime_epsilon(curve_of(0.8) + curve_of(0.1))
+    assert store.epsilon_spent("dev1") == pytest.approx(want, rel=1e-12) and want < 0.9
 
 
 def test_budget_filled_exactly_despite_float_rounding(store: Store) -> None:
-    store.set_epsilon_budget("dev1", 0.3)
+    store.set_epsilon_budget("dev1", privacy.lifetime_epsilon(curve_of(0.1) + curve_of(0.2)))
     store.store_packet(record(1, epsilon=0.1))
-    store.store_packet(record(2, epsilon=0.2))  # 0.1 + 0.2 > 0.3 in binary floating point
+    store.store_packet(record(2, epsilon=0.2))  # exactly the budget
     with pytest.raises(BudgetExceeded):
-        store.store_packet(record(3, epsilon=1e-6))
+        store.store_packet(record(3, epsilon=0.01))
+
+
+def test_ledger_composes_five_packets_below_their_sum(store: Store) -> None:
+    for i in range(1, 6):
+        store.store_packet(record(i, epsilon=1.0))
+    spent = store.epsilon_spent("dev1")
+    assert spent == pytest.approx(privacy.lifetime_epsilon(curve_of(1.0) * 5), rel=1e-12)
+    assert spent < 5.0
+    dev = store.get_device("dev1")
+    assert dev is not None and dev.rdp_spent is not None and dev.epsilon_delta == 1e-5
+
+
+def test_certificate_renewal_keeps_the_ledger(store: Store) -> None:
+    store.store_packet(record(1, epsilon=1.0))
+    before = store.get_device("dev1")
+    assert before is not None
+    with pytest.raises(DeviceConflict):  # a new certificate is only taken as a renewal
+        store.register_device("dev1", CERT + b"renewed", KEY_ID, enrolled_at_ms=T0 + 9)
+    renewed = store.register_device("dev1", CERT + b"renewed", bytes(32), enrolled_at_ms=T0 + 9,
+                                    renew=True)
+    assert renewed.certificate_der == CERT + b"renewed"
+    assert renewed.epsilon_spent == before.epsilon_spent
+    assert renewed.highest_counter == 1 and renewed.epsilon_budget == before.epsilon_budget
+    assert np.array_equal(renewed.rdp_spent, before.rdp_spent)  # type: ignore[arg-type]
+    with pytest.raises(ReplayDetected):
+        store.store_packet(record(1, epsilon=0.1, packet_id=b"after-renewal..."))
 
 
 def test_unknown_device_is_refused(store: Store) -> None:
@@ -381,7 +426,7 @@ def test_two_connections_racing_on_one_device_exactly_one_wins_each_counter(
     stored = a.list_packets()
     assert [p.counter for p in stored] == list(range(1, rounds + 1))
     assert a.highest_counter("dev1") == rounds
-    assert b.epsilon_spent("dev1") == pytest.approx(float(rounds))
+    assert b.epsilon_spent("dev1") == pytest.approx(composed(1.0, rounds), rel=1e-12)
 
 
 def test_the_same_packet_racing_on_two_connections_is_stored_once(open_db: Factory) -> None:
@@ -395,7 +440,7 @@ def test_the_same_packet_racing_on_two_connections_is_stored_once(open_db: Facto
         assert sorted(o.duplicate for o in outs) == [False, True]
         assert outs[0].receipt_bytes == outs[1].receipt_bytes
     assert len(a.list_packets()) == 10
-    assert a.epsilon_spent("dev1") == pytest.approx(1.0)
+    assert a.epsilon_spent("dev1") == pytest.approx(composed(0.1, 10), rel=1e-12)
 
 
 def test_racing_distinct_counters_keep_the_ledger_and_counter_consistent(
@@ -409,7 +454,8 @@ def test_racing_distinct_counters_keep_the_ledger_and_counter_consistent(
     a = open_db()
     b = open_db()
     a.register_device("dev1", CERT, KEY_ID, enrolled_at_ms=T0, epsilon_budget=2.0)
-    eps = 0.25  # the budget admits at most 8 packets
+    eps = 0.25
+    most = max(k for k in range(1, 400) if composed(eps, k) <= 2.0)  # composed, not 8 = 2 / 0.25
 
     def submit(s: Store, r: int) -> object:
         return s.store_packet(record(2 * r + (0 if s is a else 1), epsilon=eps))
@@ -419,8 +465,8 @@ def test_racing_distinct_counters_keep_the_ledger_and_counter_consistent(
         if isinstance(outcome, Exception):
             assert isinstance(outcome, ReplayDetected | BudgetExceeded), repr(outcome)
     stored = a.list_packets()
-    assert 1 <= len(stored) <= 8
-    assert a.epsilon_spent("dev1") == pytest.approx(eps * len(stored))
+    assert 1 <= len(stored) <= most
+    assert a.epsilon_spent("dev1") == pytest.approx(composed(eps, len(stored)), rel=1e-12)
     assert a.highest_counter("dev1") == max(p.counter for p in stored)
     assert len(stored) == sum(1 for per in results for o in per if not isinstance(o, Exception))
 
@@ -454,7 +500,9 @@ import os, sys
 from diredi_secure.store import PacketRecord, SQLiteStore
 s = SQLiteStore(sys.argv[1])
 s.register_device("dev1", b"cert", bytes(32), enrolled_at_ms=1)
-rec = PacketRecord("dev1", b"durable-packet..", 1, 2, "edge-v1", 0.5, b"sealed", b"rcpt", 3)
+from diredi_secure import privacy
+rec = PacketRecord("dev1", b"durable-packet..", 1, 2, "edge-v1", 0.5, b"sealed", b"rcpt", 3,
+                   rdp_curve=privacy.gaussian_curve(10.0, 1.0, 1))
 s.store_packet(rec)
 print("stored", flush=True)
 os._exit(0)  # no close, no checkpoint: as if killed right after the receipt went out
@@ -474,7 +522,9 @@ def test_sqlite_commit_survives_the_process_dying_without_close(tmp_path: Path) 
             b"rcpt",
             b"sealed",
         )
-        assert s.epsilon_spent("dev1") == 0.5 and s.highest_counter("dev1") == 1
+        assert s.epsilon_spent("dev1") == pytest.approx(
+            privacy.lifetime_epsilon(privacy.gaussian_curve(10.0, 1.0, 1)), rel=1e-12)
+        assert s.highest_counter("dev1") == 1
 
 
 def test_sqlite_reopen_sees_the_packet(tmp_path: Path) -> None:
