@@ -23,6 +23,7 @@ from typing import NoReturn
 import grpc
 
 from diredi_secure import errors as E
+from diredi_secure import privacy
 from diredi_secure.store import DeviceConflict
 
 __all__ = [
@@ -76,6 +77,9 @@ STATUS_TABLE: dict[type[E.DirediError], grpc.StatusCode] = {
     E.PolicyViolation: _C.FAILED_PRECONDITION,
     E.BudgetExceeded: _C.RESOURCE_EXHAUSTED,  # a quota: the device's lifetime epsilon
     E.EpsilonUnderstated: _C.FAILED_PRECONDITION,  # the packet's own accounting does not hold
+    privacy.ParameterOutOfBounds: _C.FAILED_PRECONDITION,  # declared DP parameter out of bounds
+    privacy.UnaccountedRelease: _C.FAILED_PRECONDITION,  # private entry without noise
+    privacy.NoiseSeeded: _C.FAILED_PRECONDITION,  # research-seeded (predictable) noise
     E.ReleaseRefused: _C.FAILED_PRECONDITION,
     DeviceConflict: _C.ALREADY_EXISTS,
     # The cloud's own state or configuration is at fault.
@@ -142,6 +146,10 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> E.DirediError:
     cls = _BY_REASON.get(reason)
     if cls is ServiceUnavailable or (cls is None and code in RETRYABLE_CODES):
         return ServiceUnavailable(f"{what}: {code.name} {details}".strip())
+    if cls is None and code == grpc.StatusCode.FAILED_PRECONDITION and reason.isidentifier():
+        # A policy refusal with its own reason (e.g. delta_over_policy): keep the reason.
+        return E.PolicyViolation(f"{what}: the cloud refused ({code.name}): {message or details}",
+                                 reason=reason)
     if cls is None:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             cls = E.TooLarge  # gRPC's own message size cap, on either side

@@ -129,3 +129,22 @@ def test_policy_is_checked_before_decryption(pki: Pki, monkeypatch: pytest.Monke
     with pytest.raises(privacy.NoiseSeeded):
         open_packet(pki.seal(dp=replace(honest_dp(), noise_seeded=True)).data,
                     **pki.open_kwargs())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("noise_multiplier", 0.01), ("noise_multiplier", 1e-300), ("noise_multiplier", 1e300),
+     ("steps", 2**64 - 1), ("sample_rate", 1e-300)],
+    ids=["noise_0.01", "noise_1e-300", "noise_1e300", "steps_2^64-1", "rate_1e-300"],
+)
+def test_declared_dp_parameters_cannot_exhaust_the_accountant(pki: Pki, field: str,
+                                                              value: float) -> None:
+    """Issue 14 finding 1: these drove the PRV accountant to 7 GB, division by zero, overflow."""
+    import time
+
+    sealed = pki.seal(dp=replace(honest_dp(), **{field: value}))
+    t0 = time.perf_counter()
+    with pytest.raises(privacy.ParameterOutOfBounds) as info:
+        open_packet(sealed.data, **pki.open_kwargs())  # type: ignore[arg-type]
+    assert time.perf_counter() - t0 < 1.0 and field.split("_")[0] in str(info.value)
+    assert not pki.replay.seen

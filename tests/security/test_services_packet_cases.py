@@ -17,7 +17,7 @@ import pytest
 from diredi_secure.services.edge import EdgeAgent
 from diredi_secure.services.status import status_for
 
-from diredi_secure import _crypto
+from diredi_secure import _crypto, privacy
 from diredi_secure._proto.diredi.v1 import packet_pb2 as pb
 from diredi_secure.checkpoint import checkpoint_bytes
 from diredi_secure.envelope import SignedEnvelope
@@ -153,7 +153,19 @@ CASES: list[tuple[str, Callable[[Setup], bytes], type[DirediError]]] = [
     ("pickle_payload", lambda s: s.with_payload(pickle.dumps(np.ones((4, 10), np.float32), protocol=4), (4, 10)), PayloadInvalid),
     ("epsilon_understated", lambda s: s.seal(dp=replace(DP, epsilon=0.05, total_epsilon=0.05)), EpsilonUnderstated),
     ("epsilon_over_policy", lambda s: s.seal(dp=replace(DP, epsilon=60.0, total_epsilon=60.0)), DirediError),
+    ("noise_free_histogram", lambda s: s.seal(packet=_exact_histogram()), privacy.UnaccountedRelease),
+    ("seeded_noise", lambda s: s.seal(dp=replace(DP, noise_seeded=True)), privacy.NoiseSeeded),
+    ("noise_multiplier_0.01", lambda s: s.seal(dp=replace(DP, noise_multiplier=0.01)), privacy.ParameterOutOfBounds),
+    ("steps_2^64-1", lambda s: s.seal(dp=replace(DP, steps=2**64 - 1)), privacy.ParameterOutOfBounds),
 ]
+
+
+def _exact_histogram() -> KnowledgePayload:
+    """The exact private label counts, declared as needing no noise (issue 13 finding 3)."""
+    from diredi_secure.knowledge import PayloadKind, PayloadTensor
+
+    return KnowledgePayload((*payload(0).tensors, PayloadTensor(
+        "label_histogram", PayloadKind.LABEL_HISTOGRAM, np.arange(10, dtype=np.float32), "float32")))
 
 
 @pytest.mark.parametrize("name, make, error", CASES, ids=[c[0] for c in CASES])
