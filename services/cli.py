@@ -122,6 +122,30 @@ def cloud_revoke(
     typer.echo(f"device {device} revoked (since {record.revoked_at_ms})")
 
 
+@cloud_app.command("ledger")
+def cloud_ledger(
+    workspace: WorkspaceOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per device")] = False,
+) -> None:
+    """Every device's composed epsilon ledger: spent and budget at the policy's one delta."""
+    import json as _json
+
+    with CloudWorkspace.open(workspace).open_store() as store:
+        devices = store.list_devices()
+    for d in devices:
+        row = {"device_id": d.device_id, "status": d.status.value, "epsilon_spent": d.epsilon_spent,
+               "epsilon_budget": d.epsilon_budget, "delta": d.epsilon_delta,
+               "highest_counter": d.highest_counter or 0}
+        if as_json:
+            typer.echo(_json.dumps(row, sort_keys=True))
+        else:
+            typer.echo(f"{d.device_id}: {d.status.value}, epsilon {d.epsilon_spent:.4g} of "
+                       f"{d.epsilon_budget:.4g} (composed, delta {d.epsilon_delta:.0e}), "
+                       f"counter {d.highest_counter or 0}")
+    if not devices and not as_json:
+        typer.echo("no device enrolled")
+
+
 @cloud_app.command("distill")
 def cloud_distill(
     workspace: WorkspaceOpt,

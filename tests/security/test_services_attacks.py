@@ -241,11 +241,10 @@ def test_packet_over_the_lifetime_budget_is_refused_and_charges_nothing(cloud: C
 
 def test_device_ledger_refuses_before_sealing(cloud: Cloud) -> None:
     agent = cloud.device("device-a")
-    from diredi_secure.errors import BudgetExceeded
-
     import json
 
     from diredi_secure.checkpoint import atomic_write_bytes
+    from diredi_secure.errors import BudgetExceeded
 
     ledger = agent.workspace.ledger()
     ledger["budget"] = 10.0
@@ -273,3 +272,33 @@ def test_too_large_error_is_typed_on_the_device(cloud: Cloud) -> None:
     sealed = agent.seal(payload(rows=4000), dp=DP, base_model_version="v1")
     with pytest.raises(TooLarge):
         agent.submit(sealed.data)
+
+
+def test_certificate_renewal_keeps_the_ledger_so_a_budget_cannot_be_reset(cloud: Cloud) -> None:
+    """Issue 13: renewing under the same id was refused, which invited re-enrolment under new ids;
+    now a renewal is accepted and keeps the spent epsilon, the budget and the replay counter."""
+    agent = cloud.device("device-a")
+    agent.submit_payload(payload(0), dp=DP, base_model_version="v1")
+    before = cloud.store.get_device("device-a")
+    assert before is not None and before.epsilon_spent > 0
+    renewed_ws = cloud.workspace.provision_device(
+        cloud.workspace.root.parent / "dev-device-a-renewed", "device-a", target=cloud.target,
+        now_ms=int(time.time() * 1000))
+    renewed = cloud.agent(renewed_ws)  # enrols the new certificate
+    after = cloud.store.get_device("device-a")
+    assert after is not None and after.certificate_der == renewed_ws.certificate()
+    assert after.certificate_der != before.certificate_der
+    assert (after.epsilon_spent, after.epsilon_budget, after.highest_counter) == (
+        before.epsilon_spent, before.epsilon_budget, before.highest_counter)
+    status = renewed.status()
+    assert status.epsilon_spent == before.epsilon_spent and status.epsilon_delta == 1e-5
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "diredi_secure.cli", "cloud", "ledger",
+                          "--workspace", str(cloud.workspace.root), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    [row] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert row["epsilon_spent"] == before.epsilon_spent and row["delta"] == 1e-5
