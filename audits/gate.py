@@ -1,20 +1,24 @@
 """The release gate: run the privacy audit before a release and say whether it may ship.
 
-The cloud's release step (``diredi cloud merge``) calls :func:`run_release_gate` with the epsilon
-the round's packets claim. The gate reruns reverse distillation on the scenario at that epsilon,
-attacks it (:func:`.suite.run_audit`), writes ``audit.json`` and ``audit.html`` into ``out_dir``
-and returns the verdict with the SHA-256 of ``audit.json``: the digest and the verdict go into the
-release attestation.
+The cloud's release step (``diredi cloud merge``) calls :func:`run_release_gate` with the total
+epsilon the round's packets claim. The gate reruns reverse distillation on the scenario with the
+exact configuration devices run at that epsilon (``rd``, default the shipped device
+configuration), attacks every mechanism of its packet (:func:`.suite.run_audit`), writes
+``audit.json`` and ``audit.html`` into ``out_dir`` and returns the verdict with the SHA-256 of
+``audit.json``: the digest and the verdict go into the release attestation.
 
-A failing verdict is a result, not an error: the gate never raises for it. The caller blocks the
+Verdicts: ``pass``; ``fail``; ``inconclusive`` (nothing failed, but some mechanism's claim is above
+the ceiling of what its attack can detect; the ceilings are in the report). A failing or
+inconclusive verdict is a result, not an error: the gate never raises for it. The caller blocks the
 release unless ``force`` is set; a forced release is marked in the report itself (its
 ``release_gate`` section is covered by the digest) and in :attr:`GateOutcome.forced`, which the
-caller records in the attestation. ``forced`` is true only when a failing verdict was overridden
-(forcing a passing audit overrides nothing).
+caller records in the attestation. ``forced`` is true only when a verdict other than ``pass`` was
+overridden (forcing a passing audit overrides nothing).
 
 Trust: the gate trusts the scenario it is given (the cloud's own presumed data, reference set and
 the users' data it audits with); it reads nothing from packets. Raised:
-:class:`~diredi_secure.errors.ConfigError` for a bad epsilon or profile name,
+:class:`~diredi_secure.errors.ConfigError` for a bad epsilon, profile or implementation name, or
+an ``rd`` whose epsilon is not the claim,
 :class:`~diredi_secure.errors.LocalError` when the report cannot be written.
 """
 

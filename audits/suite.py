@@ -288,7 +288,7 @@ def _flat_delta(model: nn.Module, shipped: nn.Module) -> np.ndarray:
 
 def _release_mechanism(
     name: str, scores: np.ndarray, included: np.ndarray, *, claimed: float, delta: float,
-    confidence: float,
+    confidence: float, covers: tuple[str, ...],
 ) -> tuple[MechanismAudit, metrics.AttackMetrics, canary.CanaryAudit]:
     am = metrics.attack_metrics(f"{name}/neighbouring_trials", scores, included, epsilon=claimed,
                                 delta=delta, confidence=confidence)
@@ -297,7 +297,8 @@ def _release_mechanism(
                                            roc_confidence=confidence)
     audit = mechanisms.judge_mechanism(
         name, claimed_epsilon=claimed, delta=delta, ceiling=ceiling,
-        eps_lower_bound=ca.epsilon_lower_bound, consistency=((am.name, am.consistency),))
+        eps_lower_bound=ca.epsilon_lower_bound, consistency=((am.name, am.consistency),),
+        covers=covers)
     return audit, am, ca
 
 
@@ -433,15 +434,17 @@ def _run_audit(
     if PayloadKind.LABEL_HISTOGRAM in rd.kinds or PayloadKind.DP_PROTOTYPES in rd.kinds:
         trials = mechanisms.run_release_trials(shipped, user.train, rd, trials=prof.trials,
                                                implementation=impl, rng=rng)
-        wanted = [(MechanismKind.LABEL_HISTOGRAM.value, trials.histogram_scores,
-                   claim(MechanismKind.LABEL_HISTOGRAM))]
+        hist, protos = MechanismKind.LABEL_HISTOGRAM, MechanismKind.DP_PROTOTYPES
+        wanted: list[tuple[str, np.ndarray, tuple[MechanismKind, ...]]] = [
+            (hist.value, trials.histogram_scores, (hist,))]
         if PayloadKind.DP_PROTOTYPES in rd.kinds:
-            # the released prototypes are divided by the released counts: the attack sees both
-            wanted.append((MechanismKind.DP_PROTOTYPES.value, trials.prototype_scores,
-                           claim(MechanismKind.LABEL_HISTOGRAM, MechanismKind.DP_PROTOTYPES)))
-        for name, sc, eps in wanted:
-            audit, am, ca = _release_mechanism(name, sc, trials.included, claimed=eps,
-                                               delta=delta, confidence=mech_conf)
+            # the released prototypes are divided by the released counts: the attack sees both,
+            # so it is tested against their composition
+            wanted.append((protos.value, trials.prototype_scores, (hist, protos)))
+        for name, sc, kinds in wanted:
+            audit, am, ca = _release_mechanism(
+                name, sc, trials.included, claimed=claim(*kinds), delta=delta,
+                confidence=mech_conf, covers=tuple(k.value for k in kinds))
             mech_audits.append(audit)
             release.append((name, am, ca))
     secs["release_trials"] = time.perf_counter() - t0

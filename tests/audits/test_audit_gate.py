@@ -155,7 +155,7 @@ def test_shipped_epsilon_8_is_inconclusive_with_the_ceiling_shown(tmp_path: Path
     assert sgd["claimed_epsilon"] == pytest.approx(7.53, abs=0.01)
     assert sgd["claimed_epsilon"] > sgd["ceiling"]
     assert 3.0 < sgd["ceiling"] < 4.7
-    # the histogram (0.5) and the composed histogram + prototypes (about 2.4) stay conclusive
+    # the histogram (0.5) and the composed histogram + prototypes (about 2.1) stay conclusive
     assert mech["label_histogram"]["verdict"] == "pass"
     assert mech["dp_prototypes"]["verdict"] == "pass"
     text = "\n".join(data["text"])  # type: ignore[arg-type]

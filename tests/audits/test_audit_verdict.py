@@ -118,3 +118,17 @@ def test_header_criteria(dp: DPParameters, failed: str) -> None:
     ok = PacketAccountingCheck(0.9, 1.0, DELTA, "rdp", charge=None)
     verdict, crit = decide_verdict(1.0, dp, ok, CLEAN, (good,))
     assert verdict == "fail" and not dict((n, o) for n, o, _ in crit)[failed]
+
+
+def test_noise_floor_flags_runs_that_vary_too_little() -> None:
+    from diredi_secure.audits.mechanisms import noise_floor
+
+    rng = np.random.default_rng(0)
+    honest = [rng.normal(0, 1.0, 5000) for _ in range(8)]
+    ok = noise_floor(honest[:4], honest[4:])
+    assert ok.ok and 0.9 < ok.ratio < 1.1
+    small = [rng.normal(0, 0.1, 5000) for _ in range(4)]  # 10x less noise
+    low = noise_floor(small, honest[4:])
+    assert not low.ok and low.ratio < 0.02
+    same = noise_floor([honest[0]] * 4, honest[4:])  # a fixed seed: identical runs
+    assert not same.ok and same.ratio == 0.0
