@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from diredi_secure import privacy
 from diredi_secure.checkpoint import atomic_write_bytes, checkpoint_bytes, load_checkpoint_bytes
 from diredi_secure.errors import (
     CertificateRevoked,
@@ -591,9 +592,12 @@ def merge_and_release(
     ledger = {d.device_id: d.epsilon_spent for d in store.list_devices()}
 
     def predicate(items: list[_Opened], parent_sha: str | None) -> ReleasePredicate:
-        rounds: dict[str, float] = {}
+        # A device's packets in this round compose (RDP curves), like its lifetime ledger.
+        curves: dict[str, np.ndarray] = {}
         for i in items:
-            rounds[i.opened.header.device_id] = rounds.get(i.opened.header.device_id, 0.0) + i.opened.epsilon
+            d = i.opened.header.device_id
+            curves[d] = privacy.compose([curves.get(d, privacy.zero_curve()), i.opened.charge.curve])
+        rounds = {d: privacy.lifetime_epsilon(c) for d, c in curves.items()}
         parent_version = None if parent_sha is None else int(index["models"][parent_sha]["version"])
         return ReleasePredicate.build(
             release_version=version, parent_digest=parent_sha, parent_version=parent_version,
