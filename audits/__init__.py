@@ -1,7 +1,9 @@
 """Privacy-leakage audit suite for DiReDi knowledge packets (installed as
 ``diredi_secure.audits``).
 
-Modules: :mod:`.accounting` (epsilon recomputation, RDP/PRV, lifetime composition),
+Modules: :mod:`.accounting` (packet and lifetime accounting through ``diredi_secure.privacy``),
+:mod:`.mechanisms` (lying-device controls, histogram/prototype attacks, ceiling, per-mechanism
+verdict),
 :mod:`.metrics` (ROC, AUC, TPR at low FPR with Clopper-Pearson intervals, DP consistency),
 :mod:`.canary` (one-run audit of Steinke, Nasr & Jagielski 2023), :mod:`.membership` (loss
 threshold, offline LiRA), :mod:`.reconstruction`, :mod:`.inspection`, :mod:`.suite` (the end-to-end
@@ -11,4 +13,4 @@ audit), :mod:`.profiles` (fast/full), :mod:`.gate` (the release gate: ``run_rele
 
 from __future__ import annotations
 
-__all__ = ["accounting", "canary", "membership", "metrics"]
+__all__ = ["accounting", "canary", "mechanisms", "membership", "metrics"]
