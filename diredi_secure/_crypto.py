@@ -87,8 +87,16 @@ def _passphrase_encryption(passphrase: bytes | None) -> serialization.KeySeriali
 
 
 def _read_key_file(path: Path) -> bytes:
+    """A private key file's bytes. Refuses one that group or others may read (as ssh does): a key
+    that was ever readable by others must be treated as disclosed."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
+        if st.st_mode & 0o077:
+            raise KeyFileError(
+                f"key file {path} is readable by group or others (mode {st.st_mode & 0o777:o}); "
+                "it must be 0600: chmod 600 it if it was never exposed, else replace the key",
+                reason="key_file_permissions")
         if size > _MAX_KEY_FILE_BYTES:
             raise TooLarge(f"key file {path}", size, _MAX_KEY_FILE_BYTES)
         return path.read_bytes()
@@ -198,8 +206,7 @@ def generate_signing_key() -> SigningKey:
 
 def save_signing_key(key: SigningKey, path: Path, passphrase: bytes | None = None) -> None:
     """Write the key as PKCS#8 PEM (encrypted with ``passphrase`` if given), mode 0600, atomically."""
-    atomic_write_bytes(Path(path), key.private_pem(passphrase))
-    Path(path).chmod(0o600)
+    atomic_write_bytes(Path(path), key.private_pem(passphrase), private=True)
 
 
 def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
@@ -312,8 +319,8 @@ def save_inbox_key(key: InboxKey, path: Path, passphrase: bytes | None = None) -
     """Both private keys as PKCS#8 PEM blocks in one file (encrypted if a passphrase is given)."""
     enc = _passphrase_encryption(passphrase)
     fmt = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    atomic_write_bytes(Path(path), key._x25519.private_bytes(*fmt) + key._mlkem.private_bytes(*fmt))
-    Path(path).chmod(0o600)
+    atomic_write_bytes(Path(path), key._x25519.private_bytes(*fmt) + key._mlkem.private_bytes(*fmt),
+                       private=True)
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:
@@ -588,8 +595,7 @@ def save_tls_key(key: TlsKey, path: Path, passphrase: bytes | None = None) -> No
         serialization.PrivateFormat.PKCS8,
         _passphrase_encryption(passphrase),
     )
-    atomic_write_bytes(Path(path), key._key.private_bytes(*fmt))
-    Path(path).chmod(0o600)
+    atomic_write_bytes(Path(path), key._key.private_bytes(*fmt), private=True)
 
 
 def load_tls_key(path: Path, passphrase: bytes | None = None) -> TlsKey:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,16 +45,30 @@ def checkpoint_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, s
     return bytes(_st_save(arrays, metadata=meta or None))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder."""
+def atomic_write_bytes(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder.
+
+    The temporary file has an unpredictable name and is created with
+    ``O_CREAT | O_EXCL | O_NOFOLLOW`` (never through a planted link, never an existing file).
+    ``private=True`` (keys, secrets) creates it with mode 0600 from the first byte, so the content
+    is never readable by others in between, and makes a new parent folder 0700.
+    """
     path = Path(path)
+    if private and not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -132,7 +132,7 @@ class CloudWorkspace:
         ws = cls(Path(root))
         if ws.config_path.exists():
             raise ConfigError(f"{ws.root} is already a cloud workspace")
-        ws.root.mkdir(parents=True, exist_ok=True)
+        ws.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         ca_key = _crypto.generate_signing_key()
         ca_cert = _crypto.create_ca_certificate(
             ca_key, common_name="DiReDi device CA", now_ms=now_ms, valid_days=3650, serial=_serial()
@@ -304,7 +304,7 @@ class DeviceWorkspace:
         ws = cls(Path(root))
         if ws.config_path.exists():
             raise ConfigError(f"{ws.root} is already a device workspace")
-        ws.root.mkdir(parents=True, exist_ok=True)
+        ws.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = _crypto.generate_signing_key()
         cert = _crypto.issue_device_certificate(
             ca_key,

@@ -224,7 +224,7 @@ class _KeyStore:
     def generate(self) -> _KeySigner:
         """Make and store a new Ed25519 key; its key id is the SHA-256 of its SPKI."""
         signer = _KeySigner(_crypto.generate_signing_key())
-        self._folder.mkdir(parents=True, exist_ok=True)
+        self._folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._path(signer.public_key.keyid)
         if path.exists():
             raise KeyFileError(f"key file {path.name} already exists")

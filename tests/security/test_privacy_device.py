@@ -13,7 +13,7 @@ import pytest
 from diredi_secure import privacy
 from diredi_secure.knowledge import KnowledgePayload, PayloadKind, PayloadTensor
 from diredi_secure.ml.data import NUM_CLASSES, Dataset
-from diredi_secure.ml.models import build_model, flat_parameters, student_spec
+from diredi_secure.ml.models import build_model, student_spec
 from diredi_secure.ml.reverse import RDConfig, reverse_distill
 from diredi_secure.packet import open_packet
 
@@ -148,3 +148,33 @@ def test_declared_dp_parameters_cannot_exhaust_the_accountant(pki: Pki, field: s
         open_packet(sealed.data, **pki.open_kwargs())  # type: ignore[arg-type]
     assert time.perf_counter() - t0 < 1.0 and field.split("_")[0] in str(info.value)
     assert not pki.replay.seen
+
+
+def test_private_keys_are_never_readable_by_others_while_written(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14 finding 3: the temporary file had the default mode and a predictable name."""
+    import os
+    import stat
+
+    from diredi_secure import _crypto
+    from diredi_secure import checkpoint as ck
+    from diredi_secure.errors import KeyFileError
+
+    seen: list[int] = []
+    real_replace = os.replace
+
+    def spy(src, dst):  # type: ignore[no-untyped-def]
+        seen.append(stat.S_IMODE(os.stat(src).st_mode))  # the temporary file, before the rename
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", spy)
+    path = tmp_path / "keys" / "device.key"
+    _crypto.save_signing_key(_crypto.generate_signing_key(), path)
+    assert seen == [0o600] and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    # A planted link at a predictable temporary name is not followed: the name is random now.
+    assert not list(path.parent.glob(".device.key.tmp-*"))
+    # A key file others can read is refused on load, with a reason.
+    path.chmod(0o644)
+    with pytest.raises(KeyFileError) as info:
+        _crypto.load_signing_key(path)
+    assert info.value.reason == "key_file_permissions"
