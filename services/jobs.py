@@ -248,21 +248,32 @@ def default_audit_gate(profile: str = "fast") -> AuditGate:
 
         if profile not in PROFILES:
             raise ConfigError(f"unknown audit profile {profile!r} (accounting, {', '.join(PROFILES)})")
-        claimed = max((p.epsilon for p in inputs.packets), default=8.0)
+        worst = max(inputs.packets, key=lambda p: p.epsilon, default=None)
+        claimed = worst.epsilon if worst is not None else 8.0
         if not math.isfinite(claimed):
             return GateOutcome(AuditVerdict.FAIL, _report({
                 "format": AUDIT_REPORT_FORMAT, "release": inputs.release_version, "profile": profile,
                 "verdict": "fail", "reason": "a packet declares no DP (epsilon infinite)"}))
         out_dir = inputs.out_dir or Path(tempfile.mkdtemp(prefix="diredi-audit-"))
-        # The suite audits the DP mechanism at the round's largest claimed epsilon on the
-        # scenario (the cloud never sees private data, so it audits a stand-in user it controls).
+        # The suite attacks the configuration devices ship: the round's costliest packet's payload
+        # kinds at its total epsilon, with the schedule's N-independent parameters and delta, on a
+        # stand-in user the cloud controls (it never sees private data).
+        kinds = (tuple(e.kind for e in worst.header.payload.entries) if worst is not None
+                 else (PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA,
+                       PayloadKind.DP_PROTOTYPES))
         outcome = run_release_gate(epsilon=claimed, out_dir=out_dir, profile=profile,
-                                   seed=inputs.seed, scenario=inputs.scenario)
-        ok = base.verdict is AuditVerdict.PASS and outcome.verdict == "pass"
+                                   seed=inputs.seed, scenario=inputs.scenario,
+                                   rd=RDConfig(epsilon=claimed, kinds=kinds))
+        if base.verdict is not AuditVerdict.PASS or outcome.verdict == "fail":
+            verdict = AuditVerdict.FAIL
+        elif outcome.verdict == "inconclusive":
+            verdict = AuditVerdict.INCONCLUSIVE  # releasable; the report shows each ceiling
+        else:
+            verdict = AuditVerdict.PASS
         return GateOutcome(
-            AuditVerdict.PASS if ok else AuditVerdict.FAIL,
+            verdict,
             _report({"format": AUDIT_REPORT_FORMAT, "release": inputs.release_version,
-                     "profile": profile, "verdict": "pass" if ok else "fail",
+                     "profile": profile, "verdict": verdict.value,
                      "accounting": json.loads(base.report),
                      "suite": {"verdict": outcome.verdict, "summary": outcome.summary_line,
                                "report_sha256": outcome.report_sha256,

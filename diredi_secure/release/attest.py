@@ -60,6 +60,9 @@ class AuditVerdict(StrEnum):
 
     PASS = "pass"  # noqa: S105 - an audit verdict, not a password
     FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+    """No attack failed, but some mechanism's claimed epsilon is above what the audit can detect
+    (its ceiling, in the report): releasable, and the attestation says so (docs/AUDIT.md)."""
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
