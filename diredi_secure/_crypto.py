@@ -515,7 +515,7 @@ def _issue(
 
 
 def validate_device_id(device_id: str) -> str:
-    if not _DEVICE_ID_RE.match(device_id):
+    if not _DEVICE_ID_RE.fullmatch(device_id):
         raise ConfigError(
             f"device id {device_id!r} must be 1-128 characters of [A-Za-z0-9._-], starting alphanumeric"
         )

@@ -23,6 +23,7 @@ ENVELOPE_VERSION = 1
 """Version of :class:`SignedEnvelope` (and of the signature transcript)."""
 
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MAX_COUNTER = 2**63 - 1
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
 
@@ -51,11 +52,14 @@ class PacketHeader:
         _require(
             len(self.packet_id) == 16, f"packet id must be 16 bytes, got {len(self.packet_id)}"
         )
-        _require(bool(_DEVICE_ID_RE.match(self.device_id)), f"bad device id {self.device_id!r}")
-        _require(self.counter >= 1, f"counter must be >= 1, got {self.counter}")
+        _require(bool(_DEVICE_ID_RE.fullmatch(self.device_id)), f"bad device id {self.device_id!r}")
+        # Stores keep counters in a signed 64-bit column: refuse larger ones here, as malformed,
+        # before any open or accounting work (issue 14 finding 6).
+        _require(1 <= self.counter <= _MAX_COUNTER,
+                 f"counter must lie in 1..2^63-1, got {self.counter}")
         _require(self.created_at_ms > 0, "created_at must be a positive Unix time in ms")
         _require(
-            bool(_VERSION_RE.match(self.base_model_version)),
+            bool(_VERSION_RE.fullmatch(self.base_model_version)),
             f"bad base model version {self.base_model_version!r}",
         )
         _require(len(self.recipient_key_id) == 32, "recipient key id must be 32 bytes")
@@ -90,4 +94,4 @@ class ReceiptBody:
         _require(len(self.packet_id) == 16, "receipt packet id must be 16 bytes")
         _require(len(self.packet_sha256) == 32, "receipt packet digest must be 32 bytes")
         _require(len(self.receipt_key_id) == 32, "receipt key id must be 32 bytes")
-        _require(bool(_DEVICE_ID_RE.match(self.device_id)), f"bad device id {self.device_id!r}")
+        _require(bool(_DEVICE_ID_RE.fullmatch(self.device_id)), f"bad device id {self.device_id!r}")

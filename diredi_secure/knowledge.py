@@ -338,6 +338,11 @@ def check_descriptor(descriptor: PayloadDescriptor, limits: Limits = DEFAULT_LIM
             raise PayloadInvalid(
                 f"entry {e.name}: rank {len(e.shape)} outside 1..{limits.max_tensor_rank}"
             )
+        # Every dimension is bounded on its own: a shape like [2^63, 0] has product 0 and used
+        # to reach numpy's reshape, which raised a bare ValueError (issue 14 finding 4).
+        if any(not (1 <= d <= limits.max_tensor_elements) for d in e.shape):
+            raise PayloadInvalid(
+                f"entry {e.name}: every dimension must lie in 1..{limits.max_tensor_elements}")
         if (
             math.prod(e.shape) > limits.max_tensor_elements
             or e.index_length > limits.max_tensor_elements

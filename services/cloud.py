@@ -277,7 +277,7 @@ class ReleaseFolder:
 
     def metadata(self, role: str, version: int) -> bytes:
         """``<version>.<role>.json`` (``<role>.json`` for version 0); raises NotFound, TooLarge."""
-        if not _ROLE.match(role):
+        if not _ROLE.fullmatch(role):
             raise MalformedPacket(f"bad role name {role[:80]!r}")
         name = f"{role}.json" if version == 0 else f"{version}.{role}.json"
         path = self.folder / "metadata" / name
@@ -287,7 +287,7 @@ class ReleaseFolder:
     def target(self, path: str, max_length: int) -> Iterator[tuple[bytes, int, int]]:
         """Chunks ``(data, offset, total)`` of a target; raises NotFound, TooLarge, MalformedPacket."""
         parts = path.split("/")
-        if len(path) > 1024 or not parts or not all(_TARGET_PART.match(p) and p not in (".", "..") for p in parts):
+        if len(path) > 1024 or not parts or not all(_TARGET_PART.fullmatch(p) and p not in (".", "..") for p in parts):
             raise MalformedPacket(f"bad target path {path[:80]!r}")
         file = self._confined(self.folder / "targets" / path, "targets")
         try:

@@ -113,7 +113,7 @@ def _check_digest(name: str, value: str | None, *, optional: bool) -> None:
         if not optional:
             raise ValueError(f"{name} is required")
         return
-    if not _HEX64.match(value):
+    if not _HEX64.fullmatch(value):
         raise ValueError(f"{name} must be a lowercase hex SHA-256, got {value!r}")
 
 

@@ -62,7 +62,7 @@ def parse_metadata_name(name: str) -> MetadataRequest:
     The role name is URL-quoted by python-tuf; our role names use only ``[a-z0-9_-]`` (no dots,
     so ``N.role`` is never ambiguous) and need no decoding; anything else is refused.
     """
-    match = _METADATA_NAME.match(name)
+    match = _METADATA_NAME.fullmatch(name)
     if match is None or match["role"] in (".", ".."):
         raise DownloadError(f"malformed metadata name {name!r}")
     version = match["version"]
@@ -71,7 +71,7 @@ def parse_metadata_name(name: str) -> MetadataRequest:
 
 def _check_target_path(path: str) -> str:
     parts = path.split("/")
-    if not path or any(p in ("", ".", "..") or not _TARGET_PART.match(p) for p in parts):
+    if not path or any(p in ("", ".", "..") or not _TARGET_PART.fullmatch(p) for p in parts):
         raise DownloadError(f"malformed target path {path!r}")
     return path
 

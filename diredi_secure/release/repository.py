@@ -471,7 +471,7 @@ class ReleaseRepository:
         ``devices/<device-id>/*``. Raises :class:`ConfigError` for a bad or existing name.
         """
         now = _utc(now)
-        if not _ROLE_NAME.match(name) or name in _TOP_LEVEL:
+        if not _ROLE_NAME.fullmatch(name) or name in _TOP_LEVEL:
             raise ConfigError(f"invalid delegated role name {name!r}")
         if not paths:
             raise ConfigError("a delegation needs at least one path pattern")

@@ -178,3 +178,34 @@ def test_private_keys_are_never_readable_by_others_while_written(tmp_path, monke
     with pytest.raises(KeyFileError) as info:
         _crypto.load_signing_key(path)
     assert info.value.reason == "key_file_permissions"
+
+
+@pytest.mark.parametrize("device_id", ["device-a\n", "device-a\r", "dev\n-a"])
+def test_validators_refuse_a_trailing_newline(device_id: str) -> None:
+    """Issue 14 finding 6: `^...$` with `match` accepted "dev-a\\n"."""
+    from diredi_secure import _crypto
+    from diredi_secure.envelope import PacketHeader
+    from diredi_secure.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        _crypto.validate_device_id(device_id)
+    assert PacketHeader  # the header validator uses the same fullmatch rule (envelope.py)
+
+
+def test_entry_shape_with_a_huge_dimension_is_a_typed_error() -> None:
+    """Issue 14 finding 4: an int4 entry of shape [2^63, 0] raised a bare ValueError."""
+    from diredi_secure.errors import PayloadInvalid
+    from diredi_secure.knowledge import PayloadDescriptor, PayloadEntry, check_descriptor
+
+    desc = PayloadDescriptor((PayloadEntry("weight_delta", PayloadKind.WEIGHT_DELTA, "int4",
+                                           (2**63, 0), scale=1.0),), 16, bytes(32))
+    with pytest.raises(PayloadInvalid):
+        check_descriptor(desc)
+
+
+def test_counter_above_int64_is_malformed(pki: Pki) -> None:
+    from diredi_secure.errors import DirediError
+
+    with pytest.raises(DirediError) as info:
+        pki.seal(counter=2**63)
+    assert "2^63-1" in str(info.value)
