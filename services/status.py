@@ -144,6 +144,10 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> E.DirediError:
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
     reason, _, message = details.partition(": ")
     cls = _BY_REASON.get(reason)
+    if cls is None and code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in details:
+        # grpcio's maximum_concurrent_rpcs refusal: the server is busy, not the packet too large;
+        # retry with backoff (issue 14 finding 9: a burst of honest devices was dropped).
+        return ServiceUnavailable(f"{what}: the cloud is busy ({details})", reason="overloaded")
     if cls is ServiceUnavailable or (cls is None and code in RETRYABLE_CODES):
         return ServiceUnavailable(f"{what}: {code.name} {details}".strip())
     if cls is None and code == grpc.StatusCode.FAILED_PRECONDITION and reason.isidentifier():

@@ -86,3 +86,45 @@ def test_local_errors_do_not_leak_their_message() -> None:
 def test_transport_failures_are_retryable() -> None:
     assert isinstance(error_from_rpc(_FakeCall(grpc.StatusCode.UNAVAILABLE, "connect failed"), "x"), ServiceUnavailable)
     assert isinstance(error_from_rpc(_FakeCall(grpc.StatusCode.DEADLINE_EXCEEDED, ""), "x"), ServiceUnavailable)
+
+
+def test_server_overload_is_retryable_not_too_large() -> None:
+    """Issue 14 finding 9: grpcio's concurrency refusal (RESOURCE_EXHAUSTED, no reason) was read as
+    TooLarge, which the agent does not retry; a burst of honest devices lost packets."""
+    import grpc
+
+    from diredi_secure.errors import TooLarge
+    from diredi_secure.services.status import ServiceUnavailable, error_from_rpc
+
+    class _Err(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+        def __init__(self, details: str) -> None:
+            self._details = details
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return self._details
+
+        def initial_metadata(self):  # type: ignore[no-untyped-def]
+            return None
+
+        def trailing_metadata(self):  # type: ignore[no-untyped-def]
+            return None
+
+        def is_active(self) -> bool:
+            return False
+
+        def time_remaining(self):  # type: ignore[no-untyped-def]
+            return None
+
+        def cancel(self) -> bool:
+            return False
+
+        def add_callback(self, callback):  # type: ignore[no-untyped-def]
+            return False
+
+    busy = error_from_rpc(_Err("Concurrent RPC limit exceeded!"), "submit")
+    assert isinstance(busy, ServiceUnavailable) and busy.reason == "overloaded"
+    big = error_from_rpc(_Err("Received message larger than max (5 vs. 4)"), "submit")
+    assert isinstance(big, TooLarge)
