@@ -92,9 +92,9 @@ def test_server_overload_is_retryable_not_too_large() -> None:
     """Issue 14 finding 9: grpcio's concurrency refusal (RESOURCE_EXHAUSTED, no reason) was read as
     TooLarge, which the agent does not retry; a burst of honest devices lost packets."""
     import grpc
+    from diredi_secure.services.status import ServiceUnavailable, error_from_rpc
 
     from diredi_secure.errors import TooLarge
-    from diredi_secure.services.status import ServiceUnavailable, error_from_rpc
 
     class _Err(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         def __init__(self, details: str) -> None:
