@@ -48,6 +48,8 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 SCENARIO_FORMAT = "diredi-scenario/1"
 _MAX_NPZ_BYTES = 512 * 1024 * 1024
+_MAX_NPZ_MEMBER_BYTES = 256 * 1024 * 1024
+"""Cap on what one npz member may inflate to (checked from the zip directory, before reading)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,14 @@ def load_npz_dataset(path: Path) -> Dataset:
     if size > _MAX_NPZ_BYTES:
         raise DatasetError(f"dataset {path} is {size} bytes, over the cap of {_MAX_NPZ_BYTES}")
     try:
+        # The compressed size says nothing of what a member inflates to (356 bytes asked for
+        # 16 TiB): check every member's declared uncompressed size before numpy reads it.
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.file_size > _MAX_NPZ_MEMBER_BYTES:
+                    raise DatasetError(
+                        f"dataset {path}: member {info.filename[:64]!r} inflates to "
+                        f"{info.file_size} bytes, over the cap of {_MAX_NPZ_MEMBER_BYTES}")
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
             if not {"x", "y"} <= keys:
@@ -134,6 +144,9 @@ def load_npz_dataset(path: Path) -> Dataset:
     if x.size != n * 64:
         raise DatasetError(f"dataset {path}: each image must have 64 pixels, x is {list(x.shape)}")
     x = x.reshape(n, *IMAGE_SHAPE).astype(np.float32)
+    if n and not (np.all(np.isfinite(x)) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0):
+        raise DatasetError(f"dataset {path}: pixel values must lie in [0, 1] "
+                           f"(got {float(np.nanmin(x)):.3g}..{float(np.nanmax(x)):.3g})")
     if n and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
         raise DatasetError(
             f"dataset {path}: labels must lie in [0, {NUM_CLASSES}), got {y.min()}..{y.max()}"

@@ -209,3 +209,22 @@ def test_counter_above_int64_is_malformed(pki: Pki) -> None:
     with pytest.raises(DirediError) as info:
         pki.seal(counter=2**63)
     assert "2^63-1" in str(info.value)
+
+
+def test_npz_bomb_and_out_of_range_pixels_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14 finding 6: the npz loader capped only the compressed size; values 0..16 passed."""
+    import zipfile
+
+    from diredi_secure.errors import DatasetError
+    from diredi_secure.ml.data import load_npz_dataset
+
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", b"\0" * (300 * 1024 * 1024))  # compresses to well under a MiB
+    assert bomb.stat().st_size < 2 * 1024 * 1024
+    with pytest.raises(DatasetError, match="inflates"):
+        load_npz_dataset(bomb)
+    raw = tmp_path / "raw.npz"
+    np.savez(raw, x=np.full((4, 64), 16.0, np.float32), y=np.zeros(4, np.int64))
+    with pytest.raises(DatasetError, match=r"\[0, 1\]"):
+        load_npz_dataset(raw)
