@@ -359,7 +359,7 @@ def verify_attestation(
         )
     try:
         envelope = Envelope.from_dict(json.loads(envelope_bytes))
-    except (ValueError, KeyError, TypeError, sslib_exceptions.FormatError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, sslib_exceptions.FormatError) as exc:
         raise AttestationInvalid(f"attestation is not a DSSE envelope: {exc!r}") from exc
     if envelope.payload_type != DSSE_PAYLOAD_TYPE:
         raise AttestationInvalid(f"DSSE payloadType {envelope.payload_type!r} is not in-toto")
@@ -371,7 +371,7 @@ def verify_attestation(
         ) from exc
     try:
         statement = json.loads(envelope.payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise AttestationInvalid("attestation payload is not JSON") from exc
     statement = _obj(statement, "statement")
     if statement.get("_type") != STATEMENT_TYPE:

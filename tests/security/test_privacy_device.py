@@ -228,3 +228,13 @@ def test_npz_bomb_and_out_of_range_pixels_are_refused(tmp_path) -> None:  # type
     np.savez(raw, x=np.full((4, 64), 16.0, np.float32), y=np.zeros(4, np.int64))
     with pytest.raises(DatasetError, match=r"\[0, 1\]"):
         load_npz_dataset(raw)
+
+
+def test_deeply_nested_attestation_is_a_typed_error() -> None:
+    """Issue 14 finding 6: attestation JSON nested deeply raised RecursionError."""
+    from diredi_secure.errors import AttestationInvalid
+    from diredi_secure.release.attest import verify_attestation
+
+    nested = b"[" * 100_000 + b"]" * 100_000  # parsed before any key is used
+    with pytest.raises(AttestationInvalid):
+        verify_attestation(nested, [object()], "0" * 64)  # type: ignore[list-item]
