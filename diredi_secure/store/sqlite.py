@@ -13,6 +13,7 @@ anyway, and one connection keeps WAL checkpoints and fsyncs in one place.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -50,6 +51,14 @@ class SQLiteStore(Store):
             name=str(path), default_epsilon_budget=default_epsilon_budget, migrations=migrations
         )
         self._lock = threading.Lock()
+        if str(path) != ":memory:":
+            # The ledger and packets are private: create the file 0600 before SQLite opens it (its
+            # -wal and -shm files take the database file's mode).
+            try:
+                os.close(os.open(str(path), os.O_CREAT | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0),
+                                 0o600))
+            except OSError:
+                pass  # sqlite3.connect below reports why the file cannot be opened
         try:
             # isolation_level=None: the driver never opens transactions behind our back; we issue
             # BEGIN IMMEDIATE / COMMIT / ROLLBACK ourselves.

@@ -561,3 +561,13 @@ def test_postgres_unreachable_is_a_store_error_without_the_password() -> None:
         open_store("postgresql://u:s3cret@127.0.0.1:1/db?connect_timeout=2")
     assert "s3cret" not in str(info.value)
     assert isinstance(info.value.__cause__, psycopg.Error)
+
+
+def test_sqlite_database_is_created_private(tmp_path: Path) -> None:
+    """Issue 14 finding 6: cloud.db was 0644."""
+    import stat
+
+    path = tmp_path / "cloud.db"
+    with SQLiteStore(path) as s:
+        s.register_device("dev1", CERT, KEY_ID, enrolled_at_ms=T0)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
