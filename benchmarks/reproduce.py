@@ -1025,10 +1025,9 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
         "- ε is the per-device cost of this one round; a device's lifetime budget composes "
         "rounds. The full payload's DP histogram and prototypes come out of the same total, so "
         "its DP-SGD runs with more noise than the local-DP baselines' at the same ε.",
-        "- The reference_logits-only and weight_delta-only variants carry the same knowledge "
-        "here: without prototypes the cloud's transfer set is the reference set, where a weight "
-        "delta only yields the same logit differences. The delta pays off with the prototypes "
-        "(data-free synthesis in the user's domain), which only the full payload sends.",
+        "- Without prototypes the cloud's transfer set is the reference set alone; the "
+        "prototypes (data-free synthesis in the user's domain) are sent by the full payload "
+        "only, and they are what reaches the shifted user C.",
         "- Seconds are wall times on a shared machine: compare orders of magnitude only.",
         *_choice_notes(result),
         "",
@@ -1090,6 +1089,16 @@ def _where_diredi_loses(result: ReproduceResult) -> list[str] | None:
                                f"{axis} accuracy by {-diff:.3f}"
                                + ("" if math.isnan(ci) else f" ± {ci:.3f}") + f"{sure}, "
                                f"over {e['n']} seed(s).")
+    rows = {(r.method, r.epsilon): r for r in result.summary()}
+    for (method, eps), ours in rows.items():
+        local = rows.get(("local_ft", eps)) if method == "diredi_full" else None
+        if local is None:
+            continue
+        for user in result.users:
+            if local.per_user[user] > ours.per_user[user]:
+                out.append(f"- ε {format_epsilon(eps)}, user {user} alone: local fine-tuning "
+                           f"{local.per_user[user]:.3f} against DiReDi {ours.per_user[user]:.3f} "
+                           f"(user-test accuracy, means over {ours.n} seed(s)).")
     return out
 
 
