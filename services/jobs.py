@@ -53,6 +53,7 @@ from diredi_secure.errors import (
     ConfigError,
     DirediError,
     ModelFormatError,
+    PayloadInvalid,
     ReleaseRefused,
     StoreError,
     UnknownDevice,
@@ -61,7 +62,12 @@ from diredi_secure.knowledge import DPParameters, PayloadKind, encode_payload
 from diredi_secure.ml.data import Dataset, Scenario, load_scenario, make_scenario, save_scenario
 from diredi_secure.ml.distill import KDConfig, TrainConfig, distill_student, train_classifier
 from diredi_secure.ml.evaluate import accuracy
-from diredi_secure.ml.merge import DeviceKnowledge, MergeConfig, merge_into_teacher
+from diredi_secure.ml.merge import (
+    DeviceKnowledge,
+    MergeConfig,
+    check_payload_fits,
+    merge_into_teacher,
+)
 from diredi_secure.ml.models import (
     build_model,
     load_model_bytes,
@@ -538,6 +544,22 @@ def merge_and_release(
             skipped[item.stored.packet_id.hex()] = f"base model {base[:16]} was never released here"
             continue
         groups.setdefault(base, []).append(item)
+    # One packet that does not fit its model or the reference set must not stop the round for
+    # everyone (issue 14 finding 7): skip it, record why, merge the rest.
+    for base in list(groups):
+        base_model = _load_model(_models_dir(workspace) / f"{base}.safetensors", "released model")
+        fits = []
+        for item in groups[base]:
+            try:
+                check_payload_fits(item.opened.payload, base_model, len(scenario.reference_x))
+            except PayloadInvalid as exc:
+                skipped[item.stored.packet_id.hex()] = f"payload does not fit its model: {exc.message}"
+                continue
+            fits.append(item)
+        if fits:
+            groups[base] = fits
+        else:
+            del groups[base]
     used = [item for group in groups.values() for item in group]
     if not used:
         raise ConfigError(f"no packet can be merged ({len(skipped)} skipped: {skipped})")

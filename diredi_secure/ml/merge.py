@@ -227,6 +227,18 @@ def _dense_reference_diff(payload: KnowledgePayload, n_ref: int) -> np.ndarray |
     return dense
 
 
+def check_payload_fits(payload: KnowledgePayload, shipped: nn.Module, n_ref: int) -> None:
+    """Raise :class:`PayloadInvalid` unless every entry fits the model it claims to update and
+    its reference set (what :func:`merge_into_teacher` will index with). Cheap: shapes only, plus
+    building the adapted model once."""
+    device_support(payload)
+    _dense_reference_diff(payload, n_ref)
+    adapted_model(shipped, payload)
+    protos = payload.get(PayloadKind.DP_PROTOTYPES)
+    if protos is not None and protos.values.size != NUM_CLASSES * 64:
+        raise PayloadInvalid(f"dp_prototypes must be [{NUM_CLASSES}, 64], got {protos.values.shape}")
+
+
 def adapted_model(shipped: nn.Module, payload: KnowledgePayload) -> nn.Module | None:
     """``shipped + weight_delta`` when the device sent a weight delta (post-processing)."""
     entry = payload.get(PayloadKind.WEIGHT_DELTA)

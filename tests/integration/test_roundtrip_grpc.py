@@ -316,3 +316,47 @@ def test_sigkill_keeps_every_acknowledged_packet(backend: str, tmp_path: Path) -
             proc.kill()
         if schema is not None:
             _drop_schema(schema)
+
+
+def test_one_packet_that_does_not_fit_its_model_does_not_stop_the_release(tmp_path: Path) -> None:
+    """Issue 14 finding 7: reference logits with 64 rows (the reference set has 300) were stored
+    and then stopped every merge; now that packet is skipped and named, the others are merged."""
+    from diredi_secure.knowledge import KnowledgePayload, PayloadTensor
+    from diredi_secure.ml.data import Dataset
+
+    from ..conftest import honest_dp
+
+    ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=_now_ms())
+    settings = _settings()
+    jobs.distill_and_release(ws, now=datetime.now(UTC), seed=1, settings=settings)
+    store = ws.open_store()
+    server = CloudServer(store=store, keys=ws.keys(), tls=ws.server_tls(mtls=True),
+                         repository_dir=ws.repository_dir, max_workers=4)
+    port = server.start()
+    agents = []
+    try:
+        for name in ("device-h", "device-p"):
+            dws = ws.provision_device(tmp_path / name, name, target=f"127.0.0.1:{port}",
+                                      now_ms=_now_ms())
+            agent = _agent(dws)
+            agents.append(agent)
+            agent.enroll()
+            v1 = jobs.update_device(agent)
+        rng = np.random.default_rng(0)
+        data = Dataset(rng.random((90, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, 90))
+        honest = jobs.reverse_on_device(agents[0], data, epsilon=2.0, rd=RDConfig(epochs=1))
+        agents[0].submit(honest.sealed.data)
+        bad = KnowledgePayload((PayloadTensor("reference_logits", PayloadKind.REFERENCE_LOGITS,
+                                              np.zeros((64, 10), np.float32), "float16"),))
+        agents[1].submit_payload(bad, dp=honest_dp(2.0),
+                                 base_model_version=v1.release.model_sha256)
+        out = jobs.merge_and_release(ws, store, now=datetime.now(UTC), settings=settings,
+                                     audit_gate=jobs.accounting_gate)
+        assert out.packet_count == 1 and set(out.device_models) == {"device-h"}
+        [(pid, why)] = out.skipped_packets.items()
+        assert "64 rows" in why
+    finally:
+        for agent in agents:
+            agent.close()
+        server.stop(grace_s=0.5)
+        store.close()
