@@ -353,7 +353,7 @@ def test_one_packet_that_does_not_fit_its_model_does_not_stop_the_release(tmp_pa
         out = jobs.merge_and_release(ws, store, now=datetime.now(UTC), settings=settings,
                                      audit_gate=jobs.accounting_gate)
         assert out.packet_count == 1 and set(out.device_models) == {"device-h"}
-        [(pid, why)] = out.skipped_packets.items()
+        [(_pid, why)] = out.skipped_packets.items()
         assert "64 rows" in why
     finally:
         for agent in agents:
