@@ -13,6 +13,7 @@ anyway, and one connection keeps WAL checkpoints and fsyncs in one place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -54,11 +55,10 @@ class SQLiteStore(Store):
         if str(path) != ":memory:":
             # The ledger and packets are private: create the file 0600 before SQLite opens it (its
             # -wal and -shm files take the database file's mode).
-            try:
+            # On OSError, sqlite3.connect below reports why the file cannot be opened.
+            with contextlib.suppress(OSError):
                 os.close(os.open(str(path), os.O_CREAT | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0),
                                  0o600))
-            except OSError:
-                pass  # sqlite3.connect below reports why the file cannot be opened
         try:
             # isolation_level=None: the driver never opens transactions behind our back; we issue
             # BEGIN IMMEDIATE / COMMIT / ROLLBACK ourselves.
