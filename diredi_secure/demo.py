@@ -156,8 +156,8 @@ def demo_command(
     workspace: Annotated[
         Path, typer.Option(help="Fresh folder for everything the demo writes (wiped first)")
     ] = Path("demo-workspace"),
-    epsilon: Annotated[float, typer.Option(help="Target epsilon of each device's DP-SGD")] = 8.0,
-    seed: Annotated[int, typer.Option(help="Seed of the scenario and of every training run")] = 0,
+    epsilon: Annotated[float, typer.Option(help="Total epsilon each device's packet spends (DP-SGD, histogram and prototypes composed, delta 1e-5)")] = 8.0,
+    seed: Annotated[int, typer.Option(help="Seed of the scenario and of the cloud's training runs (devices' private noise always comes from the OS CSPRNG)")] = 0,
     audit_profile: Annotated[
         str,
         typer.Option(help="Audit gate profile run before v2 is released: fast, full or accounting"),
@@ -332,15 +332,16 @@ def demo_command(
                 server.kill()
 
     audit = _audit_summary(paths)
-    table = Table(title=f"DiReDi demo: 3 devices, epsilon {epsilon:g}, seed {seed}")
+    table = Table(title=f"DiReDi demo: 3 devices, total epsilon {epsilon:g} per packet "
+                        f"(delta 1e-5), seed {seed}")
     for col in (
         "device",
         "user test before",
         "user test after",
         "presumed before",
         "presumed after",
-        "epsilon spent",
-        "bytes uploaded",
+        "epsilon spent (delta 1e-5)",
+        "packet bytes uploaded",
         "release",
         "audit",
     ):
