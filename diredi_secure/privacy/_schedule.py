@@ -48,7 +48,7 @@ def noise_for_epsilon(
     epsilon: float, *, delta: float, sample_rate: float, steps: int,
     extra: tuple[float, ...] = (), lo: float = 0.3, hi: float = 1e4,
 ) -> float:
-    """Smallest noise multiplier (to 1e-6 relative) whose mechanism, composed with the single
+    """Smallest noise multiplier (to 1e-10 relative) whose mechanism, composed with the single
     Gaussian releases of multipliers ``extra``, spends at most ``epsilon`` at ``delta``.
 
     Raises :class:`ConfigError` when even ``hi`` overspends (the extras alone take the budget) or
@@ -62,7 +62,7 @@ def noise_for_epsilon(
         raise ConfigError(f"epsilon {epsilon:g} is above what noise multiplier {lo:g} spends; "
                           "ask for less")
     a, b = math.log(lo), math.log(hi)
-    while b - a > 1e-6:
+    while b - a > 1e-10:  # spend within ~1e-9 relative of the target
         mid = 0.5 * (a + b)
         if _eps(math.exp(mid), sample_rate, steps, delta, extra) > epsilon:
             a = mid
