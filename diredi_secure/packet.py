@@ -132,6 +132,7 @@ class DeviceRecord:
     """The device's composed ledger curve (``privacy``), when the directory keeps one: lets
     ``open_packet`` refuse an over-budget packet before decrypting it."""
     epsilon_budget: float | None = None
+    epsilon_floor: float = 0.0
 
 
 class DeviceDirectory(Protocol):
@@ -405,7 +406,7 @@ def open_packet(
     if record.rdp_spent is not None and record.epsilon_budget is not None:
         # Early refusal of an exhausted budget; the store re-checks inside its transaction.
         charge(device_id=header.device_id, spent_curve=record.rdp_spent, packet_curve=cost.curve,
-               budget=record.epsilon_budget, policy=policy.dp)
+               budget=record.epsilon_budget, policy=policy.dp, floor=record.epsilon_floor)
     _check_replay(replay, header.device_id, header.packet_id, header.counter)
     plaintext = hpke_open(header.suite, inbox_key, env.enc, env.ciphertext, info=env.header)
     payload = decode_payload(

@@ -115,6 +115,9 @@ def _check_declared(what: str, declared: float, recomputed: float, policy: DPPol
     Below it the device under-reports its loss (:class:`EpsilonUnderstated`); above it the header
     is inconsistent with the mechanisms it declares (the cloud charges what it recomputes, and
     refuses a header it cannot reconcile rather than let two figures circulate)."""
+    if not (isinstance(declared, int | float) and math.isfinite(declared)):
+        raise PolicyViolation(f"declared {what} epsilon {declared!r} is not a finite number",
+                              reason="epsilon_mismatch")
     slack = recomputed * policy.epsilon_rel_tolerance + 1e-12
     if declared < recomputed - slack:
         raise EpsilonUnderstated(
@@ -152,8 +155,11 @@ def account_packet(
     if not (0 < dp.clip_norm <= policy.bounds.max_clip_norm):
         raise PolicyViolation(f"clip norm {dp.clip_norm!r} outside (0, "
                               f"{policy.bounds.max_clip_norm:g}]", reason="dp_parameter_out_of_bounds")
+    if isinstance(dp.steps, bool) or not isinstance(dp.steps, int):
+        raise PolicyViolation(f"steps {dp.steps!r} is not an integer",
+                              reason="dp_parameter_out_of_bounds")
     train = Mechanism(MechanismKind.DP_SGD, float(dp.noise_multiplier), float(dp.sample_rate),
-                      int(dp.steps))
+                      dp.steps)
     check_mechanism(train, policy.bounds)
     mechanisms = [train]
     entry_checks: list[tuple[str, float, Mechanism]] = []
@@ -196,14 +202,20 @@ def lifetime_epsilon(curve: np.ndarray, policy: DPPolicy = DEFAULT_DP_POLICY) ->
 
 def charge(
     *, device_id: str, spent_curve: np.ndarray, packet_curve: np.ndarray, budget: float,
-    policy: DPPolicy = DEFAULT_DP_POLICY,
+    policy: DPPolicy = DEFAULT_DP_POLICY, floor: float = 0.0,
 ) -> tuple[np.ndarray, float]:
     """Compose a packet into a device's ledger. Returns (new curve, new lifetime epsilon) or
-    raises :class:`~diredi_secure.errors.BudgetExceeded`; changes nothing itself."""
+    raises :class:`~diredi_secure.errors.BudgetExceeded`; changes nothing itself.
+
+    ``floor`` is epsilon spent before the ledger kept curves (a store migrated from schema v1,
+    which summed epsilons): it is added on top of the composed curve (basic composition of the two
+    parts, a valid upper bound), so a migration never resets a budget."""
+    if not (math.isfinite(floor) and floor >= 0):
+        raise ValueError(f"ledger floor must be finite and >= 0, got {floor!r}")
     new = compose([spent_curve, packet_curve])
-    eps = lifetime_epsilon(new, policy)
+    eps = floor + lifetime_epsilon(new, policy)
     if eps > budget * (1.0 + 1e-12):
-        spent = lifetime_epsilon(spent_curve, policy)
+        spent = floor + lifetime_epsilon(spent_curve, policy)
         raise BudgetExceeded(
             f"device {device_id} has spent epsilon {spent:.4g} of {budget:.4g} "
             f"(delta {policy.delta:.0e}); with this packet it would be {eps:.4g}")

@@ -95,6 +95,8 @@ class Device:
     off it."""
     epsilon_delta: float = DEFAULT_DP_POLICY.delta
     """The one delta every epsilon of this ledger is stated at."""
+    epsilon_floor: float = 0.0
+    """Epsilon summed by a schema-v1 ledger before the upgrade; added to the composed curve."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ class Cursor(Protocol):
 
 _DEVICE_COLUMNS = (
     "device_id, certificate_der, key_id, status, enrolled_at_ms, revoked_at_ms, "
-    "revocation_reason, epsilon_budget, epsilon_spent, highest_counter, rdp_spent"
+    "revocation_reason, epsilon_budget, epsilon_spent, highest_counter, rdp_spent, epsilon_floor"
 )
 _PACKET_COLUMNS = (
     "packet_id, device_id, counter, created_at_ms, received_at_ms, base_model_version, epsilon, "
@@ -227,6 +229,7 @@ def _device(row: Sequence[Any]) -> Device:
         epsilon_spent=float(row[8]),
         highest_counter=None if row[9] is None else int(row[9]),
         rdp_spent=curve_from_json(row[10]),
+        epsilon_floor=float(row[11]),
     )
 
 
@@ -463,7 +466,8 @@ class Store(ABC):
         if device is None:
             return None
         return DeviceRecord(device.device_id, device.certificate_der, device.status,
-                            rdp_spent=device.rdp_spent, epsilon_budget=device.epsilon_budget)
+                            rdp_spent=device.rdp_spent, epsilon_budget=device.epsilon_budget,
+                            epsilon_floor=device.epsilon_floor)
 
     def require_active_device(self, device_id: str) -> Device:
         """The device if enrolled and active.
@@ -612,6 +616,7 @@ class Store(ABC):
                     packet_curve=record.rdp_curve,
                     budget=device.epsilon_budget,
                     policy=self._dp,
+                    floor=device.epsilon_floor,
                 )
                 cur.execute(
                     f"INSERT INTO packets ({_PACKET_COLUMNS}, rdp_curve) "  # noqa: S608 - constants only

@@ -103,6 +103,10 @@ _V2 = Migration(
     (
         "ALTER TABLE devices ADD COLUMN rdp_spent TEXT",
         "ALTER TABLE packets ADD COLUMN rdp_curve TEXT",
+        # What a v1 ledger summed cannot be turned into a curve: keep it as a floor that every
+        # later charge adds to, so upgrading never resets a device's budget.
+        "ALTER TABLE devices ADD COLUMN epsilon_floor {float} NOT NULL DEFAULT 0",
+        "UPDATE devices SET epsilon_floor = epsilon_spent",
     ),
 )
 

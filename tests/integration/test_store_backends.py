@@ -571,3 +571,24 @@ def test_sqlite_database_is_created_private(tmp_path: Path) -> None:
     with SQLiteStore(path) as s:
         s.register_device("dev1", CERT, KEY_ID, enrolled_at_ms=T0)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_upgrading_a_v1_ledger_never_resets_a_budget(tmp_path: Path) -> None:
+    """Review finding: v2 added the curve column empty, so a device at 39.9 of 40 restarted at 0."""
+    from diredi_secure.store.migrations import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    SQLiteStore(path, migrations=MIGRATIONS[:1]).close()  # a deployed v1 database
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO devices (device_id, certificate_der, key_id, status, enrolled_at_ms, "
+                "epsilon_budget, epsilon_spent, highest_counter) "
+                "VALUES ('dev1', ?, ?, 'active', ?, 40.0, 39.9, 5)", (CERT, KEY_ID, T0))
+    con.commit()
+    con.close()
+    with SQLiteStore(path) as s:  # upgrade to v2
+        dev = s.get_device("dev1")
+        assert dev is not None and dev.epsilon_floor == 39.9
+        with pytest.raises(BudgetExceeded):
+            s.store_packet(record(6, epsilon=0.5))
+        s.store_packet(record(7, epsilon=0.05))
+        assert s.epsilon_spent("dev1") == pytest.approx(39.95, rel=1e-6)

@@ -157,3 +157,17 @@ def test_discrete_gaussian_is_integer_and_has_the_declared_spread() -> None:
     out = src.discrete_gaussian(counts, 5.0)
     assert np.array_equal(out, np.rint(out))
     assert abs(out.mean()) < 0.5 and out.std() == pytest.approx(5.0, rel=0.08)
+
+
+def test_non_finite_entry_epsilon_and_non_integer_steps_are_refused_before_decryption() -> None:
+    """Review findings: a NaN entry epsilon passed the header checks; float steps were truncated."""
+    s = privacy.schedule_for(8.0, histogram=True, prototypes=True)
+    dp = replace(honest_dp(8.0, histogram=True, prototypes=True))
+    hist = _entry("label_histogram", s.histogram_noise_multiplier, math.nan)  # type: ignore[arg-type]
+    with pytest.raises(PolicyViolation) as info:
+        privacy.account_packet(dp, [hist])
+    assert info.value.reason == "epsilon_mismatch"
+    for steps in (2.9, math.nan, True):
+        bad = SimpleNamespace(**{**honest_dp().__dict__, "steps": steps})
+        with pytest.raises(PolicyViolation):
+            privacy.account_packet(bad, [])
