@@ -38,6 +38,7 @@ def test_tuning_on_the_users_data_is_charged() -> None:
     from dataclasses import replace
 
     from diredi_secure.benchmarks.reproduce import scaled_loop_config
+
     from diredi_secure.ml.data import ScenarioConfig
     from diredi_secure.ml.reverse import trials_epsilon
 
