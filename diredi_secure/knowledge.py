@@ -57,6 +57,12 @@ _NP_DTYPES: dict[str, np.dtype[Any]] = {
 }
 _F16_MAX = float(np.finfo(np.float16).max)
 _INDEX_SUFFIX = ".index"
+# Quantisation scales travel inside the encrypted payload, one float64 scalar per int8/int4 entry:
+# a scale is max|values| / 7 (or 127), a function of the data (a weight delta's magnitude falls
+# with the user's dataset size), so it must not sit in the plaintext header. The header's scale
+# field is then the fixed placeholder 1.0.
+_SCALE_SUFFIX = ".scale"
+HEADER_SCALE_PLACEHOLDER = 1.0
 
 
 def _finite(name: str, value: float) -> float:
@@ -128,8 +134,9 @@ class PayloadTensor:
             raise PayloadInvalid(
                 f"payload entry name {self.name!r} must be 1-64 chars [A-Za-z0-9_.]"
             )
-        if self.name.endswith(_INDEX_SUFFIX):
-            raise PayloadInvalid(f"payload entry name {self.name!r} may not end in {_INDEX_SUFFIX}")
+        if self.name.endswith((_INDEX_SUFFIX, _SCALE_SUFFIX)):
+            raise PayloadInvalid(
+                f"payload entry name {self.name!r} may not end in {_INDEX_SUFFIX} or {_SCALE_SUFFIX}")
         object.__setattr__(self, "kind", PayloadKind(self.kind))
         if self.dtype not in _WIRE_DTYPES:
             raise PayloadInvalid(f"unknown wire dtype {self.dtype!r}")
@@ -301,6 +308,9 @@ def encode_payload(payload: KnowledgePayload) -> tuple[bytes, PayloadDescriptor]
         else:
             wire = t.values.astype(_NP_DTYPES[t.dtype])
         tensors[t.name] = wire
+        if t.dtype in ("int8", "int4"):
+            tensors[t.name + _SCALE_SUFFIX] = np.array([scale], dtype=np.float64)
+            scale = HEADER_SCALE_PLACEHOLDER
         if t.index is not None:
             tensors[t.name + _INDEX_SUFFIX] = t.index
         entries.append(
@@ -315,7 +325,7 @@ def encode_payload(payload: KnowledgePayload) -> tuple[bytes, PayloadDescriptor]
                 index_length=0 if t.index is None else int(t.index.size),
             )
         )
-    data = checkpoint_bytes(tensors, {"format": "diredi-payload-v1"})
+    data = checkpoint_bytes(tensors, {"format": "diredi-payload-v2"})
     return data, PayloadDescriptor(tuple(entries), len(data), hashlib.sha256(data).digest())
 
 
@@ -380,9 +390,11 @@ def decode_payload(
         raw, _meta = load_checkpoint_bytes(data, max_bytes=limits.max_payload_bytes)
     except ModelFormatError as exc:
         raise PayloadInvalid(f"payload is not safetensors: {exc.message}") from exc
-    expected_names = {e.name for e in descriptor.entries} | {
-        e.name + _INDEX_SUFFIX for e in descriptor.entries if e.index_length
-    }
+    expected_names = (
+        {e.name for e in descriptor.entries}
+        | {e.name + _INDEX_SUFFIX for e in descriptor.entries if e.index_length}
+        | {e.name + _SCALE_SUFFIX for e in descriptor.entries if e.dtype in ("int8", "int4")}
+    )
     if set(raw) != expected_names:
         raise PayloadInvalid(
             f"payload tensors {sorted(raw)} differ from the declared {sorted(expected_names)}"
@@ -394,16 +406,24 @@ def decode_payload(
             raise PayloadInvalid(
                 f"entry {e.name}: dtype {wire.dtype} but the header declares {e.dtype}"
             )
+        scale = e.scale
+        if e.dtype in ("int8", "int4"):
+            sw = raw[e.name + _SCALE_SUFFIX]
+            if sw.dtype != np.float64 or sw.shape != (1,) or not (
+                math.isfinite(float(sw[0])) and float(sw[0]) > 0
+            ):
+                raise PayloadInvalid(f"entry {e.name}: its scale must be one positive finite float64")
+            scale = float(sw[0])
         if e.dtype == "int4":
             count = math.prod(e.shape)
             _check_int4(e.name, wire, count)
-            values = dequantize_int4(wire, e.scale, count).reshape(e.shape)
+            values = dequantize_int4(wire, scale, count).reshape(e.shape)
         elif tuple(wire.shape) != e.shape:
             raise PayloadInvalid(
                 f"entry {e.name}: shape {tuple(wire.shape)} but the header declares {e.shape}"
             )
         elif e.dtype == "int8":
-            values = dequantize_int8(wire, e.scale)
+            values = dequantize_int8(wire, scale)
         else:
             values = np.asarray(wire, dtype=np.float32)  # no copy for float32
         if not np.all(np.isfinite(values)):

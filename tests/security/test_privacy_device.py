@@ -88,7 +88,8 @@ def test_headers_of_different_n_are_identical(pki: Pki) -> None:
         res = reverse_distill(build_model(student_spec(), seed=0), _data(n, n), REF, FAST)
         sealed = pki.seal(payload=res.payload, dp=res.dp, counter=counter)
         h = sealed.header
-        entries = [(e.name, e.kind, e.shape, e.noise_multiplier, e.epsilon) for e in h.payload.entries]
+        entries = [(e.name, e.kind, e.dtype, e.shape, e.scale, e.index_length, e.noise_multiplier,
+                    e.epsilon) for e in h.payload.entries]
         headers.append((h.dp, entries))
         # and the cloud accepts it as accounted
         opened = open_packet(sealed.data, **pki.open_kwargs())  # type: ignore[arg-type]

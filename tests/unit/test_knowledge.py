@@ -130,7 +130,29 @@ def test_int4_decode_refuses_bad_codes(mutate, reason: str) -> None:  # type: ig
     t = PayloadTensor("w", PayloadKind.WEIGHT_DELTA, np.array([1.0, -2.0, 3.0], np.float32), "int4")
     data, desc = encode_payload(KnowledgePayload((t,)))
     raw, meta = load_checkpoint_bytes(data)
-    bad = checkpoint_bytes({"w": mutate(raw["w"])}, meta)
+    bad = checkpoint_bytes({"w": mutate(raw["w"]), "w.scale": raw["w.scale"]}, meta)
     desc2 = PayloadDescriptor(desc.entries, len(bad), hashlib.sha256(bad).digest())
     with pytest.raises(PayloadInvalid, match=reason):
         decode_payload(bad, desc2)
+
+
+def test_quantisation_scale_is_not_in_the_plaintext_header() -> None:
+    """Review finding: the int4 scale (max|delta| / 7) sat in the header and fell with N."""
+    import hashlib
+
+    from diredi_secure.checkpoint import checkpoint_bytes, load_checkpoint_bytes
+    from diredi_secure.knowledge import HEADER_SCALE_PLACEHOLDER, PayloadDescriptor
+
+    small = PayloadTensor("w", PayloadKind.WEIGHT_DELTA, np.array([0.001, -0.002], np.float32), "int4")
+    large = PayloadTensor("w", PayloadKind.WEIGHT_DELTA, np.array([10.0, -20.0], np.float32), "int4")
+    d1 = encode_payload(KnowledgePayload((small,)))[1]
+    d2 = encode_payload(KnowledgePayload((large,)))[1]
+    assert d1.entries == d2.entries and d1.entries[0].scale == HEADER_SCALE_PLACEHOLDER
+    data, desc = encode_payload(KnowledgePayload((large,)))
+    assert np.allclose(decode_payload(data, desc).tensors[0].values, [10.0, -20.0], atol=20 / 7)
+    raw, meta = load_checkpoint_bytes(data)
+    for bad_scale in (np.array([0.0]), np.array([np.nan]), np.array([1.0, 2.0]), np.array([1.0], np.float32)):
+        bad = checkpoint_bytes({"w": raw["w"], "w.scale": bad_scale}, meta)
+        desc2 = PayloadDescriptor(desc.entries, len(bad), hashlib.sha256(bad).digest())
+        with pytest.raises(PayloadInvalid, match="scale"):
+            decode_payload(bad, desc2)
