@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -53,7 +54,7 @@ from diredi_secure.packet import inspect_packet, make_receipt, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.store import DeviceStatus, PacketRecord, Store
 
-from .status import NotFound, abort_with
+from .status import NotFound, abort_internal, abort_with
 from .transport import ServerTls, TransportConfig, add_port, peer_device_id, server_options
 
 __all__ = [
@@ -291,9 +292,12 @@ class ReleaseFolder:
             raise MalformedPacket(f"bad target path {path[:80]!r}")
         file = self._confined(self.folder / "targets" / path, "targets")
         try:
-            size = file.stat().st_size
+            st = file.stat()
         except OSError as exc:
             raise NotFound(f"target {path} is not published") from exc
+        if not stat.S_ISREG(st.st_mode):  # a folder (e.g. "devices") or a device node
+            raise NotFound(f"target {path} is not published")
+        size = st.st_size
         cap = self.config.max_target_bytes
         if max_length:
             cap = min(cap, max_length)
@@ -342,6 +346,8 @@ class _Knowledge:
             return self.ingest.submit(request, peer=peer_device_id(context), mtls=self.mtls)
         except DirediError as exc:
             abort_with(context, exc)
+        except Exception as exc:  # the catch-all: nothing untyped reaches a peer
+            abort_internal(context, exc)
 
     def submit_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         try:
@@ -349,6 +355,8 @@ class _Knowledge:
             return self.ingest.submit(data, peer=peer_device_id(context), mtls=self.mtls, streamed=True)
         except DirediError as exc:
             abort_with(context, exc)
+        except Exception as exc:  # the catch-all: nothing untyped reaches a peer
+            abort_internal(context, exc)
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serialisers: the packet arrives, and the receipt leaves, as exact bytes.
@@ -373,6 +381,8 @@ class _EnrollmentServicer(sgrpc.EnrollmentServiceServicer):
             )
         except DirediError as exc:
             abort_with(context, exc)
+        except Exception as exc:  # the catch-all: nothing untyped reaches a peer
+            abort_internal(context, exc)
         return spb.EnrollResponse(
             device_id=result.device_id,
             inbox_key_id=result.inbox_key_id,
@@ -384,6 +394,8 @@ class _EnrollmentServicer(sgrpc.EnrollmentServiceServicer):
             status = self.enrollment.status(request.device_id, peer=peer_device_id(context), mtls=self.mtls)
         except DirediError as exc:
             abort_with(context, exc)
+        except Exception as exc:  # the catch-all: nothing untyped reaches a peer
+            abort_internal(context, exc)
         return spb.DeviceStatusResponse(**status)
 
 
@@ -401,6 +413,8 @@ class _UpdateServicer(sgrpc.UpdateServiceServicer):
             data = self._require().metadata(request.role, int(request.version))
         except DirediError as exc:
             abort_with(context, exc)
+        except Exception as exc:  # the catch-all: nothing untyped reaches a peer
+            abort_internal(context, exc)
         return spb.MetadataResponse(metadata=data)
 
     def FetchTarget(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -410,6 +424,8 @@ class _UpdateServicer(sgrpc.UpdateServiceServicer):
                 yield spb.Chunk(data=data, offset=offset, total_length=total if offset == 0 else 0)
         except DirediError as exc:
             abort_with(context, exc)
+        except Exception as exc:  # the catch-all: nothing untyped reaches a peer
+            abort_internal(context, exc)
 
 
 # ------------------------------------------------------------------------------------------------

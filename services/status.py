@@ -123,6 +123,15 @@ def abort_with(context: grpc.ServicerContext, exc: E.DirediError) -> NoReturn:
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
+def abort_internal(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    """Abort with INTERNAL for an exception that is not a :class:`DirediError` (a bug, or a
+    library failure nobody typed): logged in full here, never sent (no paths, no messages)."""
+    log.error("unexpected error serving a call", exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL,
+                  f"internal: internal error on the cloud ({type(exc).__name__})")
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
 def _reason_table() -> dict[str, type[E.DirediError]]:
     table: dict[str, type[E.DirediError]] = {}
     for cls in STATUS_TABLE:

@@ -542,3 +542,12 @@ def test_link_from_targets_into_the_repository_keys_is_not_served(scene: Scene) 
         lambda: list(scene.stub().FetchTarget(spb.TargetRequest(path="key.pem"), timeout=5))
     )
     assert code == C.INVALID_ARGUMENT and details.startswith("malformed:"), (code, details)
+
+
+def test_fetching_a_folder_is_not_found_without_paths(scene: Scene) -> None:
+    """Issue 14 finding 6: FetchTarget on a folder answered UNKNOWN with the server's absolute path."""
+    scene.served("targets/a-folder").mkdir()
+    code, details = _status(
+        lambda: list(scene.stub().FetchTarget(spb.TargetRequest(path="a-folder"), timeout=5)))
+    assert code == C.NOT_FOUND and details.startswith("not_found:"), (code, details)
+    assert "/" not in details.split(":", 1)[1].replace("a-folder", "")

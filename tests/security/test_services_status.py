@@ -128,3 +128,32 @@ def test_server_overload_is_retryable_not_too_large() -> None:
     assert isinstance(busy, ServiceUnavailable) and busy.reason == "overloaded"
     big = error_from_rpc(_Err("Received message larger than max (5 vs. 4)"), "submit")
     assert isinstance(big, TooLarge)
+
+
+def test_an_untyped_exception_reaches_the_peer_as_internal_without_its_message() -> None:
+    """Issue 14 finding 6: untyped exceptions reached clients as UNKNOWN with absolute paths."""
+    import grpc
+    import pytest
+
+    from diredi_secure.services.cloud import _Knowledge
+
+    class _Aborted(Exception):
+        pass
+
+    class _Ctx:
+        def abort(self, code: grpc.StatusCode, details: str) -> None:
+            self.code, self.details = code, details
+            raise _Aborted
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {}
+
+    class _Boom:
+        def submit(self, *a: object, **k: object) -> bytes:
+            raise RuntimeError("/srv/diredi/secret/cloud.json exploded")
+
+    ctx = _Ctx()
+    with pytest.raises(_Aborted):
+        _Knowledge(_Boom(), mtls=False).submit(b"x", ctx)  # type: ignore[arg-type]
+    assert ctx.code == grpc.StatusCode.INTERNAL
+    assert ctx.details == "internal: internal error on the cloud (RuntimeError)"
