@@ -134,7 +134,6 @@ def test_an_untyped_exception_reaches_the_peer_as_internal_without_its_message()
     """Issue 14 finding 6: untyped exceptions reached clients as UNKNOWN with absolute paths."""
     import grpc
     import pytest
-
     from diredi_secure.services.cloud import _Knowledge
 
     class _Aborted(Exception):
