@@ -44,6 +44,7 @@ from diredi_secure._proto.diredi.v1 import services_pb2 as spb
 from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
 from diredi_secure.errors import (
     CertificateInvalid,
+    CertificateRevoked,
     DirediError,
     MalformedPacket,
     SignatureInvalid,
@@ -334,6 +335,65 @@ class ReleaseFolder:
 
 
 # ------------------------------------------------------------------------------------------------
+# Revocation at the transport
+# ------------------------------------------------------------------------------------------------
+class RevocationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuse every call of a revoked device, whatever the service (issue 14 finding 6).
+
+    The TLS layer only checks the chain to the device CA, so a revoked certificate still completes
+    the handshake; this looks the verified peer's device id up in the store on every call and
+    answers PERMISSION_DENIED (``certificate_revoked``) before the handler runs. A peer without a
+    device certificate (no mTLS) is left to the handlers. One indexed read per call.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def _refuse_revoked(self, context: grpc.ServicerContext) -> None:
+        device_id = peer_device_id(context)
+        if device_id is None:
+            return
+        try:
+            device = self._store.get_device(device_id)
+        except DirediError as exc:
+            abort_with(context, exc)
+        if device is not None and device.status is DeviceStatus.REVOKED:
+            abort_with(context, CertificateRevoked(f"device {device_id} is revoked"))
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        check = self._refuse_revoked
+
+        def wrap(behavior: Any, streaming_response: bool) -> Any:
+            if streaming_response:
+                def stream(request: Any, context: grpc.ServicerContext) -> Any:
+                    check(context)
+                    yield from behavior(request, context)
+                return stream
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                return behavior(request, context)
+            return unary
+
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+        )
+        for attr, make, streaming in kinds:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return make(wrap(behavior, streaming),
+                            request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+
+# ------------------------------------------------------------------------------------------------
 # Servicers: decode, call, map errors
 # ------------------------------------------------------------------------------------------------
 class _Knowledge:
@@ -466,6 +526,7 @@ class CloudServer:
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="diredi-rpc"),
             options=server_options(self.config),
             maximum_concurrent_rpcs=max_workers * 4,
+            interceptors=(RevocationInterceptor(store),) if mtls else (),
         )
         self._server.add_generic_rpc_handlers((_Knowledge(self.ingest, mtls).handler(),))
         sgrpc.add_EnrollmentServiceServicer_to_server(_EnrollmentServicer(self.enrollment, mtls), self._server)

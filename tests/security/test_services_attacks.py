@@ -16,7 +16,13 @@ from diredi_secure.services.transport import TransportConfig
 from diredi_secure import _crypto
 from diredi_secure._proto.diredi.v1 import services_pb2 as spb
 from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
-from diredi_secure.errors import CertificateRevoked, ReplayDetected, TooLarge, UnknownDevice
+from diredi_secure.errors import (
+    CertificateRevoked,
+    DirediError,
+    ReplayDetected,
+    TooLarge,
+    UnknownDevice,
+)
 from diredi_secure.packet import seal_packet
 from diredi_secure.policy import Limits
 from diredi_secure.store import Store
@@ -76,6 +82,14 @@ def test_revoked_device_is_refused_on_the_next_call(cloud: Cloud) -> None:
         agent.submit(sealed.data)
     with pytest.raises(CertificateRevoked):  # nor may it enrol again
         agent.enroll()
+    if cloud.mtls:  # and, at the transport, every other service refuses it too (issue 14)
+        code, details = _code(sgrpc.EnrollmentServiceStub(agent.channel).GetStatus,
+                              spb.DeviceStatusRequest(device_id="device-a"))
+        assert (code, details.split(":")[0]) == (C.PERMISSION_DENIED, "certificate_revoked")
+        from diredi_secure.services.jobs import update_device
+
+        with pytest.raises(DirediError, match="certificate_revoked"):
+            update_device(agent)
     assert snapshot(cloud.store) == before
 
 
