@@ -20,6 +20,7 @@ Cost: with the policy's bounds (:class:`~diredi_secure.privacy.DPBounds`) one cu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -65,7 +66,20 @@ def gaussian_curve(noise_multiplier: float, sample_rate: float, steps: int) -> n
 
     ``noise_multiplier`` is the noise std divided by the L2 sensitivity. Callers bound the inputs
     first (:func:`~diredi_secure.privacy.check_mechanism`); here only the maths' domain is checked.
+    Cached per parameter set (a fleet declares a handful; ingest must not pay milliseconds per
+    packet): the returned array is read-only.
     """
+    return _gaussian_curve(float(noise_multiplier), float(sample_rate), int(steps))
+
+
+@functools.lru_cache(maxsize=4096)
+def _gaussian_curve(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
+    out = _compute_gaussian_curve(noise_multiplier, sample_rate, steps)
+    out.flags.writeable = False
+    return out
+
+
+def _compute_gaussian_curve(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(f"noise multiplier must be finite and > 0, got {noise_multiplier!r}")
     if not (0.0 < sample_rate <= 1.0):
