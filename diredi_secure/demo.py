@@ -411,9 +411,8 @@ def demo_device_command(
     epsilon: Annotated[float, typer.Option()] = 8.0,
 ) -> None:
     """One device of the demo, as its own process (hidden; `diredi demo` runs it)."""
-    from .knowledge import PayloadKind
     from .ml.data import load_npz_dataset
-    from .ml.loop import LoopConfig
+    from .ml.reverse import DEFAULT_PAYLOAD_KINDS
     from .services.edge import EdgeAgent
     from .services.jobs import reverse_on_device, update_device
     from .services.workspace import CloudWorkspace, DeviceWorkspace
@@ -427,10 +426,8 @@ def demo_device_command(
         with EdgeAgent(DeviceWorkspace.open(workspace)) as agent:
             agent.enroll()
             v1 = update_device(agent)
-            kinds = (*LoopConfig().rd.kinds, PayloadKind.LABEL_HISTOGRAM)  # the loop's payload
-            out = reverse_on_device(
-                agent, load_npz_dataset(data), epsilon=epsilon, kinds=kinds
-            )
+            out = reverse_on_device(agent, load_npz_dataset(data), epsilon=epsilon,
+                                    kinds=DEFAULT_PAYLOAD_KINDS)
             receipt = agent.submit(out.sealed.data)
         payload = {
             "device_id": device_id,

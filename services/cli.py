@@ -315,7 +315,7 @@ def edge_reverse(
     workspace: WorkspaceOpt,
     data: Annotated[Path, typer.Option(help="The user's private data (npz with x, y)")],
     epsilon: Annotated[float, typer.Option(help="Total epsilon the packet spends (DP-SGD and noised entries composed, at the policy's delta; inf: no DP, refused by the cloud)")] = 8.0,
-    kind: Annotated[list[str] | None, typer.Option(help="Payload kind (repeat): reference_logits, weight_delta, label_histogram, dp_prototypes")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="Payload kind (repeat): reference_logits, weight_delta, label_histogram, dp_prototypes. Default: weight_delta, dp_prototypes, label_histogram (the demo's and the loop's)")] = None,
     epochs: Annotated[int | None, typer.Option(help="RD epochs (default: ml's)")] = None,
     research_seed: Annotated[int | None, typer.Option(help="RESEARCH ONLY: fix every private random draw (the header says so; the cloud refuses such packets by default). Default: fresh OS randomness")] = None,
     submit: Annotated[bool, typer.Option("--submit", help="Send the packet and verify the receipt")] = False,
@@ -325,13 +325,13 @@ def edge_reverse(
 ) -> None:
     """Reverse distillation on the INSTALLED model with DP; seal the packet (and submit it)."""
     from diredi_secure.ml.data import load_npz_dataset
-    from diredi_secure.ml.reverse import RDConfig
+    from diredi_secure.ml.reverse import DEFAULT_PAYLOAD_KINDS, RDConfig
 
     from .jobs import reverse_on_device
 
     _log_to(log_file, logging.WARNING if log_file is None else logging.INFO)
     try:
-        kinds = tuple(PayloadKind(k) for k in (kind or ["reference_logits"]))
+        kinds = (tuple(PayloadKind(k) for k in kind) if kind else DEFAULT_PAYLOAD_KINDS)
     except ValueError as exc:
         raise ConfigError(f"unknown payload kind: {exc}") from exc
     dataset = load_npz_dataset(data)

@@ -76,7 +76,7 @@ from diredi_secure.ml.models import (
     teacher_spec,
 )
 from diredi_secure.ml.rekd import ReKDConfig, rekd_student
-from diredi_secure.ml.reverse import RDConfig, reverse_distill
+from diredi_secure.ml.reverse import DEFAULT_PAYLOAD_KINDS, RDConfig, reverse_distill
 from diredi_secure.packet import MemoryReplayState, OpenedPacket, SealedPacket, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.release import (
@@ -738,7 +738,7 @@ def reverse_on_device(
     data: Dataset,
     *,
     epsilon: float,
-    kinds: Sequence[PayloadKind] = (PayloadKind.REFERENCE_LOGITS,),
+    kinds: Sequence[PayloadKind] = DEFAULT_PAYLOAD_KINDS,
     rd: RDConfig | None = None,
 ) -> DeviceRound:
     """Run DP reverse distillation against the INSTALLED model and seal the packet.

@@ -50,6 +50,7 @@ from .evaluate import accuracy, predict_logits
 from .models import flat_parameters
 
 __all__ = [
+    "DEFAULT_PAYLOAD_KINDS",
     "RDConfig",
     "RDResult",
     "default_learning_rate",
@@ -61,6 +62,12 @@ __all__ = [
 ]
 
 NON_PRIVATE_ACCOUNTANT = "none"
+
+#: The payload a device sends by default, everywhere (`edge reverse`, the agent, the demo, the
+#: loop): a 4-bit weight delta, 4-bit DP prototypes and the noised label histogram they need.
+#: Reference logits next to a delta are dead weight (the merge rebuilds them from the delta).
+DEFAULT_PAYLOAD_KINDS: tuple[PayloadKind, ...] = (
+    PayloadKind.WEIGHT_DELTA, PayloadKind.DP_PROTOTYPES, PayloadKind.LABEL_HISTOGRAM)
 
 
 def default_learning_rate(noise_multiplier: float) -> float:
