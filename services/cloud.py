@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -55,7 +56,7 @@ from diredi_secure.packet import inspect_packet, make_receipt, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.store import DeviceStatus, PacketRecord, Store
 
-from .status import NotFound, abort_internal, abort_with
+from .status import NotFound, ServiceUnavailable, abort_internal, abort_with
 from .transport import ServerTls, TransportConfig, add_port, peer_device_id, server_options
 
 __all__ = [
@@ -176,7 +177,13 @@ class Ingest(_CloudLogic):
         cap = self.config.limits.max_packet_bytes
         buffer = bytearray()
         declared = 0
+        started = time.monotonic()
         for index, raw in enumerate(chunks):
+            elapsed = time.monotonic() - started
+            if elapsed > 5.0 and len(buffer) / elapsed < self.config.min_stream_bytes_per_s:
+                raise MalformedPacket(
+                    f"stream too slow: {len(buffer)} bytes in {elapsed:.0f} s, below "
+                    f"{self.config.min_stream_bytes_per_s} bytes/s")
             chunk = _parse_chunk(raw)
             if index == 0:
                 declared = int(chunk.total_length)
@@ -400,6 +407,7 @@ class _Knowledge:
     def __init__(self, ingest: Ingest, mtls: bool) -> None:
         self.ingest = ingest
         self.mtls = mtls
+        self._streams = threading.BoundedSemaphore(ingest.config.max_ingest_streams)
 
     def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
@@ -410,13 +418,27 @@ class _Knowledge:
             abort_internal(context, exc)
 
     def submit_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        if not self._streams.acquire(blocking=False):
+            abort_with(context, ServiceUnavailable(
+                "too many packet streams at once; retry later", reason="overloaded"))
+        # A stalled stream blocks in the request iterator: only cancelling the call frees it.
+        timer = threading.Timer(self.ingest.config.ingest_stream_deadline_s, context.cancel)
+        timer.daemon = True
+        timer.start()
         try:
+            peer = peer_device_id(context)
+            if self.mtls and peer is not None:
+                # Who may stream at all is settled before a byte is buffered.
+                self.ingest.store.require_active_device(peer)
             data = self.ingest.assemble(requests)
-            return self.ingest.submit(data, peer=peer_device_id(context), mtls=self.mtls, streamed=True)
+            return self.ingest.submit(data, peer=peer, mtls=self.mtls, streamed=True)
         except DirediError as exc:
             abort_with(context, exc)
         except Exception as exc:  # the catch-all: nothing untyped reaches a peer
             abort_internal(context, exc)
+        finally:
+            timer.cancel()
+            self._streams.release()
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serialisers: the packet arrives, and the receipt leaves, as exact bytes.

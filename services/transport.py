@@ -58,6 +58,16 @@ class TransportConfig:
     unary_deadline_s: float = 10.0
     stream_deadline_s: float = 120.0
     max_concurrent_streams: int = 64
+    max_ingest_streams: int = 4
+    """SubmitStream calls served at once; more are refused as ``overloaded`` (retryable), so slow
+    or stalled streams can never hold every worker thread (Health and unary calls keep answering)."""
+    ingest_stream_deadline_s: float = 60.0
+    """Server-side limit on one SubmitStream, whatever deadline the client set: then cancelled."""
+    min_stream_bytes_per_s: int = 64 * 1024
+    """After the first 5 s, a stream slower than this on average is refused (slow-loris)."""
+    max_connection_idle_ms: int = 5 * 60 * 1000
+    max_connection_age_ms: int = 60 * 60 * 1000
+    max_connection_age_grace_ms: int = 60 * 1000
     deadlines: dict[str, float] = field(default_factory=dict)
     """Per-method overrides of the deadline, by method name (``Submit``, ``FetchTarget``...)."""
 
@@ -66,7 +76,9 @@ class TransportConfig:
             raise ConfigError(
                 f"chunk_bytes must lie in (0, max_unary_bytes={self.limits.max_unary_bytes}]"
             )
-        for name in ("unary_deadline_s", "stream_deadline_s"):
+        for name in ("unary_deadline_s", "stream_deadline_s", "ingest_stream_deadline_s",
+                     "max_ingest_streams", "min_stream_bytes_per_s", "max_connection_idle_ms",
+                     "max_connection_age_ms", "max_connection_age_grace_ms"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
 
@@ -95,6 +107,9 @@ def server_options(config: TransportConfig) -> list[tuple[str, Any]]:
     return [
         *config.common_options(),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", config.max_connection_idle_ms),
+        ("grpc.max_connection_age_ms", config.max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_ms),
         # accept the clients' keepalive pings at their interval (no GOAWAY "too_many_pings")
         ("grpc.http2.min_ping_interval_without_data_ms", config.keepalive_time_ms // 2),
         ("grpc.so_reuseport", 0),

@@ -316,3 +316,41 @@ def test_certificate_renewal_keeps_the_ledger_so_a_budget_cannot_be_reset(cloud:
     assert out.returncode == 0, out.stderr
     [row] = [json.loads(line) for line in out.stdout.splitlines()]
     assert row["epsilon_spent"] == before.epsilon_spent and row["delta"] == 1e-5
+
+
+def test_stalled_streams_cannot_starve_health_and_unary_calls(tmp_path: Path) -> None:
+    """Issue 14 finding 2: 16 stalled SubmitStreams made Health and GetStatus time out. Now at
+    most ``max_ingest_streams`` are served at once (the rest are refused as retryable
+    ``overloaded``), and a stalled one is cancelled at the server's own deadline."""
+    import threading
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    config = TransportConfig(max_ingest_streams=2, ingest_stream_deadline_s=3.0)
+    with running_cloud(tmp_path, config=config) as cloud:
+        agent = cloud.device("device-a")
+        release = threading.Event()
+
+        def stalled() -> Iterator[bytes]:
+            yield spb.Chunk(offset=0, total_length=1000, data=b"x" * 10).SerializeToString()
+            release.wait(30)
+
+        stream = agent.channel.stream_unary("/diredi.v1.KnowledgeService/SubmitStream")
+        futures = [stream.future(stalled(), timeout=30) for _ in range(8)]
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        health = health_pb2_grpc.HealthStub(agent.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                 timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert agent.status().status == "active"
+        assert time.perf_counter() - t0 < 3.0
+        codes = []
+        for f in futures:
+            try:
+                f.result(timeout=20)
+            except grpc.RpcError as exc:
+                codes.append((exc.code(), (exc.details() or "").split(":")[0]))
+        release.set()
+        overloaded = [c for c in codes if c == (C.UNAVAILABLE, "overloaded")]
+        assert len(overloaded) >= 6  # only two were ever served
+        assert len(codes) == 8  # the two served stalls were cancelled by the server's deadline

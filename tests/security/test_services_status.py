@@ -148,6 +148,10 @@ def test_an_untyped_exception_reaches_the_peer_as_internal_without_its_message()
             return {}
 
     class _Boom:
+        from diredi_secure.services.transport import TransportConfig
+
+        config = TransportConfig()
+
         def submit(self, *a: object, **k: object) -> bytes:
             raise RuntimeError("/srv/diredi/secret/cloud.json exploded")
 
