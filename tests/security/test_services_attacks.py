@@ -336,12 +336,14 @@ def test_stalled_streams_cannot_starve_health_and_unary_calls(tmp_path: Path) ->
             release.wait(30)
 
         stream = agent.channel.stream_unary("/diredi.v1.KnowledgeService/SubmitStream")
-        futures = [stream.future(stalled(), timeout=30) for _ in range(8)]
+        futures = [stream.future(stalled(), timeout=30) for _ in range(32)]
         time.sleep(0.5)
         health = health_pb2_grpc.HealthStub(agent.channel).Check(health_pb2.HealthCheckRequest(),
                                                                  timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert agent.status().status == "active"  # both answer within their deadlines
+        ok = agent.submit_payload(payload(0), dp=DP, base_model_version="v1")  # and Submit too
+        assert ok.device_id == "device-a"
         codes = []
         for f in futures:
             try:
@@ -350,5 +352,5 @@ def test_stalled_streams_cannot_starve_health_and_unary_calls(tmp_path: Path) ->
                 codes.append((exc.code(), (exc.details() or "").split(":")[0]))
         release.set()
         overloaded = [c for c in codes if c == (C.UNAVAILABLE, "overloaded")]
-        assert len(overloaded) >= 6  # only two were ever served
-        assert len(codes) == 8  # the two served stalls were cancelled by the server's deadline
+        assert len(overloaded) >= 30  # only two were ever served
+        assert len(codes) == 32  # the two served stalls were cancelled by the server's deadline
