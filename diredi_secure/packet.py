@@ -275,7 +275,8 @@ def seal_packet(
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OpenedPacket:
-    """A packet that passed every check. ``packet_sha256`` is the digest of the bytes received."""
+    """A packet that passed every check. ``packet_sha256`` is :func:`packet_digest` of it (what
+    was signed, and the signature)."""
 
     header: PacketHeader
     payload: KnowledgePayload
@@ -287,6 +288,19 @@ class OpenedPacket:
     def epsilon(self) -> float:
         """This packet's own epsilon at its delta, as the cloud recomputed it."""
         return self.charge.epsilon
+
+
+_DIGEST_DOMAIN = b"diredi-packet-digest-v1\x00"
+
+
+def packet_digest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The packet's identity for idempotency, receipts and attestations: SHA-256 over what the
+    device signed and its signature, *not* the optional attached certificate (which no signature
+    covers). A copy with the certificate stripped or swapped has the same digest, so it cannot take
+    the genuine packet's place (issue 14 finding 8). Raises like :func:`inspect_packet`."""
+    env = envelope_from_bytes(data, limits)
+    return sha256(b"".join((_DIGEST_DOMAIN, struct.pack(">I", len(env.signature)), env.signature,
+                            signed_transcript(env.header, env.enc, env.ciphertext))))
 
 
 def inspect_packet(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PacketHeader:
@@ -412,7 +426,8 @@ def open_packet(
     payload = decode_payload(
         plaintext, header.payload, limits, max_l2_norm=policy.max_entry_l2_norm
     )
-    return OpenedPacket(header=header, payload=payload, device=identity, packet_sha256=sha256(data),
+    return OpenedPacket(header=header, payload=payload, device=identity,
+                        packet_sha256=packet_digest(data, limits),
                         charge=cost)
 
 
@@ -442,6 +457,6 @@ def verify_receipt(receipt: bytes, receipt_public_key: VerifyKey, packet: bytes)
     body = receipt_body_from_bytes(body_bytes)
     if body.receipt_key_id != receipt_public_key.key_id:
         raise HeaderMismatch("receipt names another receipt key")
-    if body.packet_sha256 != sha256(packet):
+    if body.packet_sha256 != packet_digest(packet):
         raise HeaderMismatch("receipt acknowledges other packet bytes")
     return body

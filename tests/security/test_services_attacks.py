@@ -354,3 +354,28 @@ def test_stalled_streams_cannot_starve_health_and_unary_calls(tmp_path: Path) ->
         overloaded = [c for c in codes if c == (C.UNAVAILABLE, "overloaded")]
         assert len(overloaded) >= 30  # only two were ever served
         assert len(codes) == 32  # the two served stalls were cancelled by the server's deadline
+
+
+def test_a_copy_with_the_certificate_stripped_cannot_take_the_genuine_packets_place(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 finding 8: the attached certificate is outside the signature while idempotency
+    keyed on the whole envelope, so a stripped copy stored first made the genuine bytes "stored
+    with other bytes" and blocked the device's outbox. Now both are one packet with one receipt."""
+    from diredi_secure.envelope import SignedEnvelope
+    from diredi_secure.packet import packet_digest, verify_receipt
+    from diredi_secure.serde import envelope_from_bytes, envelope_to_bytes
+
+    with running_cloud(tmp_path, mtls=False) as cloud:
+        agent = cloud.device("device-a")
+        sealed = agent.seal(payload(0), dp=DP, base_model_version="v1")
+        env = envelope_from_bytes(sealed.data)
+        assert env.device_certificate
+        stripped = envelope_to_bytes(SignedEnvelope(env.envelope_version, env.header, env.enc,
+                                                    env.ciphertext, env.signature, b""))
+        assert stripped != sealed.data and packet_digest(stripped) == packet_digest(sealed.data)
+        first = _raw_submit(agent.channel, stripped)  # an on-path copier gets in first
+        agent.flush_outbox()  # the genuine bytes: acknowledged, not refused
+        assert agent.workspace.pending() == []
+        verify_receipt(first, agent.workspace.receipt_public_key(), sealed.data)
+        assert len(cloud.store.list_packets()) == 1
