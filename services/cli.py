@@ -95,7 +95,7 @@ def cloud_serve(
     server = CloudServer(
         store=store, keys=ws.keys(_passphrase(passphrase_env)),
         tls=None if insecure else ws.server_tls(mtls=mtls), insecure=insecure,
-        listen=listen, repository_dir=ws.repository_dir,
+        listen=listen, repository_dir=ws.repository_dir, released_models=ws.released_models(),
     )
     port = server.start()
     if port_file is not None:

@@ -25,7 +25,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,7 @@ from diredi_secure.errors import (
     CertificateRevoked,
     DirediError,
     MalformedPacket,
+    PolicyViolation,
     SignatureInvalid,
     TooLarge,
     UnknownDevice,
@@ -131,8 +132,12 @@ class _CloudLogic:
 class Ingest(_CloudLogic):
     """Accept knowledge packets: open with the core, store in one transaction, return the receipt.
 
-    Trusted: ``keys``, ``store``, ``clock`` (ms). Untrusted: the packet bytes.
+    Trusted: ``keys``, ``store``, ``clock`` (ms), ``released_models`` (when set: model SHA-256 ->
+    the device it was released to, ``None`` for the fleet; ``CloudWorkspace.released_models``).
+    Untrusted: the packet bytes.
     """
+
+    released_models: Callable[[], Mapping[str, str | None]] | None = None
 
     def submit(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False) -> bytes:
         """The signed receipt for ``data`` once it is durably stored (or was stored before).
@@ -147,6 +152,19 @@ class Ingest(_CloudLogic):
             raise TooLarge("unary packet" if not streamed else "streamed packet", len(data), cap)
         header = inspect_packet(data, limits)  # parse only: to find the id and the claimed device
         _check_peer(peer, header.device_id, mtls=mtls)
+        if self.released_models is not None:
+            # A packet must update a model this cloud released to this device or its fleet;
+            # otherwise it is charged and stored and then blocks the merge (issue 14 finding 7).
+            models = self.released_models()
+            if header.base_model_version not in models:
+                raise PolicyViolation(
+                    f"base model {header.base_model_version[:16]} was never released here",
+                    reason="unknown_base_model")
+            target = models[header.base_model_version]
+            if target is not None and target != header.device_id:
+                raise PolicyViolation(
+                    f"base model {header.base_model_version[:16]} was released to another device",
+                    reason="unknown_base_model")
         existing = self.store.existing_receipt(header.packet_id, data)
         if existing is not None:
             return existing
@@ -533,6 +551,7 @@ class CloudServer:
         config: TransportConfig | None = None,
         clock: Callable[[], int] = wall_clock_ms,
         max_workers: int = 16,
+        released_models: Callable[[], Mapping[str, str | None]] | None = None,
     ) -> None:
         self.config = config or TransportConfig()
         self.store = store
@@ -542,6 +561,7 @@ class CloudServer:
         mtls = bool(tls and tls.require_client_auth)
         self.mtls = mtls
         self.ingest = Ingest(store, keys, policy=policy, config=self.config, clock=clock)
+        self.ingest.released_models = released_models
         self.enrollment = Enrollment(store, keys, policy=policy, config=self.config, clock=clock)
         self.health = health.HealthServicer()
         self._server = grpc.server(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,6 +195,29 @@ class CloudWorkspace:
         if schema is not None and not isinstance(schema, str):
             raise ConfigError(f"{self.config_path}: 'store_schema' must be a string")
         return schema
+
+    def released_models(self) -> Callable[[], dict[str, str | None]]:
+        """A reader of the models this cloud released: model SHA-256 -> the device it was made for
+        (``None``: the fleet model). Re-reads ``releases.json`` only when it changed, so ingest can
+        ask it for every packet."""
+        path = self.root / "releases.json"
+        cache: dict[str, Any] = {"key": None, "value": {}}
+
+        def read() -> dict[str, str | None]:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return {}
+            except OSError as exc:
+                raise StoreError(f"cannot read the release index {path}: {exc.strerror}") from exc
+            key = (st.st_mtime_ns, st.st_size)
+            if cache["key"] != key:
+                models = _read_json(path, "release index").get("models", {})
+                cache["value"] = {sha: info.get("device") for sha, info in models.items()}
+                cache["key"] = key
+            return dict(cache["value"])
+
+        return read
 
     def open_store(self) -> Store:
         """The workspace's store (SQLite file or PostgreSQL DSN + schema), migrated."""

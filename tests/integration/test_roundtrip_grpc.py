@@ -36,7 +36,7 @@ from diredi_secure.services.status import ServiceUnavailable
 from diredi_secure.services.workspace import CloudWorkspace, DeviceWorkspace
 
 from diredi_secure import privacy
-from diredi_secure.errors import ReleaseRefused
+from diredi_secure.errors import DirediError, ReleaseRefused
 from diredi_secure.knowledge import PayloadKind
 from diredi_secure.ml.data import load_npz_dataset
 from diredi_secure.ml.reverse import RDConfig
@@ -358,5 +358,39 @@ def test_one_packet_that_does_not_fit_its_model_does_not_stop_the_release(tmp_pa
     finally:
         for agent in agents:
             agent.close()
+        server.stop(grace_s=0.5)
+        store.close()
+
+
+def test_a_packet_against_a_model_never_released_is_refused_at_ingest(tmp_path: Path) -> None:
+    """Issue 14 finding 7 (ingest side): a never-released base model was charged and stored."""
+    from diredi_secure.knowledge import KnowledgePayload, PayloadTensor
+    from diredi_secure.policy import PacketPolicy
+
+    from ..conftest import honest_dp
+
+    ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=_now_ms())
+    jobs.distill_and_release(ws, now=datetime.now(UTC), seed=1, settings=_settings())
+    store = ws.open_store()
+    server = CloudServer(store=store, keys=ws.keys(), tls=ws.server_tls(mtls=True),
+                         repository_dir=ws.repository_dir, max_workers=4,
+                         released_models=ws.released_models(), policy=PacketPolicy())
+    port = server.start()
+    dws = ws.provision_device(tmp_path / "dev", "device-n", target=f"127.0.0.1:{port}",
+                              now_ms=_now_ms())
+    agent = _agent(dws)
+    try:
+        agent.enroll()
+        v1 = jobs.update_device(agent)
+        logits = KnowledgePayload((PayloadTensor("reference_logits", PayloadKind.REFERENCE_LOGITS,
+                                                 np.zeros((300, 10), np.float32), "float16"),))
+        with pytest.raises(DirediError, match="unknown_base_model|never released"):
+            agent.submit_payload(logits, dp=honest_dp(2.0), base_model_version="f" * 64)
+        assert store.list_packets() == [] and store.epsilon_spent("device-n") == 0.0
+        body = agent.submit_payload(logits, dp=honest_dp(2.0),
+                                    base_model_version=v1.release.model_sha256)
+        assert body.device_id == "device-n" and len(store.list_packets()) == 1
+    finally:
+        agent.close()
         server.stop(grace_s=0.5)
         store.close()
