@@ -35,6 +35,7 @@ Everything written goes through ``atomic_write_bytes`` (temp file, fsync, rename
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from diredi_secure.errors import ConfigError, KeyFileError, StoreError
 from diredi_secure.policy import DEFAULT_POLICY
 from diredi_secure.privacy import DEFAULT_DP_POLICY, charge, curve_from_json, curve_to_json
 from diredi_secure.release import ReleaseRepository
-from diredi_secure.store import Store, open_store
+from diredi_secure.store import Store, is_postgres_url, open_store
 
 from .cloud import CloudKeys
 from .transport import ClientTls, ServerTls
@@ -88,6 +89,51 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a JSON object")
     return data
+
+
+STORE_SECRET_FILE = "store.secret"  # noqa: S105 - a file name, not a password
+STORE_PASSWORD_ENV = "DIREDI_STORE_PASSWORD"  # noqa: S105 - a variable name
+
+
+def _split_password(dsn: str) -> tuple[str, str | None]:
+    """``postgresql://user:pw@host/db`` -> (``postgresql://user@host/db``, ``pw``). A key=value
+    DSN with ``password=`` is refused: name the password through the environment instead."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if "://" not in dsn:
+        if "password=" in dsn:
+            raise ConfigError(f"give the store password in ${STORE_PASSWORD_ENV}, not in the DSN")
+        return dsn, None
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn, None
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    clean = parts._replace(netloc=f"{user}@{netloc[1]}")
+    return urlunsplit(clean), unquote(parts.password)
+
+
+def _with_password(dsn: str, password: str) -> str:
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    if "://" not in dsn:
+        return f"{dsn} password='{password}'"
+    parts = urlsplit(dsn)
+    userhost = parts.netloc.rsplit("@", 1)
+    if len(userhost) == 2:
+        netloc = f"{userhost[0]}:{quote(password, safe='')}@{userhost[1]}"
+    else:
+        netloc = f":{quote(password, safe='')}@{userhost[0]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _crypto_read_private(path: Path) -> bytes:
+    """A secret file's bytes; refused when group or others can read it (like a key file)."""
+    st = path.stat()
+    if st.st_mode & 0o077:
+        raise KeyFileError(f"{path} is readable by group or others; it must be 0600",
+                           reason="key_file_permissions")
+    return path.read_bytes()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -162,9 +208,17 @@ class CloudWorkspace:
                 ws.repository_dir, now=datetime.fromtimestamp(now_ms / 1000, UTC), passphrase=passphrase
             )
         ws.repository_dir.mkdir(exist_ok=True)
+        store_dsn = store or str(ws.root / "cloud.db")
+        if is_postgres_url(store_dsn):
+            # The password never sits in cloud.json: a private file (0600), or the environment.
+            store_dsn, password = _split_password(store_dsn)
+            if password is not None:
+                atomic_write_bytes(ws.root / STORE_SECRET_FILE, password.encode(), private=True)
+        else:
+            store_dsn = str(Path(store_dsn).resolve())  # not relative to whoever runs it next
         config: dict[str, Any] = {
             "format": 1,
-            "store": store or str(ws.root / "cloud.db"),
+            "store": store_dsn,
             "hostnames": list(hostnames),
         }
         if store_schema is not None:
@@ -185,10 +239,23 @@ class CloudWorkspace:
         return _read_json(self.config_path, "cloud config")
 
     def store_url(self) -> str:
+        """The store's SQLite path or PostgreSQL DSN, with the password (if any) taken from
+        ``$DIREDI_STORE_PASSWORD`` or the workspace's 0600 ``store.secret``, never from
+        ``cloud.json``."""
         store = self.config().get("store")
         if not isinstance(store, str) or not store:
             raise ConfigError(f"{self.config_path}: 'store' must name a SQLite path or a DSN")
-        return store
+        if not is_postgres_url(store):
+            return store
+        _, inline = _split_password(store)
+        if inline is not None:
+            raise ConfigError(f"{self.config_path}: the store DSN carries a password in clear; "
+                              f"move it to {STORE_SECRET_FILE} (0600) or ${STORE_PASSWORD_ENV}")
+        password = os.environ.get(STORE_PASSWORD_ENV)
+        secret = self.root / STORE_SECRET_FILE
+        if password is None and secret.is_file():
+            password = _crypto_read_private(secret).decode("utf-8").strip()
+        return store if password is None else _with_password(store, password)
 
     def store_schema(self) -> str | None:
         schema = self.config().get("store_schema")

@@ -592,3 +592,25 @@ def test_upgrading_a_v1_ledger_never_resets_a_budget(tmp_path: Path) -> None:
             s.store_packet(record(6, epsilon=0.5))
         s.store_packet(record(7, epsilon=0.05))
         assert s.epsilon_spent("dev1") == pytest.approx(39.95, rel=1e-6)
+
+
+def test_the_postgres_password_never_sits_in_cloud_json(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14 finding 5: the DSN with its password was stored in clear in a 0644 cloud.json."""
+    import stat
+
+    from diredi_secure.services.workspace import STORE_SECRET_FILE, CloudWorkspace
+
+    monkeypatch.delenv("DIREDI_STORE_PASSWORD", raising=False)
+    ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=T0,
+                             store="postgresql://alice:s3cr%40t@db.example:5432/fleet")
+    text = ws.config_path.read_text()
+    assert "s3cr" not in text and "postgresql://alice@db.example:5432/fleet" in text
+    secret = ws.root / STORE_SECRET_FILE
+    assert secret.read_text() == "s3cr@t" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert ws.store_url() == "postgresql://alice:s3cr%40t@db.example:5432/fleet"
+    monkeypatch.setenv("DIREDI_STORE_PASSWORD", "from-env")
+    assert ws.store_url() == "postgresql://alice:from-env@db.example:5432/fleet"
+    # A SQLite path is stored absolute, so another working directory opens the same database.
+    lite = CloudWorkspace.init(tmp_path / "lite", now_ms=T0)
+    assert Path(lite.store_url()).is_absolute()
