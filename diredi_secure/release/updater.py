@@ -22,6 +22,7 @@ State folder layout::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -298,6 +299,31 @@ class SlotStore:
         ``before_commit`` runs after every file is durable and before the commit rename (tests
         use it to simulate a crash there). Raises :class:`InstallFailed` on I/O errors.
         """
+        with self._exclusive():
+            return self._install(files, release, before_commit=before_commit)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold an exclusive lock on the slot folder: two installs (two `edge update` processes,
+        or the agent and an operator) must not write the same inactive slot at once."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.folder / ".install.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError as exc:
+            raise InstallFailed(f"cannot lock {self.folder}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _install(
+        self,
+        files: Mapping[str, bytes],
+        release: InstalledRelease,
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> InstalledRelease:
         if release.slot != self.inactive_slot():
             raise InstallFailed(f"slot {release.slot!r} is the running one")
         target = self.slot_dir(release.slot)

@@ -194,3 +194,44 @@ def test_cli_init_publish_update_twice_and_verify(tmp_path: Path) -> None:
                                 "--now", "2026-03-05T00:00:00+00:00"])  # fmt: skip
     assert isinstance(late.exception, ReleaseExpired)
     assert "device stays on v2" in late.exception.one_line()
+
+
+def test_two_installs_at_once_are_serialised(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14 finding 6: `SlotStore.install` took no lock; two at once wrote one slot."""
+    import threading
+    import time as _time
+
+    from diredi_secure.release.errors import InstallFailed
+    from diredi_secure.release.updater import InstalledRelease, SlotStore
+
+    slots = SlotStore(tmp_path / "slots")
+    inside: list[int] = []
+    overlap: list[bool] = []
+    outcomes: list[str] = []
+
+    def slow_commit() -> None:
+        inside.append(1)
+        overlap.append(len(inside) > 1)
+        _time.sleep(0.2)
+        inside.pop()
+
+    def install(v: int) -> None:
+        rel = InstalledRelease(version=v, model_sha256="0" * 64, role="targets", prefix="",
+                               slot="a", files=("model.safetensors",), parent_sha256=None,
+                               audit_verdict="pass", audit_forced=False, installed_at="now")
+        try:
+            slots.install({"model.safetensors": b"v%d" % v}, rel, before_commit=slow_commit)
+            outcomes.append("installed")
+        except InstallFailed:
+            outcomes.append("refused")  # slot a became the running one: the second must not touch it
+
+    threads = [threading.Thread(target=install, args=(v,)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert True not in overlap
+    assert sorted(outcomes) == ["installed", "refused"]
+    active = slots.active()
+    assert active is not None and (slots.slot_dir("a") / "model.safetensors").read_bytes() == (
+        b"v%d" % active.version)
