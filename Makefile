@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # The PostgreSQL backend's tests run against this server; scripts/ensure_postgres.sh starts one.
 export DIREDI_TEST_POSTGRES_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: all venv demo test test-fast test-slow lint typecheck protos protos-check bench bench-quick clean
+.PHONY: all venv demo test test-fast test-slow lint typecheck protos protos-check bench bench-quick fuzz clean
 
 all: test
 
@@ -54,6 +54,16 @@ protos: $(STAMP)
 
 protos-check: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py --check
+
+# Long fuzz runs with atheris (the default suite replays tests/fuzz/corpus and fixed mutations).
+# FUZZ_TARGET: open_packet, signed_header, decode_payload, account_packet; FUZZ_SECONDS per run.
+FUZZ_TARGET ?= open_packet
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet "atheris>=2.3"
+	mkdir -p tests/fuzz/corpus/$(FUZZ_TARGET) .fuzz-work
+	cd .fuzz-work && ../$(BIN)/python -m tests.fuzz.run $(FUZZ_TARGET) ../tests/fuzz/corpus/$(FUZZ_TARGET) \
+		-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 bench: $(STAMP)
 	$(BIN)/python -m diredi_secure.benchmarks.packet_throughput

@@ -423,7 +423,7 @@ def _load_cert(der: bytes, what: str, max_bytes: int = 8 * 1024) -> x509.Certifi
         raise TooLarge(what, len(der), max_bytes)
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError (fuzzing)
         raise CertificateInvalid(f"{what} is not a DER X.509 certificate") from exc
 
 
