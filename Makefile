@@ -62,7 +62,7 @@ FUZZ_SECONDS ?= 600
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet "atheris>=2.3"
 	mkdir -p tests/fuzz/corpus/$(FUZZ_TARGET) .fuzz-work
-	cd .fuzz-work && ../$(BIN)/python -m tests.fuzz.run $(FUZZ_TARGET) ../tests/fuzz/corpus/$(FUZZ_TARGET) \
+	cd .fuzz-work && PYTHONPATH=.. ../$(BIN)/python -m tests.fuzz.run $(FUZZ_TARGET) ../tests/fuzz/corpus/$(FUZZ_TARGET) \
 		-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 bench: $(STAMP)
