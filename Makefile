@@ -61,8 +61,10 @@ FUZZ_TARGET ?= open_packet
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet "atheris>=2.3"
-	mkdir -p tests/fuzz/corpus/$(FUZZ_TARGET) .fuzz-work
-	cd .fuzz-work && PYTHONPATH=.. ../$(BIN)/python -m tests.fuzz.run $(FUZZ_TARGET) ../tests/fuzz/corpus/$(FUZZ_TARGET) \
+	mkdir -p tests/fuzz/corpus/$(FUZZ_TARGET) .fuzz-work/corpus-$(FUZZ_TARGET)
+	# New units go to the first folder (the work corpus); the regression corpus is only read.
+	cd .fuzz-work && PYTHONPATH=.. ../$(BIN)/python -m tests.fuzz.run $(FUZZ_TARGET) \
+		corpus-$(FUZZ_TARGET) ../tests/fuzz/corpus/$(FUZZ_TARGET) \
 		-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 bench: $(STAMP)
