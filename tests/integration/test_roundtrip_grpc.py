@@ -14,6 +14,7 @@ Both run on SQLite, and on PostgreSQL when ``DIREDI_TEST_POSTGRES_DSN`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -42,6 +43,7 @@ from diredi_secure.ml.data import load_npz_dataset
 from diredi_secure.ml.reverse import RDConfig
 from diredi_secure.packet import verify_receipt
 from diredi_secure.release import AuditVerdict
+from diredi_secure.store import Store
 
 from .services_harness import DP, payload
 
@@ -91,6 +93,25 @@ def cloud_ws(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudWo
 def _agent(ws: DeviceWorkspace) -> EdgeAgent:
     return EdgeAgent(ws, retry=RetryPolicy(attempts=2, base_delay_s=0.01), sleep=lambda _s: None,
                      rng=random.Random(0))
+
+
+@contextlib.contextmanager
+def _released_cloud(tmp_path: Path, *, check_releases: bool = False,
+                    ) -> Iterator[tuple[CloudWorkspace, Store, int]]:
+    """A cloud workspace with release v1 (seed 1) served over mTLS; stopped and closed after.
+    ``check_releases``: ingest refuses packets against models not in the release index."""
+    ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=_now_ms())
+    jobs.distill_and_release(ws, now=datetime.now(UTC), seed=1, settings=_settings())
+    store = ws.open_store()
+    srv = CloudServer(store=store, keys=ws.keys(), tls=ws.server_tls(mtls=True),
+                      repository_dir=ws.repository_dir, max_workers=4,
+                      released_models=ws.released_models() if check_releases else None)
+    port = srv.start()
+    try:
+        yield ws, store, port
+    finally:
+        srv.stop(grace_s=0.5)
+        store.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,40 +192,30 @@ def test_full_round_through_grpc(cloud_ws: CloudWorkspace, tmp_path: Path) -> No
 
 def test_forced_release_is_recorded_in_the_attestation(tmp_path: Path) -> None:
     """A failed gate with force_release publishes, and the attestation says verdict fail, forced."""
-    ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=_now_ms())
-    settings = _settings()
-    jobs.distill_and_release(ws, now=datetime.now(UTC), seed=1, settings=settings)
-    store = ws.open_store()
-    server = CloudServer(store=store, keys=ws.keys(), tls=ws.server_tls(mtls=True),
-                         repository_dir=ws.repository_dir, max_workers=4)
-    port = server.start()
-    dws = ws.provision_device(tmp_path / "dev", "device-f", target=f"127.0.0.1:{port}", now_ms=_now_ms())
-    agent = _agent(dws)
-    try:
-        agent.enroll()
-        jobs.update_device(agent)
-        rng = np.random.default_rng(0)
-        n = 120  # RD picks delta = 1/(10 n); the cloud policy caps delta at 1e-3
-        from diredi_secure.ml.data import Dataset
+    with _released_cloud(tmp_path) as (ws, store, port):
+        dws = ws.provision_device(tmp_path / "dev", "device-f", target=f"127.0.0.1:{port}",
+                                  now_ms=_now_ms())
+        with _agent(dws) as agent:
+            agent.enroll()
+            jobs.update_device(agent)
+            rng = np.random.default_rng(0)
+            n = 120
+            from diredi_secure.ml.data import Dataset
 
-        data = Dataset(rng.random((n, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, n))
-        rnd = jobs.reverse_on_device(agent, data, epsilon=2.0, rd=RDConfig(epochs=1))
-        agent.submit(rnd.sealed.data)
+            data = Dataset(rng.random((n, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, n))
+            rnd = jobs.reverse_on_device(agent, data, epsilon=2.0, rd=RDConfig(epochs=1))
+            agent.submit(rnd.sealed.data)
 
-        def failing_gate(_inputs: jobs.GateInput) -> jobs.GateOutcome:
-            return jobs.GateOutcome(AuditVerdict.FAIL, b'{"verdict": "fail"}')
+            def failing_gate(_inputs: jobs.GateInput) -> jobs.GateOutcome:
+                return jobs.GateOutcome(AuditVerdict.FAIL, b'{"verdict": "fail"}')
 
-        out = jobs.merge_and_release(ws, store, now=datetime.now(UTC), settings=settings,
-                                     audit_gate=failing_gate, force_release=True)
-        assert (out.audit_verdict, out.audit_forced) == ("fail", True)
-        result = jobs.update_device(agent)  # the device accepts forced audits by default policy
-        assert result.attestation is not None
-        assert result.attestation.predicate.audit_verdict is AuditVerdict.FAIL
-        assert result.attestation.predicate.audit_forced is True
-    finally:
-        agent.close()
-        server.stop(grace_s=0.5)
-        store.close()
+            out = jobs.merge_and_release(ws, store, now=datetime.now(UTC), settings=_settings(),
+                                         audit_gate=failing_gate, force_release=True)
+            assert (out.audit_verdict, out.audit_forced) == ("fail", True)
+            result = jobs.update_device(agent)  # the device accepts forced audits by default policy
+            assert result.attestation is not None
+            assert result.attestation.predicate.audit_verdict is AuditVerdict.FAIL
+            assert result.attestation.predicate.audit_forced is True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,71 +341,48 @@ def test_one_packet_that_does_not_fit_its_model_does_not_stop_the_release(tmp_pa
 
     from ..conftest import honest_dp
 
-    ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=_now_ms())
-    settings = _settings()
-    jobs.distill_and_release(ws, now=datetime.now(UTC), seed=1, settings=settings)
-    store = ws.open_store()
-    server = CloudServer(store=store, keys=ws.keys(), tls=ws.server_tls(mtls=True),
-                         repository_dir=ws.repository_dir, max_workers=4)
-    port = server.start()
-    agents = []
-    try:
+    with _released_cloud(tmp_path) as (ws, store, port), contextlib.ExitStack() as agents:
+        devices = []
         for name in ("device-h", "device-p"):
             dws = ws.provision_device(tmp_path / name, name, target=f"127.0.0.1:{port}",
                                       now_ms=_now_ms())
-            agent = _agent(dws)
-            agents.append(agent)
+            agent = agents.enter_context(_agent(dws))
             agent.enroll()
             v1 = jobs.update_device(agent)
+            devices.append(agent)
         rng = np.random.default_rng(0)
         data = Dataset(rng.random((90, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, 90))
-        honest = jobs.reverse_on_device(agents[0], data, epsilon=2.0, rd=RDConfig(epochs=1))
-        agents[0].submit(honest.sealed.data)
+        honest = jobs.reverse_on_device(devices[0], data, epsilon=2.0, rd=RDConfig(epochs=1))
+        devices[0].submit(honest.sealed.data)
         bad = KnowledgePayload((PayloadTensor("reference_logits", PayloadKind.REFERENCE_LOGITS,
                                               np.zeros((64, 10), np.float32), "float16"),))
-        agents[1].submit_payload(bad, dp=honest_dp(2.0),
-                                 base_model_version=v1.release.model_sha256)
-        out = jobs.merge_and_release(ws, store, now=datetime.now(UTC), settings=settings,
+        devices[1].submit_payload(bad, dp=honest_dp(2.0),
+                                  base_model_version=v1.release.model_sha256)
+        out = jobs.merge_and_release(ws, store, now=datetime.now(UTC), settings=_settings(),
                                      audit_gate=jobs.accounting_gate)
         assert out.packet_count == 1 and set(out.device_models) == {"device-h"}
         [(_pid, why)] = out.skipped_packets.items()
         assert "64 rows" in why
-    finally:
-        for agent in agents:
-            agent.close()
-        server.stop(grace_s=0.5)
-        store.close()
 
 
 def test_a_packet_against_a_model_never_released_is_refused_at_ingest(tmp_path: Path) -> None:
     """Issue 14 finding 7 (ingest side): a never-released base model was charged and stored."""
     from diredi_secure.knowledge import KnowledgePayload, PayloadTensor
-    from diredi_secure.policy import PacketPolicy
 
     from ..conftest import honest_dp
 
-    ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=_now_ms())
-    jobs.distill_and_release(ws, now=datetime.now(UTC), seed=1, settings=_settings())
-    store = ws.open_store()
-    server = CloudServer(store=store, keys=ws.keys(), tls=ws.server_tls(mtls=True),
-                         repository_dir=ws.repository_dir, max_workers=4,
-                         released_models=ws.released_models(), policy=PacketPolicy())
-    port = server.start()
-    dws = ws.provision_device(tmp_path / "dev", "device-n", target=f"127.0.0.1:{port}",
-                              now_ms=_now_ms())
-    agent = _agent(dws)
-    try:
-        agent.enroll()
-        v1 = jobs.update_device(agent)
-        logits = KnowledgePayload((PayloadTensor("reference_logits", PayloadKind.REFERENCE_LOGITS,
-                                                 np.zeros((300, 10), np.float32), "float16"),))
-        with pytest.raises(DirediError, match="never released"):
-            agent.submit_payload(logits, dp=honest_dp(2.0), base_model_version="f" * 64)
-        assert store.list_packets() == [] and store.epsilon_spent("device-n") == 0.0
-        body = agent.submit_payload(logits, dp=honest_dp(2.0),
-                                    base_model_version=v1.release.model_sha256)
-        assert body.device_id == "device-n" and len(store.list_packets()) == 1
-    finally:
-        agent.close()
-        server.stop(grace_s=0.5)
-        store.close()
+    with _released_cloud(tmp_path, check_releases=True) as (ws, store, port):
+        dws = ws.provision_device(tmp_path / "dev", "device-n", target=f"127.0.0.1:{port}",
+                                  now_ms=_now_ms())
+        with _agent(dws) as agent:
+            agent.enroll()
+            v1 = jobs.update_device(agent)
+            logits = KnowledgePayload((PayloadTensor(
+                "reference_logits", PayloadKind.REFERENCE_LOGITS, np.zeros((300, 10), np.float32),
+                "float16"),))
+            with pytest.raises(DirediError, match="never released"):
+                agent.submit_payload(logits, dp=honest_dp(2.0), base_model_version="f" * 64)
+            assert store.list_packets() == [] and store.epsilon_spent("device-n") == 0.0
+            body = agent.submit_payload(logits, dp=honest_dp(2.0),
+                                        base_model_version=v1.release.model_sha256)
+            assert body.device_id == "device-n" and len(store.list_packets()) == 1
