@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mlkem, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, read_private_bytes
 from .errors import (
     CertificateInvalid,
     ConfigError,
@@ -87,21 +87,7 @@ def _passphrase_encryption(passphrase: bytes | None) -> serialization.KeySeriali
 
 
 def _read_key_file(path: Path) -> bytes:
-    """A private key file's bytes. Refuses one that group or others may read (as ssh does): a key
-    that was ever readable by others must be treated as disclosed."""
-    try:
-        st = path.stat()
-        size = st.st_size
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                f"key file {path} is readable by group or others (mode {st.st_mode & 0o777:o}); "
-                "it must be 0600: chmod 600 it if it was never exposed, else replace the key",
-                reason="key_file_permissions")
-        if size > _MAX_KEY_FILE_BYTES:
-            raise TooLarge(f"key file {path}", size, _MAX_KEY_FILE_BYTES)
-        return path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
+    return read_private_bytes(path, "key file", _MAX_KEY_FILE_BYTES)
 
 
 def _load_private_pem(data: bytes, passphrase: bytes | None, what: str) -> object:

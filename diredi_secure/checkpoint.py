@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from .errors import ModelFormatError, TooLarge
+from .errors import KeyFileError, ModelFormatError, TooLarge
 
 __all__ = [
     "DEFAULT_MAX_CHECKPOINT_BYTES",
@@ -74,6 +74,24 @@ def atomic_write_bytes(path: Path, data: bytes, *, private: bool = False) -> Non
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def read_private_bytes(path: Path, what: str, max_bytes: int) -> bytes:
+    """A private file's bytes (a key, a secret), at most ``max_bytes``. Refuses one that group or
+    others may read, as ssh does: a secret that was ever readable by others is disclosed.
+    Raises :class:`KeyFileError` (reason ``key_file_permissions`` for the mode) or TooLarge."""
+    try:
+        st = Path(path).stat()
+        if st.st_mode & 0o077:
+            raise KeyFileError(
+                f"{what} {path} is readable by group or others (mode {st.st_mode & 0o777:o}); "
+                "it must be 0600: chmod 600 it if it was never exposed, else replace it",
+                reason="key_file_permissions")
+        if st.st_size > max_bytes:
+            raise TooLarge(f"{what} {path}", st.st_size, max_bytes)
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
 def save_checkpoint(

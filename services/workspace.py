@@ -53,7 +53,7 @@ from diredi_secure._crypto import (
     load_tls_key,
     save_tls_key,
 )
-from diredi_secure.checkpoint import atomic_write_bytes
+from diredi_secure.checkpoint import atomic_write_bytes, read_private_bytes
 from diredi_secure.errors import ConfigError, KeyFileError, StoreError
 from diredi_secure.policy import DEFAULT_POLICY
 from diredi_secure.privacy import DEFAULT_DP_POLICY, charge, curve_from_json, curve_to_json
@@ -125,15 +125,6 @@ def _with_password(dsn: str, password: str) -> str:
     else:
         netloc = f":{quote(password, safe='')}@{userhost[0]}"
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _crypto_read_private(path: Path) -> bytes:
-    """A secret file's bytes; refused when group or others can read it (like a key file)."""
-    st = path.stat()
-    if st.st_mode & 0o077:
-        raise KeyFileError(f"{path} is readable by group or others; it must be 0600",
-                           reason="key_file_permissions")
-    return path.read_bytes()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -254,7 +245,7 @@ class CloudWorkspace:
         password = os.environ.get(STORE_PASSWORD_ENV)
         secret = self.root / STORE_SECRET_FILE
         if password is None and secret.is_file():
-            password = _crypto_read_private(secret).decode("utf-8").strip()
+            password = read_private_bytes(secret, "store secret", 4096).decode("utf-8").strip()
         return store if password is None else _with_password(store, password)
 
     def store_schema(self) -> str | None:

@@ -35,21 +35,18 @@ from ._ledger import (
     curve_to_json,
     lifetime_epsilon,
 )
-from ._mechanisms import DPBounds, Mechanism, MechanismKind, ParameterOutOfBounds, check_mechanism
+from ._mechanisms import (
+    DPBounds,
+    Mechanism,
+    MechanismKind,
+    ParameterOutOfBounds,
+    check_mechanism,
+    gaussian_epsilon,
+    mechanisms_epsilon,
+)
 from ._noise import NoiseSource
 from ._policy import DEFAULT_DP_POLICY, DPPolicy
 from ._schedule import RDSchedule, noise_for_epsilon, schedule_for
-
-
-def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
-    """Epsilon of one (unsampled) Gaussian release with this noise multiplier at ``delta``."""
-    return epsilon_from_curve(gaussian_curve(noise_multiplier, 1.0, 1), delta)[0]
-
-
-def mechanisms_epsilon(mechanisms: "list[Mechanism] | tuple[Mechanism, ...]", delta: float) -> float:
-    """Epsilon of the composition of ``mechanisms`` at ``delta``."""
-    return epsilon_from_curve(compose(m.curve() for m in mechanisms), delta)[0]
-
 
 __all__ = [
     "ACCOUNTANT",

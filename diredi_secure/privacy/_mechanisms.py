@@ -13,13 +13,14 @@ Every declared parameter is bounded by :class:`DPBounds` *before* the accountant
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 
 from ..errors import PolicyViolation
-from ._accountant import gaussian_curve
+from ._accountant import compose, epsilon_from_curve, gaussian_curve
 
 __all__ = [
     "DPBounds",
@@ -27,6 +28,8 @@ __all__ = [
     "MechanismKind",
     "ParameterOutOfBounds",
     "check_mechanism",
+    "gaussian_epsilon",
+    "mechanisms_epsilon",
 ]
 
 
@@ -98,3 +101,13 @@ def check_mechanism(m: Mechanism, bounds: DPBounds) -> None:
         raise ParameterOutOfBounds(f"{name}: steps {steps!r} outside [1, {bounds.max_steps}]")
     if m.kind is not MechanismKind.DP_SGD and (q != 1.0 or steps != 1):
         raise ParameterOutOfBounds(f"{name}: released once without sampling (rate 1, 1 step)")
+
+
+def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
+    """Epsilon of one (unsampled) Gaussian release with this noise multiplier at ``delta``."""
+    return epsilon_from_curve(gaussian_curve(noise_multiplier, 1.0, 1), delta)[0]
+
+
+def mechanisms_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
+    """Epsilon of the composition of ``mechanisms`` at ``delta``."""
+    return epsilon_from_curve(compose(m.curve() for m in mechanisms), delta)[0]
