@@ -7,15 +7,17 @@ Layers, thinnest at the edge:
   test can call them in-process.
 * The servicers decode the request, call one of those, and map a :class:`DirediError` to a status
   through :func:`~.status.abort_with` (the one table). ``KnowledgeService`` is registered with
-  *raw-bytes* handlers: the packet reaches the core exactly as the device sent it (its SHA-256 is
-  what the receipt acknowledges; nothing is re-serialised), and the receipt leaves as the signed
-  bytes ``make_receipt`` produced.
+  *raw-bytes* handlers: the packet reaches the core exactly as the device sent it (nothing is
+  re-serialised); the receipt acknowledges ``packet.packet_digest`` (the signed transcript and the
+  signature, not the unsigned attached certificate), and leaves as the signed bytes
+  ``make_receipt`` produced.
 * :class:`CloudServer` wires them into one ``grpc.Server`` with TLS or mTLS, size caps,
   keepalive, ``grpc.health.v1`` and server reflection.
 
 Durable before receipt: ``Ingest.submit`` returns the receipt only after ``Store.store_packet``
-has committed; a retry of the same bytes is answered from the store (``existing_receipt``) before
-the packet is opened again, so it gets the first receipt byte for byte.
+has committed; a retry of the same packet (same digest: a copy whose certificate was stripped or
+altered counts as the same packet) is answered from the store (``existing_receipt``) before the
+packet is opened again, so it gets the first receipt byte for byte.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from diredi_secure.packet import inspect_packet, make_receipt, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.store import DeviceStatus, PacketRecord, Store
 
-from .status import NotFound, ServiceUnavailable, abort_internal, abort_with
+from .status import NotFound, abort_internal, abort_with
 from .transport import ServerTls, TransportConfig, add_port, peer_device_id, server_options
 
 __all__ = [
@@ -426,6 +428,28 @@ class _Knowledge:
         self.ingest = ingest
         self.mtls = mtls
         self._streams = threading.BoundedSemaphore(ingest.config.max_ingest_streams)
+        self._per_peer: dict[str | None, int] = {}  # open streams per mTLS peer (None: no mTLS)
+        self._per_peer_lock = threading.Lock()
+
+    def _take_stream(self, peer: str | None) -> bool:
+        """One open stream per device (so one device cannot hold every slot), and at most
+        ``max_ingest_streams`` in all."""
+        with self._per_peer_lock:
+            if peer is not None and self._per_peer.get(peer, 0) >= 1:
+                return False
+            if not self._streams.acquire(blocking=False):
+                return False
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            return True
+
+    def _give_stream(self, peer: str | None) -> None:
+        with self._per_peer_lock:
+            left = self._per_peer.get(peer, 1) - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                self._per_peer.pop(peer, None)
+            self._streams.release()
 
     def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
@@ -436,15 +460,18 @@ class _Knowledge:
             abort_internal(context, exc)
 
     def submit_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        if not self._streams.acquire(blocking=False):
-            abort_with(context, ServiceUnavailable(
-                "too many packet streams at once; retry later", reason="overloaded"))
+        peer = peer_device_id(context)
+        if not self._take_stream(peer):
+            # Sent as is (not through abort_with: a LocalError's text would be replaced by the
+            # generic "internal error" line, and this is no internal fault).
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "overloaded: too many packet streams at once (or one already open for "
+                          "this device); retry later")
         # A stalled stream blocks in the request iterator: only cancelling the call frees it.
         timer = threading.Timer(self.ingest.config.ingest_stream_deadline_s, context.cancel)
         timer.daemon = True
         timer.start()
         try:
-            peer = peer_device_id(context)
             if self.mtls and peer is not None:
                 # Who may stream at all is settled before a byte is buffered.
                 self.ingest.store.require_active_device(peer)
@@ -456,7 +483,7 @@ class _Knowledge:
             abort_internal(context, exc)
         finally:
             timer.cancel()
-            self._streams.release()
+            self._give_stream(peer)
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serialisers: the packet arrives, and the receipt leaves, as exact bytes.

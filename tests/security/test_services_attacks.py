@@ -352,8 +352,8 @@ def test_stalled_streams_cannot_starve_health_and_unary_calls(tmp_path: Path) ->
                 codes.append((exc.code(), (exc.details() or "").split(":")[0]))
         release.set()
         overloaded = [c for c in codes if c == (C.UNAVAILABLE, "overloaded")]
-        assert len(overloaded) >= 30  # only two were ever served
-        assert len(codes) == 32  # the two served stalls were cancelled by the server's deadline
+        assert len(overloaded) >= 31  # one stream per device: only one was ever served
+        assert len(codes) == 32  # the served stall was cancelled by the server's deadline
 
 
 def test_a_copy_with_the_certificate_stripped_cannot_take_the_genuine_packets_place(
