@@ -40,6 +40,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 keys_app = typer.Typer(help="Create device CA, device and inbox keys.", no_args_is_help=True)
 packet_app = typer.Typer(help="Seal, open and inspect knowledge packets.", no_args_is_help=True)
@@ -367,6 +368,27 @@ _SUBAPPS = (
 )
 
 
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"diredi {version('diredi-secure')}")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            typer.echo("diredi (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_version_callback, is_eager=True),
+    ] = False,
+) -> None:
+    """DiReDi-secure: private reverse distillation for edge AI models."""
+
+
 def _mount_subapps() -> None:
     for module_name, attr, name, help_text in _SUBAPPS:
         try:
@@ -415,8 +437,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         err.print(f"diredi: {exc.format_message()}", markup=False)
         return 2
+    except KeyboardInterrupt:
+        err.print("diredi: interrupted", markup=False)
+        return 130
     except FileNotFoundError as exc:
         err.print(f"diredi: not found: {exc.filename}", markup=False)
+        return 2
+    except OSError as exc:  # a folder where a file was expected, a full disk, a port in use...
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"diredi: {exc.strerror or type(exc).__name__}{where}", markup=False)
         return 2
     return int(result) if isinstance(result, int) else 0
 

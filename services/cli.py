@@ -63,44 +63,91 @@ def _settings(tiny: bool) -> object:
 # ------------------------------------------------------------------------------------------------
 @cloud_app.command("init")
 def cloud_init(
-    workspace: Annotated[Path, typer.Argument(help="Folder to create")],
-    hostname: Annotated[list[str] | None, typer.Option(help="Host names/IPs in the server certificate")] = None,
-    store: Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: cloud.db in the workspace)")] = None,
+    workspace: Annotated[Path, typer.Argument(help="Folder to create (must not exist, or be empty)")],
+    hostname: Annotated[list[str] | None, typer.Option(help="Host name or IP in the server certificate (repeat; default: localhost, 127.0.0.1)")] = None,
+    store: Annotated[str | None, typer.Option(help="SQLite file (relative to here) or PostgreSQL DSN; default: cloud.db in the workspace. A DSN's password goes to the 0600 store.secret, never into cloud.toml")] = None,
     store_schema: Annotated[str | None, typer.Option(help="PostgreSQL schema for the tables")] = None,
-    passphrase_env: Annotated[str | None, typer.Option(help="Env var holding the key passphrase")] = None,
+    passphrase_env: Annotated[str | None, typer.Option(help="Name of an env var holding a passphrase to encrypt the private keys with")] = None,
 ) -> None:
-    """Create a cloud workspace: device CA, inbox key, receipt key, TLS identity, store, TUF repository."""
+    """Create a cloud workspace: device CA, inbox key, receipt key, TLS identity, store, TUF
+    repository and cloud.toml. All or nothing: a failed init leaves no folder behind."""
     ws = CloudWorkspace.init(
         workspace, now_ms=_now_ms(), hostnames=tuple(hostname or ("localhost", "127.0.0.1")),
         store=store, store_schema=store_schema, passphrase=_passphrase(passphrase_env),
     )
-    ws.open_store().close()  # create and migrate the schema now
-    typer.echo(f"cloud workspace ready in {ws.root}")
+    typer.echo(f"cloud workspace ready in {ws.root} (configuration: {ws.config_path.name})")
+
+
+config_app = typer.Typer(help="The cloud workspace's configuration (cloud.toml).", no_args_is_help=True)
+cloud_app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def cloud_config_show(
+    workspace: WorkspaceOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of TOML")] = False,
+) -> None:
+    """Print the effective configuration: every key, the file's values over the defaults."""
+    import json as _json
+
+    cfg = CloudWorkspace.open(workspace).settings()
+    typer.echo(_json.dumps(cfg.as_dict(), indent=2, sort_keys=True) if as_json else cfg.to_toml().rstrip())
+
+
+@config_app.command("check")
+def cloud_config_check(workspace: WorkspaceOpt) -> None:
+    """Validate cloud.toml (exit 2 with the reason if it is not valid)."""
+    ws = CloudWorkspace.open(workspace)
+    ws.settings()
+    typer.echo(f"{ws.config_path}: valid")
 
 
 @cloud_app.command("serve")
 def cloud_serve(
     workspace: WorkspaceOpt,
-    listen: Annotated[str, typer.Option(help="host:port to listen on")] = "127.0.0.1:50051",
-    mtls: Annotated[bool, typer.Option("--mtls/--no-mtls", help="Require device client certificates")] = True,
+    listen: Annotated[str | None, typer.Option(help="host:port to listen on (default: server.listen in cloud.toml, 127.0.0.1:50051)")] = None,
+    mtls: Annotated[bool | None, typer.Option("--mtls/--no-mtls", help="Require device client certificates (default: server.mtls, on)")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext (NO TLS); logs a warning")] = False,
-    passphrase_env: Annotated[str | None, typer.Option(help="Env var holding the key passphrase")] = None,
+    ops_listen: Annotated[str | None, typer.Option(help="host:port of the plain-HTTP /healthz and /metrics endpoint (no device certificate); default: server.ops_listen, none")] = None,
+    max_workers: Annotated[int | None, typer.Option(help="gRPC worker threads (default: server.max_workers, 16)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error (default: server.log_level, info)")] = None,
+    log_format: Annotated[str | None, typer.Option(help="console or json (default: server.log_format, console)")] = None,
+    log_file: Annotated[Path | None, typer.Option(help="Append logs to this file (default: server.log_file, else stderr)")] = None,
+    passphrase_env: Annotated[str | None, typer.Option(help="Name of an env var holding the key passphrase")] = None,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once serving (for --listen HOST:0)")] = None,
-    log_file: Annotated[Path | None, typer.Option(help="Append logs to this file (default: stderr)")] = None,
 ) -> None:
-    """Serve Knowledge, Update and Enrollment services (with health and reflection) until SIGTERM."""
-    _log_to(log_file)
+    """Serve Knowledge, Update and Enrollment services (with health and reflection) until SIGTERM.
+
+    Settings come from the workspace's cloud.toml (see `diredi cloud config show`); each flag
+    overrides its key. The configuration is validated before anything binds."""
+    from .observe import configure_logging
+
     ws = CloudWorkspace.open(workspace)
+    cfg = ws.settings()
+    server_cfg = cfg.server
+    listen = listen or server_cfg.listen
+    mtls = server_cfg.mtls if mtls is None else mtls
+    log_path = log_file or (ws.path(server_cfg.log_file) if server_cfg.log_file else None)
+    configure_logging(log_level or server_cfg.log_level, log_format or server_cfg.log_format, log_path)
+    keys = ws.keys(_passphrase(passphrase_env))
+    tls = None if insecure else ws.server_tls(mtls=mtls)
     store = ws.open_store()
-    server = CloudServer(
-        store=store, keys=ws.keys(_passphrase(passphrase_env)),
-        tls=None if insecure else ws.server_tls(mtls=mtls), insecure=insecure,
-        listen=listen, repository_dir=ws.repository_dir, released_models=ws.released_models(),
-    )
-    port = server.start()
+    try:
+        server = CloudServer(
+            store=store, keys=keys, tls=tls, insecure=insecure, listen=listen,
+            repository_dir=ws.repository_dir, released_models=ws.released_models(),
+            policy=cfg.policy, config=cfg.transport_config(),
+            max_workers=max_workers or server_cfg.max_workers,
+            ops_listen=(ops_listen or server_cfg.ops_listen) or None,
+        )
+        port = server.start()
+    except BaseException:
+        store.close()
+        raise
     if port_file is not None:
         atomic_write_bytes(port_file, f"{port}\n".encode())  # written only once the port serves
-    typer.echo(f"serving on {listen.rsplit(':', 1)[0]}:{port}", err=True)
+    ops = f", ops endpoint on port {server.ops.port}" if server.ops is not None else ""
+    typer.echo(f"serving on {listen.rsplit(':', 1)[0]}:{port}{ops}", err=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(grace_s=5))
     try:
         server.wait()
@@ -122,28 +169,119 @@ def cloud_revoke(
     typer.echo(f"device {device} revoked (since {record.revoked_at_ms})")
 
 
+def _device_row(d: object) -> dict[str, object]:
+    from diredi_secure.store import Device
+
+    assert isinstance(d, Device)
+    return {"device_id": d.device_id, "status": d.status.value, "epsilon_spent": d.epsilon_spent,
+            "epsilon_budget": d.epsilon_budget, "delta": d.epsilon_delta,
+            "highest_counter": d.highest_counter or 0, "enrolled_at_ms": d.enrolled_at_ms,
+            "revoked_at_ms": d.revoked_at_ms, "revocation_reason": d.revocation_reason}
+
+
+def _iso(ms: int | None) -> str:
+    return "-" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@cloud_app.command("devices")
+def cloud_devices(
+    workspace: WorkspaceOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per device")] = False,
+    status: Annotated[str | None, typer.Option(help="Only devices with this status: active or revoked")] = None,
+) -> None:
+    """Every enrolled device: status, when enrolled or revoked, epsilon spent of its budget."""
+    import json as _json
+
+    if status not in (None, "active", "revoked"):
+        raise ConfigError(f"--status must be active or revoked, not {status!r}")
+    with CloudWorkspace.open(workspace).open_store() as store:
+        devices = [d for d in store.list_devices() if status is None or d.status.value == status]
+    for d in devices:
+        if as_json:
+            typer.echo(_json.dumps(_device_row(d), sort_keys=True))
+        else:
+            since = _iso(d.revoked_at_ms) if d.revoked_at_ms is not None else _iso(d.enrolled_at_ms)
+            typer.echo(f"{d.device_id}: {d.status.value} since {since}, epsilon {d.epsilon_spent:.4g} "
+                       f"of {d.epsilon_budget:.4g} (delta {d.epsilon_delta:.0e}), counter {d.highest_counter or 0}")
+    if not devices and not as_json:
+        typer.echo("no device enrolled" if status is None else f"no {status} device")
+
+
 @cloud_app.command("ledger")
 def cloud_ledger(
     workspace: WorkspaceOpt,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per device")] = False,
+    device: Annotated[str | None, typer.Argument(help="One device: its ledger and every packet charged to it")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of text")] = False,
 ) -> None:
-    """Every device's composed epsilon ledger: spent and budget at the policy's one delta."""
+    """The composed epsilon ledger (spent and budget at the policy's one delta): every device, or
+    one device with each packet it was charged for."""
     import json as _json
 
+    from diredi_secure.errors import UnknownDevice
+
     with CloudWorkspace.open(workspace).open_store() as store:
-        devices = store.list_devices()
+        if device is None:
+            devices = store.list_devices()
+            packets = []
+        else:
+            one = store.get_device(device)
+            if one is None:
+                raise UnknownDevice(f"device {device} is not enrolled here")
+            devices = [one]
+            packets = store.list_packets(unmerged_only=False, device_id=device)
     for d in devices:
-        row = {"device_id": d.device_id, "status": d.status.value, "epsilon_spent": d.epsilon_spent,
-               "epsilon_budget": d.epsilon_budget, "delta": d.epsilon_delta,
-               "highest_counter": d.highest_counter or 0}
+        row = _device_row(d)
         if as_json:
             typer.echo(_json.dumps(row, sort_keys=True))
         else:
             typer.echo(f"{d.device_id}: {d.status.value}, epsilon {d.epsilon_spent:.4g} of "
                        f"{d.epsilon_budget:.4g} (composed, delta {d.epsilon_delta:.0e}), "
                        f"counter {d.highest_counter or 0}")
+    for p in packets:
+        entry = {"packet_id": p.packet_id.hex(), "counter": p.counter, "epsilon": p.epsilon,
+                 "delta": devices[0].epsilon_delta, "received_at_ms": p.received_at_ms,
+                 "merged_in_release": p.merged_in_release}
+        if as_json:
+            typer.echo(_json.dumps(entry, sort_keys=True))
+        else:
+            typer.echo(f"  counter {p.counter}: epsilon {p.epsilon:.4g} (delta {devices[0].epsilon_delta:.0e}) "
+                       f"at {_iso(p.received_at_ms)}, packet {p.packet_id.hex()[:16]}, "
+                       f"{'merged in ' + p.merged_in_release if p.merged_in_release else 'not merged'}")
     if not devices and not as_json:
         typer.echo("no device enrolled")
+
+
+@cloud_app.command("packets")
+def cloud_packets(
+    workspace: WorkspaceOpt,
+    device: Annotated[str | None, typer.Option(help="Only this device's packets")] = None,
+    unmerged: Annotated[bool, typer.Option("--unmerged", help="Only packets no release has merged yet")] = False,
+    limit: Annotated[int, typer.Option(help="Show at most this many (the newest)")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per packet")] = False,
+) -> None:
+    """Stored packets, oldest first: device, counter, epsilon (with delta), packet bytes, merge."""
+    import json as _json
+
+    if limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    with CloudWorkspace.open(workspace).open_store() as store:
+        packets = store.list_packets(unmerged_only=unmerged, device_id=device)
+        delta = store.ledger_summary()["ledger_delta"]
+    shown = packets[-limit:]
+    for p in shown:
+        row = {"packet_id": p.packet_id.hex(), "device_id": p.device_id, "counter": p.counter,
+               "epsilon": p.epsilon, "delta": delta, "packet_bytes": len(p.packet_bytes),
+               "base_model_version": p.base_model_version, "received_at_ms": p.received_at_ms,
+               "merged_in_release": p.merged_in_release}
+        if as_json:
+            typer.echo(_json.dumps(row, sort_keys=True))
+        else:
+            typer.echo(f"{p.packet_id.hex()[:16]} {p.device_id} counter {p.counter}: epsilon {p.epsilon:.4g} "
+                       f"(delta {delta:.0e}), {len(p.packet_bytes)} packet bytes, base {p.base_model_version[:12]}, "
+                       f"{_iso(p.received_at_ms)}, {'merged in ' + p.merged_in_release if p.merged_in_release else 'not merged'}")
+    if not as_json:
+        more = f" (the newest {len(shown)} of {len(packets)})" if len(packets) > len(shown) else ""
+        typer.echo(f"{len(packets)} packet(s){more}")
 
 
 @cloud_app.command("distill")

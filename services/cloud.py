@@ -22,6 +22,7 @@ packet is opened again, so it gets the first receipt byte for byte.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import stat
@@ -59,7 +60,8 @@ from diredi_secure.packet import inspect_packet, make_receipt, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.store import DeviceStatus, PacketRecord, Store
 
-from .status import NotFound, abort_internal, abort_with
+from .observe import IngestObserver, Metrics, OpsServer
+from .status import NotFound, ServiceUnavailable, abort_internal, abort_with
 from .transport import ServerTls, TransportConfig, add_port, peer_device_id, server_options
 
 __all__ = [
@@ -424,9 +426,10 @@ class RevocationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 # Servicers: decode, call, map errors
 # ------------------------------------------------------------------------------------------------
 class _Knowledge:
-    def __init__(self, ingest: Ingest, mtls: bool) -> None:
+    def __init__(self, ingest: Ingest, mtls: bool, observer: IngestObserver | None = None) -> None:
         self.ingest = ingest
         self.mtls = mtls
+        self.observer = observer or IngestObserver()  # one log line per accepted/refused packet
         self._streams = threading.BoundedSemaphore(ingest.config.max_ingest_streams)
         self._per_peer: dict[str | None, int] = {}  # open streams per mTLS peer (None: no mTLS)
         self._per_peer_lock = threading.Lock()
@@ -452,16 +455,22 @@ class _Knowledge:
             self._streams.release()
 
     def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        started, peer = time.monotonic(), peer_device_id(context)
         try:
-            return self.ingest.submit(request, peer=peer_device_id(context), mtls=self.mtls)
-        except DirediError as exc:
-            abort_with(context, exc)
-        except Exception as exc:  # the catch-all: nothing untyped reaches a peer
-            abort_internal(context, exc)
+            receipt = self.ingest.submit(request, peer=peer, mtls=self.mtls)
+        except Exception as exc:
+            self.observer.refused(method="Submit", error=exc, packet=request, peer=peer, started=started)
+            if isinstance(exc, DirediError):
+                abort_with(context, exc, quiet=True)
+            abort_internal(context, exc)  # the catch-all: nothing untyped reaches a peer
+        self.observer.accepted(method="Submit", packet=request, receipt=receipt, peer=peer, started=started)
+        return receipt
 
     def submit_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        peer = peer_device_id(context)
+        started, peer = time.monotonic(), peer_device_id(context)
         if not self._take_stream(peer):
+            self.observer.refused(method="SubmitStream", error=ServiceUnavailable("stream slots taken", reason="overloaded"),
+                                  packet=None, peer=peer, started=started)
             # Sent as is (not through abort_with: a LocalError's text would be replaced by the
             # generic "internal error" line, and this is no internal fault).
             context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -475,15 +484,19 @@ class _Knowledge:
             if self.mtls and peer is not None:
                 # Who may stream at all is settled before a byte is buffered.
                 self.ingest.store.require_active_device(peer)
+            data = None
             data = self.ingest.assemble(requests)
-            return self.ingest.submit(data, peer=peer, mtls=self.mtls, streamed=True)
-        except DirediError as exc:
-            abort_with(context, exc)
-        except Exception as exc:  # the catch-all: nothing untyped reaches a peer
-            abort_internal(context, exc)
+            receipt = self.ingest.submit(data, peer=peer, mtls=self.mtls, streamed=True)
+        except Exception as exc:
+            self.observer.refused(method="SubmitStream", error=exc, packet=data, peer=peer, started=started)
+            if isinstance(exc, DirediError):
+                abort_with(context, exc, quiet=True)
+            abort_internal(context, exc)  # the catch-all: nothing untyped reaches a peer
         finally:
             timer.cancel()
             self._give_stream(peer)
+        self.observer.accepted(method="SubmitStream", packet=data, receipt=receipt, peer=peer, started=started)
+        return receipt
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serialisers: the packet arrives, and the receipt leaves, as exact bytes.
@@ -527,8 +540,13 @@ class _EnrollmentServicer(sgrpc.EnrollmentServiceServicer):
 
 
 class _UpdateServicer(sgrpc.UpdateServiceServicer):
-    def __init__(self, folder: ReleaseFolder | None) -> None:
+    def __init__(self, folder: ReleaseFolder | None, metrics: Metrics | None = None) -> None:
         self.folder = folder
+        self.metrics = metrics
+
+    def _count(self, kind: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.release_fetches.labels(kind, outcome).inc()
 
     def _require(self) -> ReleaseFolder:
         if self.folder is None:
@@ -539,9 +557,12 @@ class _UpdateServicer(sgrpc.UpdateServiceServicer):
         try:
             data = self._require().metadata(request.role, int(request.version))
         except DirediError as exc:
-            abort_with(context, exc)
+            # "No such version" is how a TUF client learns there is no newer root: not a refusal.
+            self._count("metadata", exc.reason)
+            abort_with(context, exc, quiet=isinstance(exc, NotFound))
         except Exception as exc:  # the catch-all: nothing untyped reaches a peer
             abort_internal(context, exc)
+        self._count("metadata", "served")
         return spb.MetadataResponse(metadata=data)
 
     def FetchTarget(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -549,7 +570,9 @@ class _UpdateServicer(sgrpc.UpdateServiceServicer):
             chunks = self._require().target(request.path, int(request.max_length))
             for data, offset, total in chunks:
                 yield spb.Chunk(data=data, offset=offset, total_length=total if offset == 0 else 0)
+            self._count("target", "served")
         except DirediError as exc:
+            self._count("target", exc.reason)
             abort_with(context, exc)
         except Exception as exc:  # the catch-all: nothing untyped reaches a peer
             abort_internal(context, exc)
@@ -558,6 +581,24 @@ class _UpdateServicer(sgrpc.UpdateServiceServicer):
 # ------------------------------------------------------------------------------------------------
 # The server
 # ------------------------------------------------------------------------------------------------
+def _metadata_versions(repository: Path) -> Callable[[], dict[str, int]]:
+    """The newest version of each top-level TUF role in ``repository/metadata`` (for metrics)."""
+    def versions() -> dict[str, int]:
+        newest: dict[str, int] = {}
+        folder = repository / "metadata"
+        for file in folder.glob("*.json") if folder.is_dir() else ():
+            version, _, role = file.stem.partition(".")
+            if version.isdigit() and role:
+                newest[role] = max(newest.get(role, 0), int(version))
+        timestamp = folder / "timestamp.json"
+        if timestamp.is_file() and timestamp.stat().st_size < 64 * 1024:
+            version = json.loads(timestamp.read_bytes()).get("signed", {}).get("version")
+            if isinstance(version, int):
+                newest["timestamp"] = version
+        return newest
+    return versions
+
+
 class CloudServer:
     """One gRPC server hosting every cloud service. ``start()`` returns the bound port.
 
@@ -579,7 +620,11 @@ class CloudServer:
         clock: Callable[[], int] = wall_clock_ms,
         max_workers: int = 16,
         released_models: Callable[[], Mapping[str, str | None]] | None = None,
+        ops_listen: str | None = None,
     ) -> None:
+        """``ops_listen``: host:port of the plain-HTTP ops endpoint (``/healthz``, ``/metrics``;
+        no device certificate needed), or ``None`` for none. Metrics are collected either way
+        (``self.metrics``)."""
         self.config = config or TransportConfig()
         self.store = store
         self.listen = listen
@@ -597,10 +642,15 @@ class CloudServer:
             maximum_concurrent_rpcs=max_workers * 4,
             interceptors=(RevocationInterceptor(store),) if mtls else (),
         )
-        self._server.add_generic_rpc_handlers((_Knowledge(self.ingest, mtls).handler(),))
+        self.metrics = Metrics(ledger=store.ledger_summary,
+                               releases=None if repository_dir is None else _metadata_versions(repository_dir))
+        self._serving = False
+        self.ops = None if ops_listen is None else OpsServer(ops_listen, self.metrics, self._is_healthy)
+        self._server.add_generic_rpc_handlers(
+            (_Knowledge(self.ingest, mtls, IngestObserver(self.metrics)).handler(),))
         sgrpc.add_EnrollmentServiceServicer_to_server(_EnrollmentServicer(self.enrollment, mtls), self._server)
         folder = None if repository_dir is None else ReleaseFolder(repository_dir, self.config)
-        sgrpc.add_UpdateServiceServicer_to_server(_UpdateServicer(folder), self._server)
+        sgrpc.add_UpdateServiceServicer_to_server(_UpdateServicer(folder, self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -612,6 +662,9 @@ class CloudServer:
         self._server.start()
         for name in ("", *_SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        if self.ops is not None:
+            self.ops.start()
         log.info("cloud serving on port %d (%s)", self.port, "mTLS" if self.mtls else "TLS" if self.tls else "INSECURE")
         return self.port
 
@@ -620,8 +673,18 @@ class CloudServer:
 
     def stop(self, grace_s: float | None = 1.0) -> None:
         """Stop accepting calls, let running ones finish for ``grace_s``, then close."""
+        self._serving = False
         self.health.enter_graceful_shutdown()
+        if self.ops is not None:
+            self.ops.stop()
         self._server.stop(grace_s).wait()
+
+    def _is_healthy(self) -> bool:
+        """Serving, and the store answers (one trivial read)."""
+        if not self._serving:
+            return False
+        self.store.schema_version()
+        return True
 
     def __enter__(self) -> CloudServer:
         self.start()

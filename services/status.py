@@ -112,13 +112,15 @@ def details_for(exc: E.DirediError) -> str:
     return exc.one_line()
 
 
-def abort_with(context: grpc.ServicerContext, exc: E.DirediError) -> NoReturn:
-    """Abort the call with the status of ``exc`` (logs local errors in full, peer ones briefly)."""
+def abort_with(context: grpc.ServicerContext, exc: E.DirediError, *, quiet: bool = False) -> NoReturn:
+    """Abort the call with the status of ``exc`` (logs local errors in full, peer ones briefly;
+    ``quiet``: a peer refusal is logged at debug only, because the caller logs it itself or it is
+    an expected answer, such as "no newer root" to a TUF client)."""
     code = status_for(exc)
     if isinstance(exc, E.LocalError):
         log.error("call failed on our side: %s", exc.one_line(), exc_info=exc)
     else:
-        log.info("refused (%s): %s", code.name, exc.one_line())
+        log.log(logging.DEBUG if quiet else logging.INFO, "refused (%s): %s", code.name, exc.one_line())
     context.abort(code, details_for(exc))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 

@@ -173,11 +173,18 @@ def add_port(
         if not insecure:
             raise ConfigError("no TLS identity for the server: pass one, or --insecure explicitly")
         log.warning("serving WITHOUT TLS on %s (--insecure): packets travel sealed, metadata in clear", listen)
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, server_credentials(tls))
+    try:
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, server_credentials(tls))
+    except RuntimeError as exc:  # grpcio raises a bare RuntimeError when the bind fails
+        raise ConfigError(
+            f"cannot listen on {listen!r}: the address is in use, not local or not host:port",
+            reason="listen",
+        ) from exc
     if port == 0:
-        raise ConfigError(f"cannot listen on {listen}")
+        raise ConfigError(f"cannot listen on {listen!r}", reason="listen")
     return int(port)
 
 

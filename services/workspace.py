@@ -7,13 +7,14 @@ Cloud workspace (``diredi cloud init W``)::
     inbox.key, inbox.pub        HPKE inbox key (X25519 + ML-KEM-768); devices seal packets to it
     receipt.key                 Ed25519 key signing receipts
     tls/server.key, server.crt  the gRPC endpoint's TLS identity (ECDSA P-256, from the device CA)
-    cloud.db                    the SQLite store (``store`` in cloud.json may name a PostgreSQL DSN,
-                                ``store_schema`` the PostgreSQL schema)
+    cloud.db                    the SQLite store (``[store] url`` in cloud.toml may name another
+                                file or a PostgreSQL DSN, ``schema`` the PostgreSQL schema)
     repository/                 the TUF release repository (python-tuf; made at init, keys in
                                 repository/keys/) that the UpdateService serves
     scenario/, models/, audits/ written by the learning jobs (services/jobs.py)
     releases.json               index of published models (version, prefix, role, sha256)
-    cloud.json                  {"store": ..., "hostnames": [...]}
+    cloud.toml                  the configuration (services/config.py: store, server, TLS, logs,
+                                limits, privacy policy; no secrets; paths relative to the workspace)
 
 Device workspace (``diredi edge init W``; keys made at provisioning)::
 
@@ -37,6 +38,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 
 from diredi_secure import _crypto
 from diredi_secure._crypto import (
@@ -61,6 +65,7 @@ from diredi_secure.release import ReleaseRepository
 from diredi_secure.store import Store, is_postgres_url, open_store
 
 from .cloud import CloudKeys
+from .config import CONFIG_FILE, CloudConfig, initial_toml, load_config, parse_config
 from .transport import ClientTls, ServerTls
 
 __all__ = ["CloudWorkspace", "DeviceWorkspace"]
@@ -148,7 +153,10 @@ class CloudWorkspace:
 
     @property
     def config_path(self) -> Path:
-        return self.root / "cloud.json"
+        """``cloud.toml`` (``cloud.json`` in a workspace made before it, read as before)."""
+        toml = self.root / CONFIG_FILE
+        legacy = self.root / "cloud.json"
+        return legacy if legacy.is_file() and not toml.exists() else toml
 
     @classmethod
     def init(
@@ -162,15 +170,37 @@ class CloudWorkspace:
         passphrase: bytes | None = None,
         create_repository: bool = True,
     ) -> CloudWorkspace:
-        """Create a cloud workspace; refuses to overwrite one (ConfigError).
+        """Create a cloud workspace, store schema included; refuses to overwrite one (ConfigError).
+
+        All or nothing: everything is made in a private folder next to ``root`` and renamed into
+        place only once the store answers, so a failed init (a store that refuses, a full disk)
+        leaves nothing behind and can simply be retried.
 
         With ``create_repository`` the TUF release repository is made too (root v1 is what
         :meth:`provision_device` hands each device as its trust anchor).
         """
-        ws = cls(Path(root))
-        if ws.config_path.exists():
-            raise ConfigError(f"{ws.root} is already a cloud workspace")
-        ws.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        final = Path(root)
+        if (final / CONFIG_FILE).exists() or (final / "cloud.json").exists():
+            raise ConfigError(f"{final} is already a cloud workspace")
+        if final.exists() and (not final.is_dir() or any(final.iterdir())):
+            raise ConfigError(f"{final} exists and is not an empty folder")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{final.name}.init-", dir=final.parent))
+        try:
+            ws = cls(building)
+            ws._make(now_ms=now_ms, hostnames=hostnames, store=store, store_schema=store_schema,
+                     passphrase=passphrase, create_repository=create_repository, final=final)
+            os.replace(building, final)  # onto nothing, or onto the empty folder that was there
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        return cls(final)
+
+    def _make(self, *, now_ms: int, hostnames: tuple[str, ...], store: str | None,
+              store_schema: str | None, passphrase: bytes | None, create_repository: bool,
+              final: Path) -> None:
+        ws = self
+        os.chmod(ws.root, 0o700)
         ca_key = _crypto.generate_signing_key()
         ca_cert = _crypto.create_ca_certificate(
             ca_key, common_name="DiReDi device CA", now_ms=now_ms, valid_days=3650, serial=_serial()
@@ -199,45 +229,70 @@ class CloudWorkspace:
                 ws.repository_dir, now=datetime.fromtimestamp(now_ms / 1000, UTC), passphrase=passphrase
             )
         ws.repository_dir.mkdir(exist_ok=True)
-        store_dsn = store or str(ws.root / "cloud.db")
-        if is_postgres_url(store_dsn):
-            # The password never sits in cloud.json: a private file (0600), or the environment.
-            store_dsn, password = _split_password(store_dsn)
+        store_url = store or "cloud.db"
+        if is_postgres_url(store_url):
+            # The password never sits in cloud.toml: a private file (0600), or the environment.
+            store_url, password = _split_password(store_url)
             if password is not None:
                 atomic_write_bytes(ws.root / STORE_SECRET_FILE, password.encode(), private=True)
         else:
-            store_dsn = str(Path(store_dsn).resolve())  # not relative to whoever runs it next
-        config: dict[str, Any] = {
-            "format": 1,
-            "store": store_dsn,
-            "hostnames": list(hostnames),
-        }
-        if store_schema is not None:
-            config["store_schema"] = store_schema
-        _write_json(ws.config_path, config)
-        return ws
+            # Relative to the workspace (so it works from any folder and moves with it); a path
+            # given relative to where init runs is made relative to the final workspace.
+            given = Path(store_url)
+            absolute = given if given.is_absolute() else (Path.cwd() / given if store else final / given)
+            store_url = os.path.relpath(absolute.resolve(), final.resolve())
+        atomic_write_bytes(ws.root / CONFIG_FILE, initial_toml(
+            store_url=store_url, store_schema=store_schema, hostnames=tuple(hostnames)).encode())
+        ws.settings()  # what was written must read back
+        if is_postgres_url(store_url):
+            ws.open_store().close()  # create and migrate the schema now: a refusal undoes the init
+        else:
+            # Create the SQLite file now too: inside the workspace it is made in the folder being
+            # built (and renamed with it); a path outside the workspace is made where it will live.
+            target = (final / store_url).resolve()
+            inside = target.is_relative_to(final.resolve())
+            open_store(str(ws.root / store_url if inside else target), schema=None).close()
 
     @classmethod
     def open(cls, root: Path) -> CloudWorkspace:
         ws = cls(Path(root))
         if not ws.config_path.is_file():
             raise ConfigError(
-                f"{ws.root} is not a cloud workspace (no cloud.json): run `diredi cloud init`"
+                f"{ws.root} is not a cloud workspace (no {CONFIG_FILE}): run `diredi cloud init`"
             )
         return ws
 
+    def settings(self) -> CloudConfig:
+        """The validated configuration (``cloud.toml``; a legacy ``cloud.json`` maps onto it)."""
+        path = self.config_path
+        if path.suffix == ".json":
+            legacy = _read_json(path, "cloud config")
+            store = legacy.get("store")
+            if not isinstance(store, str) or not store:
+                raise ConfigError(f"{path}: 'store' must name a SQLite path or a DSN")
+            doc = {"store": {"url": store, "schema": legacy.get("store_schema") or ""},
+                   "server": {"hostnames": list(legacy.get("hostnames", ["localhost"]))}}
+            return parse_config(tomli_w.dumps(doc), source=str(path))
+        return load_config(path)
+
     def config(self) -> dict[str, Any]:
-        return _read_json(self.config_path, "cloud config")
+        """The workspace's store and host names as a plain dict (older callers)."""
+        cfg = self.settings()
+        return {"store": cfg.store.url, "store_schema": cfg.store.schema or None,
+                "hostnames": list(cfg.server.hostnames)}
+
+    def path(self, relative: str) -> Path:
+        """A path from the configuration, relative to the workspace unless absolute."""
+        p = Path(relative)
+        return p if p.is_absolute() else self.root / p
 
     def store_url(self) -> str:
         """The store's SQLite path or PostgreSQL DSN, with the password (if any) taken from
         ``$DIREDI_STORE_PASSWORD`` or the workspace's 0600 ``store.secret``, never from
-        ``cloud.json``."""
-        store = self.config().get("store")
-        if not isinstance(store, str) or not store:
-            raise ConfigError(f"{self.config_path}: 'store' must name a SQLite path or a DSN")
+        the configuration file."""
+        store = self.settings().store.url
         if not is_postgres_url(store):
-            return store
+            return str(self.path(store))
         _, inline = _split_password(store)
         if inline is not None:
             raise ConfigError(f"{self.config_path}: the store DSN carries a password in clear; "
@@ -249,10 +304,7 @@ class CloudWorkspace:
         return store if password is None else _with_password(store, password)
 
     def store_schema(self) -> str | None:
-        schema = self.config().get("store_schema")
-        if schema is not None and not isinstance(schema, str):
-            raise ConfigError(f"{self.config_path}: 'store_schema' must be a string")
-        return schema
+        return self.settings().store.schema or None
 
     def released_models(self) -> Callable[[], dict[str, str | None]]:
         """A reader of the models this cloud released: model SHA-256 -> the device it was made for
@@ -300,10 +352,12 @@ class CloudWorkspace:
         )
 
     def server_tls(self, *, mtls: bool) -> ServerTls:
+        tls = self.settings().tls
+        client_ca = _read(self.path(tls.client_ca), "client CA certificate")
         return ServerTls(
-            key_pem=load_tls_key(self.root / "tls" / "server.key").private_pem(),
-            cert_pem=_read(self.root / "tls" / "server.crt", "server certificate"),
-            client_ca_pem=_crypto.certificate_pem(_read(self.ca_dir / "ca.crt", "CA certificate")),
+            key_pem=load_tls_key(self.path(tls.key)).private_pem(),
+            cert_pem=_read(self.path(tls.cert), "server certificate"),
+            client_ca_pem=client_ca if client_ca.startswith(b"-----BEGIN") else _crypto.certificate_pem(client_ca),
             require_client_auth=mtls,
         )
 

@@ -517,6 +517,29 @@ class Store(ABC):
             cur.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")  # noqa: S608 - constants only
             return [_device(row) for row in cur.fetchall()]
 
+    def ledger_summary(self) -> dict[str, float]:
+        """Fleet figures in one aggregate query (for metrics): devices active / revoked /
+        exhausted (no budget left), the sum and the largest composed epsilon spent, and the
+        ledger's delta."""
+        with self._guard("summarise the ledger"), self._transaction(write=False) as cur:
+            cur.execute(
+                "SELECT "
+                "COALESCE(SUM(CASE WHEN status = 'active' THEN 1 ELSE 0 END), 0), "
+                "COALESCE(SUM(CASE WHEN status = 'revoked' THEN 1 ELSE 0 END), 0), "
+                "COALESCE(SUM(CASE WHEN status = 'active' AND epsilon_spent >= epsilon_budget "
+                "THEN 1 ELSE 0 END), 0), "
+                "COALESCE(SUM(epsilon_spent), 0), COALESCE(MAX(epsilon_spent), 0) FROM devices"
+            )
+            row = cur.fetchone()
+        return {
+            "devices_active": float(row[0]),
+            "devices_revoked": float(row[1]),
+            "devices_exhausted": float(row[2]),
+            "ledger_epsilon_spent_sum": float(row[3]),
+            "ledger_epsilon_spent_max": float(row[4]),
+            "ledger_delta": float(self._dp.delta),
+        }
+
     def set_epsilon_budget(self, device_id: str, budget: float) -> Device:
         """Set a device's lifetime epsilon budget (may be below what it has spent: it then stops).
 
