@@ -379,10 +379,15 @@ ServerOpt = Annotated[
 
 
 def _agent(workspace: Path, insecure: bool, server: str | None = None) -> EdgeAgent:
+    """An agent for ``workspace``; ``--server`` is used for this call and saved in the device
+    config only once the call has succeeded (see :func:`_remember_server`), so a typo is not kept."""
     ws = DeviceWorkspace.open(workspace)
+    return EdgeAgent(ws, insecure=insecure, target=server)
+
+
+def _remember_server(workspace: Path, server: str | None) -> None:
     if server is not None:
-        ws.update_config(target=server)
-    return EdgeAgent(ws, insecure=insecure)
+        DeviceWorkspace.open(workspace).update_config(target=server)
 
 
 @edge_app.command("enroll")
@@ -390,6 +395,7 @@ def edge_enroll(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: boo
     """Register the device with the cloud (proof of possession of its key)."""
     with _agent(workspace, insecure, server) as agent:
         typer.echo(f"enrolled as {agent.enroll()}")
+    _remember_server(workspace, server)
 
 
 @edge_app.command("status")
@@ -397,6 +403,7 @@ def edge_status(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: boo
     """Ask the cloud for this device's status and epsilon ledger."""
     with _agent(workspace, insecure, server) as agent:
         s = agent.status()
+    _remember_server(workspace, server)
     typer.echo(f"{s.device_id}: {s.status}, epsilon {s.epsilon_spent:.4g}/{s.epsilon_budget:.4g} "
                f"(composed, delta {s.epsilon_delta:.0e}), counter {s.highest_counter}")
 
@@ -411,6 +418,7 @@ def edge_submit(
     """Submit a packet (or every unacknowledged one) with retries; verify each receipt."""
     with _agent(workspace, insecure, server) as agent:
         bodies = [agent.submit(packet.read_bytes())] if packet is not None else agent.flush_outbox()
+    _remember_server(workspace, server)
     for body in bodies:
         typer.echo(f"acknowledged {body.packet_id.hex()} counter {body.counter} at {body.stored_at_ms}")
 

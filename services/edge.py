@@ -96,6 +96,7 @@ class EdgeAgent:
         rng: random.Random | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
         passphrase: bytes | None = None,
+        target: str | None = None,
     ) -> None:
         self.workspace = workspace
         self.config = config or TransportConfig()
@@ -106,7 +107,7 @@ class EdgeAgent:
         self.random_bytes = random_bytes
         self._passphrase = passphrase
         if channel is None:
-            target = str(workspace.config()["target"])
+            target = target or str(workspace.config()["target"])
             channel = open_channel(
                 target, None if insecure else workspace.client_tls(mtls=mtls),
                 config=self.config, insecure=insecure,

@@ -165,6 +165,28 @@ def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
     )
 
 
+def _check_bindable(listen: str) -> None:
+    """Refuse an address gRPC could not bind, with the reason, before gRPC tries (its C core
+    prints its own error lines to stderr and then raises a bare RuntimeError)."""
+    import socket
+
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"cannot listen on {listen!r}: not host:port", reason="listen")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {listen!r}: no such host ({exc})", reason="listen") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {listen!r}: {exc.strerror}", reason="listen") from exc
+
+
 def add_port(
     server: grpc.Server, listen: str, tls: ServerTls | None, *, insecure: bool = False
 ) -> int:
@@ -173,6 +195,7 @@ def add_port(
         if not insecure:
             raise ConfigError("no TLS identity for the server: pass one, or --insecure explicitly")
         log.warning("serving WITHOUT TLS on %s (--insecure): packets travel sealed, metadata in clear", listen)
+    _check_bindable(listen)
     try:
         if tls is None:
             port = server.add_insecure_port(listen)
