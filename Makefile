@@ -6,6 +6,10 @@
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# Where the torch wheel comes from. Empty: pip's configured index (as on the project's CI machines,
+# whose index serves the CPU wheel). On a stock machine without a GPU, use PyTorch's CPU index,
+# or pip resolves the multi-GB CUDA build:  make TORCH_INDEX=https://download.pytorch.org/whl/cpu test
+TORCH_INDEX ?=
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -20,7 +24,7 @@ all: test
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

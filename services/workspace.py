@@ -169,8 +169,10 @@ class CloudWorkspace:
         store_schema: str | None = None,
         passphrase: bytes | None = None,
         create_repository: bool = True,
+        create_store: bool = True,
     ) -> CloudWorkspace:
-        """Create a cloud workspace, store schema included; refuses to overwrite one (ConfigError).
+        """Create a cloud workspace, store schema included (unless ``create_store`` is false: a
+        store that is not reachable yet is then made at first use); refuses to overwrite one (ConfigError).
 
         All or nothing: everything is made in a private folder next to ``root`` and renamed into
         place only once the store answers, so a failed init (a store that refuses, a full disk)
@@ -189,7 +191,8 @@ class CloudWorkspace:
         try:
             ws = cls(building)
             ws._make(now_ms=now_ms, hostnames=hostnames, store=store, store_schema=store_schema,
-                     passphrase=passphrase, create_repository=create_repository, final=final)
+                     passphrase=passphrase, create_repository=create_repository, final=final,
+                     create_store=create_store)
             os.replace(building, final)  # onto nothing, or onto the empty folder that was there
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
@@ -198,7 +201,7 @@ class CloudWorkspace:
 
     def _make(self, *, now_ms: int, hostnames: tuple[str, ...], store: str | None,
               store_schema: str | None, passphrase: bytes | None, create_repository: bool,
-              final: Path) -> None:
+              final: Path, create_store: bool) -> None:
         ws = self
         os.chmod(ws.root, 0o700)
         ca_key = _crypto.generate_signing_key()
@@ -244,6 +247,8 @@ class CloudWorkspace:
         atomic_write_bytes(ws.root / CONFIG_FILE, initial_toml(
             store_url=store_url, store_schema=store_schema, hostnames=tuple(hostnames)).encode())
         ws.settings()  # what was written must read back
+        if not create_store:
+            return
         if is_postgres_url(store_url):
             ws.open_store().close()  # create and migrate the schema now: a refusal undoes the init
         else:

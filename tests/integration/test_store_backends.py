@@ -594,7 +594,7 @@ def test_upgrading_a_v1_ledger_never_resets_a_budget(tmp_path: Path) -> None:
         assert s.epsilon_spent("dev1") == pytest.approx(39.95, rel=1e-6)
 
 
-def test_the_postgres_password_never_sits_in_cloud_json(tmp_path: Path,
+def test_the_postgres_password_never_sits_in_the_config_file(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 14 finding 5: the DSN with its password was stored in clear in a 0644 cloud.json."""
     import stat
@@ -603,7 +603,8 @@ def test_the_postgres_password_never_sits_in_cloud_json(tmp_path: Path,
 
     monkeypatch.delenv("DIREDI_STORE_PASSWORD", raising=False)
     ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=T0,
-                             store="postgresql://alice:s3cr%40t@db.example:5432/fleet")
+                             store="postgresql://alice:s3cr%40t@db.example:5432/fleet",
+                             create_store=False)
     text = ws.config_path.read_text()
     assert "s3cr" not in text and "postgresql://alice@db.example:5432/fleet" in text
     secret = ws.root / STORE_SECRET_FILE
