@@ -63,6 +63,10 @@ class AuditVerdict(StrEnum):
     INCONCLUSIVE = "inconclusive"
     """No attack failed, but some mechanism's claimed epsilon is above what the audit can detect
     (its ceiling, in the report): releasable, and the attestation says so (docs/AUDIT.md)."""
+    NOT_AUDITED = "not_audited"
+    """Published without an audit report. Every other verdict names the report it comes from (its
+    digest); this one has none, and devices refuse it unless their own policy allows unaudited
+    releases (``UpdatePolicy.accept_unaudited``, ``edge init --allow-unaudited``)."""
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
@@ -123,6 +127,9 @@ class ReleasePredicate:
 
     Digests are lowercase hex SHA-256. ``parent_digest`` is ``None`` only for a first release.
     ``audit_forced`` marks a release an operator pushed out despite a failed audit.
+    ``audit_report_digest`` is ``None`` exactly when the verdict is ``not_audited``: a verdict
+    of pass, fail or inconclusive without the report it came from is a claim nobody can check,
+    so it is refused here (and, parsed from a device's download, as :class:`AttestationInvalid`).
     """
 
     release_version: int
@@ -154,8 +161,16 @@ class ReleasePredicate:
         ids = [e.device_id for e in self.epsilon]
         if len(ids) != len(set(ids)):
             raise ValueError("a device appears twice in the epsilon list")
-        if self.audit_forced and self.audit_verdict is AuditVerdict.PASS:
+        if self.audit_forced and self.audit_verdict is not AuditVerdict.FAIL:
             raise ValueError("audit_forced only makes sense with a failed verdict")
+        unaudited = self.audit_verdict is AuditVerdict.NOT_AUDITED
+        if unaudited and self.audit_report_digest is not None:
+            raise ValueError("a not_audited release names no audit report")
+        if not unaudited and self.audit_report_digest is None:
+            raise ValueError(
+                f"audit verdict {self.audit_verdict.value!r} without an audit report digest "
+                "(a release with no report is not_audited)"
+            )
 
     @classmethod
     def build(
@@ -337,6 +352,7 @@ def verify_attestation(
     threshold: int = 1,
     expected_name: str | None = None,
     accept_forced: bool = True,
+    accept_unaudited: bool = False,
     max_bytes: int = MAX_ATTESTATION_BYTES,
 ) -> Attestation:
     """Verify a DSSE release attestation; return it parsed, or raise.
@@ -346,9 +362,11 @@ def verify_attestation(
 
     Raises :class:`TooLarge` over ``max_bytes``; :class:`AttestationInvalid` when the envelope is
     malformed, not signed by ``threshold`` of ``trusted_keys`` (an unknown key counts for nothing),
-    not an in-toto v1 statement of our predicate type, or its subject is not the expected model;
-    :class:`ReleaseRefused` when the audit verdict failed and was not forced (or was forced and
-    ``accept_forced`` is false).
+    not an in-toto v1 statement of our predicate type, its subject is not the expected model, or
+    its audit verdict does not match its report digest (a pass, fail or inconclusive verdict with
+    no report); :class:`ReleaseRefused` when the audit verdict failed and was not forced (or was
+    forced and ``accept_forced`` is false), or the release is ``not_audited`` and
+    ``accept_unaudited`` is false (reason ``not_audited``).
     """
     if len(envelope_bytes) > max_bytes:
         raise TooLarge("attestation", len(envelope_bytes), max_bytes)
@@ -397,6 +415,12 @@ def verify_attestation(
     ):
         what = "forced past a failed audit" if predicate.audit_forced else "failed its audit"
         raise ReleaseRefused(f"release v{predicate.release_version} {what}", reason="audit_failed")
+    if predicate.audit_verdict is AuditVerdict.NOT_AUDITED and not accept_unaudited:
+        raise ReleaseRefused(
+            f"release v{predicate.release_version} was published without a privacy audit "
+            "(not_audited) and this device's policy does not allow unaudited releases",
+            reason="not_audited",
+        )
     return Attestation(
         subject_name=name,
         subject_digest=digest,

@@ -50,6 +50,14 @@ PrefixOpt = Annotated[str, typer.Option(help="Release prefix, e.g. fleets/eu/ ('
 RoleOpt = Annotated[
     str, typer.Option(help="TUF role that signs the release (targets or delegated).")
 ]
+AllowUnauditedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unaudited",
+        help="Accept a release attested not_audited (published without an audit report); "
+        "refused by default.",
+    ),
+]
 
 
 def _now(value: str | None) -> datetime:
@@ -62,7 +70,6 @@ def _now(value: str | None) -> datetime:
     if parsed.tzinfo is None:
         raise ConfigError("--now needs a UTC offset, e.g. 2026-01-01T00:00:00+00:00")
     return parsed.astimezone(UTC)
-
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -151,8 +158,20 @@ def publish(
         list[str] | None, typer.Option(help="DEVICE=ROUND:TOTAL epsilon spent (repeatable).")
     ] = None,
     accountant: Annotated[str, typer.Option(help="DP accountant used.")] = "rdp",
-    audit_report: Annotated[Path | None, typer.Option(help="Privacy audit report file.")] = None,
-    audit_verdict: Annotated[AuditVerdict, typer.Option(help="Audit verdict.")] = AuditVerdict.PASS,
+    audit_report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Privacy audit report file (its digest is attested). Without one the "
+            "release is attested not_audited, and devices refuse it by default."
+        ),
+    ] = None,
+    audit_verdict: Annotated[
+        AuditVerdict | None,
+        typer.Option(
+            help="The report's verdict (needs --audit-report; default: pass with a "
+            "report, not_audited without)."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Publish despite a failed audit.")] = False,
     training_config: Annotated[
         Path | None, typer.Option(help="Training config file (its digest is attested).")
@@ -170,6 +189,15 @@ def publish(
         parent_target = repo.targets(role).signed.targets[prefix + MODEL_TARGET]
         parent_digest = parent_target.hashes["sha256"]
         parent_version = current if parent_version is None else parent_version
+    if audit_report is None and audit_verdict not in (None, AuditVerdict.NOT_AUDITED):
+        raise ConfigError(
+            f"--audit-verdict {audit_verdict.value} needs the --audit-report it "
+            "comes from (without a report the release is not_audited)"
+        )
+    if audit_report is not None and audit_verdict is AuditVerdict.NOT_AUDITED:
+        raise ConfigError("--audit-verdict not_audited contradicts --audit-report")
+    if audit_verdict is None:
+        audit_verdict = AuditVerdict.NOT_AUDITED if audit_report is None else AuditVerdict.PASS
     model_bytes = _read(model, "model")
     training = _read(training_config, "training config") if training_config else b"{}"
     predicate = ReleasePredicate.build(
@@ -265,6 +293,7 @@ def verify(
     prefix: PrefixOpt = "",
     now: NowOpt = None,
     show: Annotated[bool, typer.Option(help="Print the repository summary as JSON.")] = False,
+    allow_unaudited: AllowUnauditedOpt = False,
 ) -> None:
     """Verify the repository as a fresh device would (root v1 -> newest, attestation, model)."""
     repo = ReleaseRepository(workspace)
@@ -275,7 +304,7 @@ def verify(
             LocalFolderFetcher(workspace),
             clock=lambda: clock_now,
             trusted_root=repo.trusted_root_bytes(1),
-            policy=UpdatePolicy(prefix=prefix, role=role),
+            policy=UpdatePolicy(prefix=prefix, role=role, accept_unaudited=allow_unaudited),
         )
         result = updater.update()
     rel = result.release
@@ -297,6 +326,7 @@ def edge_update(
     prefix: PrefixOpt = "",
     role: RoleOpt = "targets",
     now: NowOpt = None,
+    allow_unaudited: AllowUnauditedOpt = False,
 ) -> None:
     """Update this device from a release folder: verify (TUF + attestation), install A/B."""
     clock_now = _now(now)
@@ -305,7 +335,7 @@ def edge_update(
         LocalFolderFetcher(from_dir),
         clock=lambda: clock_now,
         trusted_root=_read(root, "trusted root") if root is not None else None,
-        policy=UpdatePolicy(prefix=prefix, role=role),
+        policy=UpdatePolicy(prefix=prefix, role=role, accept_unaudited=allow_unaudited),
     )
     before = updater.installed()
     try:

@@ -99,7 +99,9 @@ class UpdatePolicy:
     ``prefix``/``role``: where the device's releases live (``""``/``targets`` for the whole fleet;
     ``fleets/eu/``/``fleet-eu`` for a delegated one). A new model's attested parent must be the
     installed model, one of ``allowed_parents`` (hex SHA-256), or anything when
-    ``require_parent_match`` is false; a first install accepts any parent.
+    ``require_parent_match`` is false; a first install accepts any parent. ``accept_unaudited``:
+    install a release attested ``not_audited`` (published without an audit report); off by
+    default, so such a release is refused (:class:`ReleaseRefused`, reason ``not_audited``).
     """
 
     prefix: str = ""
@@ -107,6 +109,7 @@ class UpdatePolicy:
     require_parent_match: bool = True
     allowed_parents: frozenset[str] = frozenset()
     accept_forced_audit: bool = True
+    accept_unaudited: bool = False
     max_model_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES
     max_file_bytes: int = 64 * 1024 * 1024  # architecture, reference set, inbox key
     max_attestation_bytes: int = MAX_ATTESTATION_BYTES
@@ -490,7 +493,7 @@ class DeviceUpdater:
 
         Raises a :class:`ReleaseError` subclass for TUF failures (rollback, freeze,
         mix-and-match, signatures, tampered or endless targets), :class:`AttestationInvalid`,
-        :class:`ReleaseRefused` (failed audit, wrong parent), :class:`ModelFormatError` (pickle
+        :class:`ReleaseRefused` (failed audit, not audited, wrong parent), :class:`ModelFormatError` (pickle
         or malformed model), :class:`TooLarge`, :class:`InstallFailed` / :class:`StoreError`.
         """
         policy = self.policy
@@ -554,6 +557,7 @@ class DeviceUpdater:
             threshold=threshold,
             expected_name=MODEL_TARGET,
             accept_forced=policy.accept_forced_audit,
+            accept_unaudited=policy.accept_unaudited,
             max_bytes=policy.max_attestation_bytes,
         )
         predicate = attestation.predicate

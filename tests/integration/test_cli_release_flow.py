@@ -39,8 +39,9 @@ def publish(cwd: Path, version: int) -> None:
     (cwd / "m.safetensors").write_bytes(
         checkpoint_bytes({"w": np.full(3, version, np.float32)}, {})
     )
+    (cwd / "audit.json").write_text('{"verdict": "pass"}')  # audited: devices refuse not_audited
     ok("release", "publish", "repo", "--model", "m.safetensors", "--architecture", "arch.json",
-       "--epsilon", "dev-1=0.5:1.5", cwd=cwd)  # fmt: skip
+       "--epsilon", "dev-1=0.5:1.5", "--audit-report", "audit.json", cwd=cwd)  # fmt: skip
 
 
 @pytest.fixture

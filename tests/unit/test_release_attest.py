@@ -180,6 +180,6 @@ def test_predicate_constructor_rejects_inconsistent_lineage() -> None:
     with pytest.raises(ValueError, match="parent_version"):
         ReleasePredicate.build(
             release_version=2, parent_digest="ab" * 32, parent_version=2, packet_digests=[],
-            epsilon=[], accountant="rdp", audit_report_digest=None,
+            epsilon=[], accountant="rdp", audit_report_digest="cd" * 32,
             audit_verdict=AuditVerdict.PASS, training_config_digest="ef" * 32,
         )  # fmt: skip

@@ -31,7 +31,7 @@ MODEL = checkpoint_bytes({"w": np.zeros(2, np.float32)}, {})
 def bundle(version: int, model: bytes = MODEL) -> ReleaseBundle:
     pred = ReleasePredicate.build(
         release_version=version, parent_digest=None, parent_version=None, packet_digests=[],
-        epsilon=[], accountant="rdp", audit_report_digest=None,
+        epsilon=[], accountant="rdp", audit_report_digest="ad" * 32,
         audit_verdict=AuditVerdict.PASS, training_config_digest="00" * 32,
     )  # fmt: skip
     return ReleaseBundle(version, model, b"{}", pred, reference_set=b"ref", inbox_public_key=b"pk")

@@ -46,7 +46,7 @@ def release(version: int, parent: int | None = None) -> ReleaseBundle:
     digest = None if parent is None else hashlib.sha256(model_of(parent)).hexdigest()
     pred = ReleasePredicate.build(
         release_version=version, parent_digest=digest, parent_version=parent, packet_digests=[],
-        epsilon=[], accountant="rdp", audit_report_digest=None,
+        epsilon=[], accountant="rdp", audit_report_digest="ad" * 32,
         audit_verdict=AuditVerdict.PASS, training_config_digest="00" * 32,
     )  # fmt: skip
     return ReleaseBundle(version, model, b'{"layers": [3]}', pred)
@@ -172,6 +172,8 @@ def test_cli_init_publish_update_twice_and_verify(tmp_path: Path) -> None:
     model = tmp_path / "m.safetensors"
     arch = tmp_path / "arch.json"
     arch.write_text('{"layers": [3]}')
+    report = tmp_path / "audit.json"  # an audited release (without one it is not_audited)
+    report.write_text('{"verdict": "pass"}')
 
     def ok(application: typer.Typer, args: list[str]) -> str:
         result = runner.invoke(application, args)
@@ -183,7 +185,7 @@ def test_cli_init_publish_update_twice_and_verify(tmp_path: Path) -> None:
     for version in (1, 2):
         model.write_bytes(release(version).model)
         ok(app, ["publish", str(repo), "--model", str(model), "--architecture", str(arch),
-                 "--epsilon", "dev-1=0.5:1.5", "--now", now])  # fmt: skip
+                 "--epsilon", "dev-1=0.5:1.5", "--audit-report", str(report), "--now", now])  # fmt: skip
         out = ok(edge, ["update", "--from", str(repo), "--state", str(dev), "--root", root,
                         "--now", now])  # fmt: skip
         assert f"installed v{version}" in out
