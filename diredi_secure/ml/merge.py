@@ -227,16 +227,21 @@ def _dense_reference_diff(payload: KnowledgePayload, n_ref: int) -> np.ndarray |
     return dense
 
 
-def check_payload_fits(payload: KnowledgePayload, shipped: nn.Module, n_ref: int) -> None:
+def check_payload_fits(
+    payload: KnowledgePayload, shipped: nn.Module, n_ref: int, *,
+    image_shape: tuple[int, ...] = (1, 8, 8),
+) -> None:
     """Raise :class:`PayloadInvalid` unless every entry fits the model it claims to update and
-    its reference set (what :func:`merge_into_teacher` will index with). Cheap: shapes only, plus
-    building the adapted model once."""
+    its reference set (what :func:`merge_into_teacher` will index with) of ``image_shape`` images.
+    Cheap: shapes only, plus building the adapted model once."""
     device_support(payload)
     _dense_reference_diff(payload, n_ref)
     adapted_model(shipped, payload)
     protos = payload.get(PayloadKind.DP_PROTOTYPES)
-    if protos is not None and protos.values.size != NUM_CLASSES * 64:
-        raise PayloadInvalid(f"dp_prototypes must be [{NUM_CLASSES}, 64], got {protos.values.shape}")
+    pixels = int(np.prod(image_shape))
+    if protos is not None and protos.values.size != NUM_CLASSES * pixels:
+        raise PayloadInvalid(
+            f"dp_prototypes must be [{NUM_CLASSES}, {pixels}], got {protos.values.shape}")
 
 
 def adapted_model(shipped: nn.Module, payload: KnowledgePayload) -> nn.Module | None:
@@ -339,8 +344,9 @@ def transfer_inputs(
     rng: np.random.Generator,
     *,
     prototype_clip: float | None = None,
+    image_shape: tuple[int, ...] = (1, 8, 8),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inputs beyond the reference set that cover the users' domains.
+    """Inputs beyond the reference set that cover the users' domains (images of ``image_shape``).
 
     Returns ``(x, label, device_index)``: jittered noised prototypes of every class a device
     declares enough (noised) examples of, and/or (``config.transfer_mode``) those inputs moved by
@@ -358,8 +364,10 @@ def transfer_inputs(
         if protos is None or not config.use_prototypes or config.jitter_per_class == 0:
             continue
         p = protos.values.reshape(NUM_CLASSES, -1)
-        if p.shape[1] != 64:
-            raise PayloadInvalid(f"dp_prototypes must be [{NUM_CLASSES}, 64], got {protos.values.shape}")
+        pixels = int(np.prod(image_shape))
+        if p.shape[1] != pixels:
+            raise PayloadInvalid(
+                f"dp_prototypes must be [{NUM_CLASSES}, {pixels}], got {protos.values.shape}")
         counts = hist.values.reshape(-1) if hist is not None else np.full(NUM_CLASSES, np.inf)
         dev_x, dev_y = [], []
         for c in range(NUM_CLASSES):
@@ -370,8 +378,8 @@ def transfer_inputs(
                     > config.max_prototype_noise):
                 continue
             k = config.jitter_per_class
-            jit = p[c][None, :] + rng.normal(0.0, config.jitter_std, size=(k, 64))
-            dev_x.append(np.clip(jit, 0.0, 1.0).reshape(k, 1, 8, 8).astype(np.float32))
+            jit = p[c][None, :] + rng.normal(0.0, config.jitter_std, size=(k, pixels))
+            dev_x.append(np.clip(jit, 0.0, 1.0).reshape(k, *image_shape).astype(np.float32))
             dev_y.append(np.full(k, c, np.int64))
         if not dev_x:
             continue
@@ -386,7 +394,8 @@ def transfer_inputs(
                 ys.append(jy.copy())
                 owners.append(np.full(len(jy), i, np.int64))
     if not xs:
-        return np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return (np.zeros((0, *image_shape), np.float32), np.zeros(0, np.int64),
+                np.zeros(0, np.int64))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(owners)
 
 
@@ -415,7 +424,8 @@ def merge_into_teacher(
     n_ref = len(reference_x)
     supports = [device_support(d.payload) for d in devices]
     extra_x, extra_y, extra_owner = transfer_inputs(devices, shipped_student, config, rng,
-                                                    prototype_clip=prototype_clip)
+                                                    prototype_clip=prototype_clip,
+                                                    image_shape=tuple(reference_x.shape[1:]))
     transfer_x = np.concatenate([reference_x.astype(np.float32), extra_x])
     n_t = len(transfer_x)
 
