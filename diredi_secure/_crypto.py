@@ -661,6 +661,21 @@ def check_device_certificate(
 def _check_device_certificate(
     cert: x509.Certificate, ca: x509.Certificate, now_ms: int
 ) -> DeviceIdentity:
+    device_id = _check_device_naming(cert, ca, now_ms)
+    public = cert.public_key()
+    if not isinstance(public, ed25519.Ed25519PublicKey):
+        raise CertificateInvalid("device certificate key is not Ed25519")
+    return DeviceIdentity(
+        device_id=device_id,
+        public_key=VerifyKey(public),
+        serial=cert.serial_number,
+        not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
+    )
+
+
+def _check_device_naming(cert: x509.Certificate, ca: x509.Certificate, now_ms: int | None) -> str:
+    """The checks both device certificates share (issuer, signature, window unless ``now_ms`` is
+    None, not a CA, client auth, one device id in CN and SAN); returns the device id."""
     if cert.issuer != ca.subject:
         raise CertificateInvalid("device certificate was not issued by the device CA")
     try:
@@ -669,8 +684,8 @@ def _check_device_certificate(
         raise CertificateInvalid(
             "device certificate signature does not verify under the device CA"
         ) from exc
-    now = _utc(now_ms)
-    if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
+    now = _utc(now_ms) if now_ms is not None else None
+    if now is not None and not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
         raise CertificateInvalid(
             f"device certificate is not valid at {now.isoformat()} "
             f"(valid {cert.not_valid_before_utc.isoformat()} to {cert.not_valid_after_utc.isoformat()})"
@@ -694,15 +709,76 @@ def _check_device_certificate(
         raise CertificateInvalid(
             "device certificate must name one device id, equal in CN and SAN URI"
         )
-    public = cert.public_key()
-    if not isinstance(public, ed25519.Ed25519PublicKey):
-        raise CertificateInvalid("device certificate key is not Ed25519")
-    return DeviceIdentity(
-        device_id=str(cns[0].value),
-        public_key=VerifyKey(public),
-        serial=cert.serial_number,
-        not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
-    )
+    return str(cns[0].value)
+
+
+def _device_cert_any(data: bytes, what: str, max_bytes: int) -> x509.Certificate:
+    """A device certificate as DER (``device.crt``) or PEM (``tls.crt``)."""
+    if len(data) > max_bytes:
+        raise TooLarge(what, len(data), max_bytes)
+    if data.lstrip().startswith(b"-----BEGIN"):
+        try:
+            return x509.load_pem_x509_certificate(data)
+        except (ValueError, x509.InvalidVersion) as exc:
+            raise CertificateInvalid(f"{what} is not a PEM X.509 certificate") from exc
+    return _load_cert(data, what, max_bytes)
+
+
+def check_tls_device_certificate(
+    cert: bytes,
+    ca_cert_der: bytes,
+    *,
+    now_ms: int,
+    tls_key: TlsKey | None = None,
+    max_bytes: int = 8 * 1024,
+) -> str:
+    """Verify a device's mTLS certificate (PEM or DER) against the device CA at ``now_ms``; with
+    ``tls_key``, also that the certificate is for that key. Returns the device id.
+
+    Raises :class:`CertificateInvalid` naming the failed check (as
+    :func:`check_device_certificate`), or when the key is not ECDSA P-256 or not ``tls_key``'s.
+    """
+    parsed = _device_cert_any(cert, "TLS device certificate", max_bytes)
+    ca = _load_cert(ca_cert_der, "CA certificate", 1 << 20)
+    try:
+        device_id = _check_device_naming(parsed, ca, now_ms)
+        public = parsed.public_key()
+    except (ValueError, TypeError) as exc:
+        raise CertificateInvalid(f"TLS device certificate is malformed: {exc}") from exc
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
+        raise CertificateInvalid("TLS device certificate key is not ECDSA P-256")
+    if tls_key is not None and public != tls_key._key.public_key():
+        raise CertificateInvalid(f"TLS certificate of {device_id} is not for this TLS key")
+    return device_id
+
+
+def reissue_device_certificate(
+    ca_key: SigningKey,
+    ca_cert_der: bytes,
+    cert: bytes,
+    *,
+    serial: int,
+    now_ms: int,
+    valid_days: int = 3650,
+    max_bytes: int = 8 * 1024,
+) -> bytes:
+    """Certificate renewal: a new certificate (new serial and validity, DER) for the same device
+    id and the same public key as ``cert`` (a packet-signing Ed25519 or an mTLS P-256 device
+    certificate, DER or PEM). The device keeps its keys; no private key is needed here.
+
+    ``cert`` must have been issued by this CA (its signature and naming are checked); its validity
+    window is not (renewing an expired certificate is the point). Raises :class:`CertificateInvalid`.
+    """
+    parsed = _device_cert_any(cert, "device certificate", max_bytes)
+    ca = _load_cert(ca_cert_der, "CA certificate", 1 << 20)
+    try:
+        device_id = _check_device_naming(parsed, ca, None)
+        public = parsed.public_key()
+    except (ValueError, TypeError) as exc:
+        raise CertificateInvalid(f"device certificate is malformed: {exc}") from exc
+    if not isinstance(public, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise CertificateInvalid("device certificate key is neither Ed25519 nor ECDSA")
+    return _issue_for_device(ca_key, ca_cert_der, device_id, public, serial, now_ms, valid_days)
 
 
 def build_crl(

@@ -363,6 +363,12 @@ _SUBAPPS = (
         "edge",
         "Run a device: init, enroll, status, update, reverse, submit.",
     ),
+    (
+        "diredi_secure.services.provision_cli",
+        "app",
+        "provision",
+        "Factory provisioning: device kits from the device CA; certificate renewal.",
+    ),
     ("diredi_secure.ml.cli", "app", "ml", "The learning loop: scenarios, KD, RD, merge."),
     ("diredi_secure.benchmarks.cli", "app", "bench", "Reproduction and performance benchmarks."),
 )

@@ -363,14 +363,38 @@ def cloud_merge(
 @edge_app.command("init")
 def edge_init(
     workspace: Annotated[Path, typer.Argument(help="Device folder to create")],
-    device_id: Annotated[str, typer.Option("--device-id", help="Device id (in its certificates)")],
-    cloud_workspace: Annotated[Path, typer.Option("--cloud", help="Cloud workspace whose CA provisions the device (lab)")],
-    target: Annotated[str, typer.Option(help="Cloud address host:port")] = "127.0.0.1:50051",
+    kit: Annotated[Path | None, typer.Option("--kit", help="Device kit from `diredi provision kit` (the factory's way)")] = None,
+    cloud_workspace: Annotated[Path | None, typer.Option("--cloud", help="LAB ONLY: provision from this cloud workspace's CA, on the cloud's machine")] = None,
+    device_id: Annotated[str | None, typer.Option("--device-id", help="With --cloud: the device id (in its certificates)")] = None,
+    target: Annotated[str | None, typer.Option(help="Cloud address host:port (default: the kit's; with --cloud 127.0.0.1:50051)")] = None,
+    allow_unaudited: Annotated[bool, typer.Option("--allow-unaudited", help="Device policy: install releases attested not_audited (default: refuse them)")] = False,
 ) -> None:
-    """Provision a device from the cloud's device CA: signing key + certificate, TLS key +
-    certificate, CA certificate, inbox public key, and the release root (TUF trust anchor)."""
-    ws = CloudWorkspace.open(cloud_workspace).provision_device(workspace, device_id, target=target, now_ms=_now_ms())
-    typer.echo(f"device {device_id} provisioned in {ws.root}")
+    """Make a device workspace from a device kit (checked: manifest digests, certificates against
+    the CA, each key against its certificate; nothing is left behind when it is refused), or in a
+    lab straight from a cloud workspace's CA."""
+    from .provision import install_kit
+
+    if (kit is None) == (cloud_workspace is None):
+        raise ConfigError("give either --kit KIT (from `diredi provision kit`) or --cloud W (lab)")
+    if kit is not None:
+        if device_id is not None:
+            raise ConfigError("--device-id comes from the kit; it goes with --cloud only")
+        ws = install_kit(kit, workspace, now_ms=_now_ms(), target=target, allow_unaudited=allow_unaudited)
+    else:
+        if device_id is None:
+            raise ConfigError("--cloud needs --device-id")
+        assert cloud_workspace is not None
+        ws = CloudWorkspace.open(cloud_workspace).provision_device(
+            workspace, device_id, target=target or "127.0.0.1:50051", now_ms=_now_ms(),
+            allow_unaudited=allow_unaudited)
+    policy = "accepts" if allow_unaudited else "refuses"
+    typer.echo(f"device {ws.device_id} provisioned in {ws.root} ({policy} unaudited releases)")
+
+
+from .provision_cli import edge_renew, export_public_command  # noqa: E402 - the commands mount here
+
+edge_app.command("renew")(edge_renew)
+cloud_app.command("export-public")(export_public_command)
 
 
 ServerOpt = Annotated[
@@ -431,6 +455,7 @@ def edge_update(
     trusted_root: Annotated[Path | None, typer.Option("--trusted-root", "--root", help="Root metadata to trust first (default: the one from provisioning)")] = None,
     server: ServerOpt = None,
     insecure: bool = False,
+    allow_unaudited: Annotated[bool, typer.Option("--allow-unaudited", help="With --from: accept a release attested not_audited (a device workspace follows its own policy, set at edge init)")] = False,
 ) -> None:
     """Fetch, verify (TUF + attestation) and install the newest release for this device.
 
@@ -440,10 +465,13 @@ def edge_update(
     """
     if (workspace is None) == (from_dir is None):
         raise ConfigError("give either --workspace (update over gRPC) or --from DIR (a local release folder)")
+    if allow_unaudited and workspace is not None:
+        raise ConfigError("--allow-unaudited goes with --from: a device workspace follows its own "
+                          "policy (edge init --allow-unaudited)")
     if from_dir is not None:
         from diredi_secure.release.cli import edge_update as update_from_folder
 
-        update_from_folder(from_dir=from_dir, state=state, root=trusted_root)
+        update_from_folder(from_dir=from_dir, state=state, root=trusted_root, allow_unaudited=allow_unaudited)
         return
     from .jobs import update_device
 

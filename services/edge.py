@@ -266,12 +266,19 @@ class EdgeAgent:
         ``trusted_root`` defaults to the root the workspace was provisioned with (used only on
         the first update; afterwards the updater keeps its own verified copy). ``policy``: an
         :class:`~diredi_secure.release.updater.UpdatePolicy` (prefix and role of the release).
+        Whether a ``not_audited`` release is accepted is the device's own policy (``device.json``
+        ``allow_unaudited``, set at ``edge init``), applied to whatever policy is passed.
         """
+        from dataclasses import replace
         from datetime import UTC, datetime
 
-        from diredi_secure.release.updater import DeviceUpdater
+        from diredi_secure.release.updater import DeviceUpdater, UpdatePolicy
 
         from .fetcher import GrpcReleaseFetcher
+
+        policy = policy if policy is not None else UpdatePolicy()
+        if self.workspace.allows_unaudited() and not policy.accept_unaudited:
+            policy = replace(policy, accept_unaudited=True)
 
         if trusted_root is None and not (self.workspace.release_dir / "trusted_root.json").exists():
             trusted_root = self.workspace.trusted_root()

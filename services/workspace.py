@@ -16,14 +16,15 @@ Cloud workspace (``diredi cloud init W``)::
     cloud.toml                  the configuration (services/config.py: store, server, TLS, logs,
                                 limits, privacy policy; no secrets; paths relative to the workspace)
 
-Device workspace (``diredi edge init W``; keys made at provisioning)::
+Device workspace (``diredi edge init W --kit KIT``, from a device kit: services/provision.py)::
 
     device.key, device.crt      Ed25519 key signing packets, its certificate (DER) from the device CA
     tls.key, tls.crt            mTLS client identity (ECDSA P-256, PEM certificate, same device id)
     ca.crt                      device CA certificate (DER): the TLS trust root for the cloud
     inbox.pub                   the cloud's inbox public key (from provisioning or a release)
     trusted_root.json           the release repository's root metadata v1 (TUF trust anchor)
-    device.json                 {"device_id", "target", "server_name", "receipt_public_key", ...}
+    device.json                 {"device_id", "target", "server_name", "receipt_public_key",
+                                 "allow_unaudited" (release policy: default false), ...}
     counter                     last packet counter used (written atomically BEFORE sealing)
     ledger.json                 the device's own epsilon ledger
     outbox/<id>.packet          sealed packets not yet acknowledged (resent as the same bytes)
@@ -52,7 +53,6 @@ import tomli_w
 from diredi_secure import _crypto
 from diredi_secure._crypto import (
     generate_tls_key,
-    issue_tls_device_certificate,
     issue_tls_server_certificate,
     load_tls_key,
     save_tls_key,
@@ -374,10 +374,13 @@ class CloudWorkspace:
         target: str,
         now_ms: int,
         passphrase: bytes | None = None,
+        allow_unaudited: bool = False,
     ) -> DeviceWorkspace:
-        """Factory provisioning: make a device's keys and certificates with this workspace's CA."""
+        """Lab provisioning on the cloud's machine (``edge init --cloud W``): a device kit made with
+        this workspace's CA and installed at once. A factory uses ``diredi provision kit`` with
+        the CA folder and ``cloud export-public`` instead (services/provision.py)."""
         ca_key, ca_cert = self.ca(passphrase)
-        ws = DeviceWorkspace.init(
+        return DeviceWorkspace.init(
             device_root,
             device_id=device_id,
             ca_key=ca_key,
@@ -386,11 +389,9 @@ class CloudWorkspace:
             now_ms=now_ms,
             inbox_public_pem=_read(self.root / "inbox.pub", "inbox public key"),
             server_name=self.config().get("hostnames", ["localhost"])[0],
+            trusted_root=self.trusted_root(),
+            allow_unaudited=allow_unaudited,
         )
-        root = self.trusted_root()
-        if root is not None:
-            atomic_write_bytes(ws.trusted_root_path, root)
-        return ws
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,51 +440,30 @@ class DeviceWorkspace:
         server_name: str | None = None,
         epsilon_budget: float = DEFAULT_POLICY.lifetime_epsilon_budget,
         passphrase: bytes | None = None,
+        trusted_root: bytes | None = None,
+        allow_unaudited: bool = False,
     ) -> DeviceWorkspace:
-        """Provision a device workspace: Ed25519 signing key + certificate, TLS key + certificate."""
+        """Provision a device workspace: Ed25519 signing key + certificate, TLS key + certificate.
+
+        One path with the factory's: a device kit is built in a private temporary folder and
+        installed (services/provision.py), so the layout has one home and a failure leaves no
+        workspace behind. ``allow_unaudited``: the device's release policy (device.json).
+        """
+        from .provision import CloudPublic, build_kit, install_kit
+
         _crypto.validate_device_id(device_id)
-        ws = cls(Path(root))
-        if ws.config_path.exists():
-            raise ConfigError(f"{ws.root} is already a device workspace")
-        ws.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = _crypto.generate_signing_key()
-        cert = _crypto.issue_device_certificate(
-            ca_key,
-            ca_cert,
-            device_id=device_id,
-            device_public_key=key.public_key,
-            serial=_serial(),
-            now_ms=now_ms,
-        )
-        _crypto.save_signing_key(key, ws.root / "device.key", passphrase)
-        atomic_write_bytes(ws.root / "device.crt", cert)
-        tls_key = generate_tls_key()
-        tls_cert = issue_tls_device_certificate(
-            ca_key, ca_cert, device_id=device_id, tls_key=tls_key, serial=_serial(), now_ms=now_ms
-        )
-        save_tls_key(tls_key, ws.root / "tls.key")
-        atomic_write_bytes(ws.root / "tls.crt", _crypto.certificate_pem(tls_cert))
-        atomic_write_bytes(ws.root / "ca.crt", ca_cert)
-        if inbox_public_pem is not None:
-            _crypto.load_inbox_public_key(inbox_public_pem)  # refuse a malformed key now
-            atomic_write_bytes(ws.root / "inbox.pub", inbox_public_pem)
-        _write_json(
-            ws.config_path,
-            {
-                "format": 1,
-                "device_id": device_id,
-                "target": target,
-                "server_name": server_name,
-                "receipt_public_key": None,
-            },
-        )
-        _write_json(
-            ws.root / "ledger.json", {"budget": epsilon_budget, "spent": 0.0, "packets": {}}
-        )
-        atomic_write_bytes(ws.root / "counter", b"0\n")
-        ws.outbox.mkdir(exist_ok=True)
-        ws.receipts.mkdir(exist_ok=True)
-        return ws
+        root = Path(root)
+        if cls(root).config_path.exists():
+            raise ConfigError(f"{root} is already a device workspace")
+        public = CloudPublic(ca_cert=ca_cert, trusted_root=trusted_root, server_name=server_name,
+                             inbox_public_pem=inbox_public_pem)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{root.name}.kit-", dir=root.parent) as scratch:
+            kit = build_kit(Path(scratch) / "kit", ca_key=ca_key, ca_cert=ca_cert,
+                            device_id=device_id, public=public, target=target, now_ms=now_ms,
+                            passphrase=passphrase)
+            return install_kit(kit, root, now_ms=now_ms, allow_unaudited=allow_unaudited,
+                               passphrase=passphrase, epsilon_budget=epsilon_budget)
 
     @classmethod
     def open(cls, root: Path) -> DeviceWorkspace:
@@ -506,6 +486,11 @@ class DeviceWorkspace:
     @property
     def device_id(self) -> str:
         return str(self.config()["device_id"])
+
+    def allows_unaudited(self) -> bool:
+        """The device's own release policy: install releases attested ``not_audited``
+        (``edge init --allow-unaudited``; default refuse)."""
+        return self.config().get("allow_unaudited") is True
 
     def signing_key(self, passphrase: bytes | None = None) -> _crypto.SigningKey:
         return _crypto.load_signing_key(self.root / "device.key", passphrase)

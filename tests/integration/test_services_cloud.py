@@ -113,6 +113,7 @@ def test_reflection_lists_the_services(cloud: Cloud) -> None:
 def test_update_service_serves_metadata_and_chunked_targets(tmp_path: Path) -> None:
     config = TransportConfig(chunk_bytes=1000)
     with running_cloud(tmp_path, config=config) as cloud:
+        agent = cloud.device("device-a")  # before the stand-in metadata: a kit refuses a fake root
         repo = cloud.workspace.repository_dir
         (repo / "metadata").mkdir(exist_ok=True)
         (repo / "metadata" / "1.root.json").write_bytes(b'{"root": 1}')
@@ -120,7 +121,6 @@ def test_update_service_serves_metadata_and_chunked_targets(tmp_path: Path) -> N
         (repo / "targets" / "fleet").mkdir(parents=True)
         blob = bytes(range(256)) * 20
         (repo / "targets" / "fleet" / "abc.model.safetensors").write_bytes(blob)
-        agent = cloud.device("device-a")
         from diredi_secure.services.fetcher import GrpcReleaseFetcher
 
         fetcher = GrpcReleaseFetcher(agent.channel, config=config)
