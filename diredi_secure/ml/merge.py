@@ -35,8 +35,9 @@ estimated here and returned for per-user re-KD, which renders presumed images th
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ from .data import NUM_CLASSES, Dataset
 from .evaluate import predict_logits
 from .models import flat_parameters, set_flat_parameters
 from .sensor import estimate_sensor_kernel
+
+if TYPE_CHECKING:
+    from .executor import JobExecutor
 
 # RDConfig's default prototype clip norm, used when the caller does not pass the policy's.
 DEFAULT_PROTOTYPE_CLIP = 3.5
@@ -63,6 +67,7 @@ __all__ = [
     "device_support",
     "difference_space",
     "merge_into_teacher",
+    "merge_streamed",
     "owner_rows_only",
     "relief_claims",
     "transfer_inputs",
@@ -195,6 +200,22 @@ class MergeResult:
     # ``MergeConfig.own_claim_confidence``). Per-user re-KD lets a user's own claims win over the
     # merged teacher in that user's model only (``rekd_student(own_claims=...)``).
     own_claims: dict[str, np.ndarray] = field(default_factory=dict)
+    # Per device: the [start, stop) of the transfer rows derived from its packet (contiguous).
+    owner_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The streamed merge's own claims, sparse: (rows, classes) per device, the rows where
+    # ``own_claims`` would be >= 0 (a dense row per device does not fit a fleet's transfer set).
+    own_claim_rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def own_claims_of(self, device_id: str) -> np.ndarray | None:
+        """The device's dense own claims (one entry per transfer row), from either form."""
+        if device_id in self.own_claims:
+            return self.own_claims[device_id]
+        sparse = self.own_claim_rows.get(device_id)
+        if sparse is None:
+            return None
+        out = np.full(len(self.transfer_x), -1, np.int64)
+        out[sparse[0]] = sparse[1]
+        return out
 
 
 def device_support(payload: KnowledgePayload) -> np.ndarray:
@@ -265,7 +286,8 @@ def adapted_model(shipped: nn.Module, payload: KnowledgePayload) -> nn.Module | 
 
 
 def bound_difference(
-    diff: np.ndarray, support: np.ndarray, config: MergeConfig, z_shipped: np.ndarray | None = None
+    diff: np.ndarray, support: np.ndarray, config: MergeConfig, z_shipped: np.ndarray | None = None,
+    *, rows: int | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """Clip one device's difference, scale by support; returns (bounded, weight, off_support).
 
@@ -273,11 +295,15 @@ def bound_difference(
     ``diff``, :func:`difference_space`) a row counts only where the adapted model changed its
     decision to a class the device supports: elsewhere the difference is DP noise or a global bias
     shift that would spill onto other users' inputs.
+
+    ``rows``: the row count of the whole matrix when ``diff`` holds only the rows where it can be
+    non-zero (the streamed merge): the Frobenius limit ``device_clip * sqrt(rows)`` is the same as
+    for the full matrix, and zero rows change nothing else.
     """
     d = np.nan_to_num(diff.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     norms = np.linalg.norm(d, axis=1, keepdims=True)
     d = d * np.minimum(1.0, config.row_clip / np.maximum(norms, 1e-12))
-    limit = config.device_clip * np.sqrt(max(d.shape[0], 1))
+    limit = config.device_clip * np.sqrt(max(d.shape[0] if rows is None else rows, 1))
     total = float(np.linalg.norm(d))
     if total > limit:
         d = d * (limit / total)
@@ -359,30 +385,10 @@ def transfer_inputs(
     keep_raw = config.transfer_mode in ("both", "prototypes")
     want_synth = config.synthesize and config.transfer_mode in ("both", "synthesis")
     for i, dev in enumerate(devices):
-        protos = dev.payload.get(PayloadKind.DP_PROTOTYPES)
-        hist = dev.payload.get(PayloadKind.LABEL_HISTOGRAM)
-        if protos is None or not config.use_prototypes or config.jitter_per_class == 0:
+        jittered = _jittered_prototypes(dev, config, rng, prototype_clip, image_shape)
+        if not jittered:
             continue
-        p = protos.values.reshape(NUM_CLASSES, -1)
-        pixels = int(np.prod(image_shape))
-        if p.shape[1] != pixels:
-            raise PayloadInvalid(
-                f"dp_prototypes must be [{NUM_CLASSES}, {pixels}], got {protos.values.shape}")
-        counts = hist.values.reshape(-1) if hist is not None else np.full(NUM_CLASSES, np.inf)
-        dev_x, dev_y = [], []
-        for c in range(NUM_CLASSES):
-            if counts[c] < config.min_class_count:
-                continue
-            if (config.max_prototype_noise is not None
-                    and _prototype_noise(protos, float(counts[c]), prototype_clip)
-                    > config.max_prototype_noise):
-                continue
-            k = config.jitter_per_class
-            jit = p[c][None, :] + rng.normal(0.0, config.jitter_std, size=(k, pixels))
-            dev_x.append(np.clip(jit, 0.0, 1.0).reshape(k, *image_shape).astype(np.float32))
-            dev_y.append(np.full(k, c, np.int64))
-        if not dev_x:
-            continue
+        dev_x, dev_y = [jx for jx, _ in jittered], [jy for _, jy in jittered]
         model = adapted_model(shipped, dev.payload) if want_synth else None
         for jx, jy in zip(dev_x, dev_y, strict=True):
             if keep_raw or model is None:
@@ -397,6 +403,37 @@ def transfer_inputs(
         return (np.zeros((0, *image_shape), np.float32), np.zeros(0, np.int64),
                 np.zeros(0, np.int64))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(owners)
+
+
+def _jittered_prototypes(
+    dev: DeviceKnowledge, config: MergeConfig, rng: np.random.Generator,
+    prototype_clip: float | None, image_shape: tuple[int, ...] = (1, 8, 8),
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One device's jittered noised prototypes, per class it declares enough of: ``(x, label)``.
+    Draws from ``rng`` in class order (both merges draw devices in the same order)."""
+    protos = dev.payload.get(PayloadKind.DP_PROTOTYPES)
+    hist = dev.payload.get(PayloadKind.LABEL_HISTOGRAM)
+    if protos is None or not config.use_prototypes or config.jitter_per_class == 0:
+        return []
+    p = protos.values.reshape(NUM_CLASSES, -1)
+    pixels = int(np.prod(image_shape))
+    if p.shape[1] != pixels:
+        raise PayloadInvalid(
+            f"dp_prototypes must be [{NUM_CLASSES}, {pixels}], got {protos.values.shape}")
+    counts = hist.values.reshape(-1) if hist is not None else np.full(NUM_CLASSES, np.inf)
+    out = []
+    for c in range(NUM_CLASSES):
+        if counts[c] < config.min_class_count:
+            continue
+        if (config.max_prototype_noise is not None
+                and _prototype_noise(protos, float(counts[c]), prototype_clip)
+                > config.max_prototype_noise):
+            continue
+        k = config.jitter_per_class
+        jit = p[c][None, :] + rng.normal(0.0, config.jitter_std, size=(k, pixels))
+        out.append((np.clip(jit, 0.0, 1.0).reshape(k, *image_shape).astype(np.float32),
+                    np.full(k, c, np.int64)))
+    return out
 
 
 def merge_into_teacher(
@@ -521,6 +558,11 @@ def merge_into_teacher(
             if (fit is not None and fit.ratio < config.sensor_gate
                     and fit.classes >= config.sensor_min_classes):
                 kernels[dev.device_id] = fit.kernel
+    owner_rows: dict[str, tuple[int, int]] = {}
+    for i, name in enumerate(names):
+        mine = np.flatnonzero(extra_owner == i)
+        if mine.size:
+            owner_rows[name] = (n_ref + int(mine[0]), n_ref + int(mine[-1]) + 1)
     return MergeResult(
         teacher=teacher,
         transfer_x=transfer_x,
@@ -530,6 +572,7 @@ def merge_into_teacher(
         transfer_owner=tuple([""] * n_ref + [names[int(i)] for i in extra_owner]),
         sensor_kernels=kernels,
         own_claims=own,
+        owner_rows=owner_rows,
     )
 
 
@@ -685,3 +728,342 @@ def _finetune_teacher(
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
     teacher.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# The streamed merge: the same rule over a stream of packets, on any executor
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _DevicePlan:
+    """Pass 1's view of one device: no payload is kept, only what fixes its transfer rows."""
+
+    index: int
+    device_id: str
+    support: np.ndarray
+    start: int
+    """Its first own transfer row (rows ``[start, start + rows)`` derive from its packet)."""
+    jittered: tuple[tuple[np.ndarray, np.ndarray], ...]
+    synth: bool
+
+    @property
+    def rows(self) -> int:
+        per_class = sum(len(y) for _, y in self.jittered)
+        return per_class * (2 if self.synth and self.keeps_raw else 1)
+
+    keeps_raw: bool = True
+
+
+@dataclass(frozen=True)
+class _ChunkShared:
+    shipped: bytes
+    """The model these packets were computed against (safetensors, architecture in metadata)."""
+    reference_x: np.ndarray
+    presumed: Dataset
+    config: MergeConfig
+    n_rows: int
+    prototype_clip: float | None
+
+
+@dataclass(frozen=True)
+class _DeviceOut:
+    index: int
+    weight: float
+    off_support: float
+    own_x: np.ndarray
+    own_y: np.ndarray
+    own_diff: np.ndarray
+    """The device's bounded, weighted difference on its own rows (no other device's is there)."""
+    relief_own: tuple[np.ndarray, np.ndarray, np.ndarray]
+    """Its anchor-relief claims on its own rows: (global rows, classes, confidences)."""
+    own_claims: tuple[np.ndarray, np.ndarray]
+    kernel: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _ChunkOut:
+    ref_sum: np.ndarray
+    ref_best: np.ndarray
+    ref_claim: np.ndarray
+    ref_claimant: np.ndarray
+    devices: tuple[_DeviceOut, ...]
+
+
+def _claims_local(
+    probs: np.ndarray, support: np.ndarray, known: np.ndarray, confidence: float,
+    threshold: float, n_ref: int, max_share: float | None,
+) -> np.ndarray:
+    """:func:`relief_claims`' rule for one device on its rows (reference rows first, then its own):
+    the mask of rows it claims. The owner rule holds by construction (only these rows)."""
+    ok = (np.asarray(support) >= threshold) & ~known
+    conf, pred = probs.max(1), probs.argmax(1)
+    mine: np.ndarray = (conf >= confidence) & ok[pred]
+    if max_share is not None:
+        public = np.arange(len(probs)) < n_ref
+        cap = int(np.floor(max_share * n_ref))
+        for c in np.unique(pred[mine & public]):
+            rows = np.flatnonzero(mine & public & (pred == c))
+            if len(rows) > cap:
+                mine[rows[np.argsort(-conf[rows], kind="stable")[cap:]]] = False
+    return mine
+
+
+def _chunk_task(shared: _ChunkShared, chunk: list[tuple[_DevicePlan, KnowledgePayload]]) -> _ChunkOut:
+    """Pass 2, one chunk of devices: each one's bounded difference, claims and sensor (a task)."""
+    from .models import load_model_bytes
+
+    config = shared.config
+    shipped, _, _ = load_model_bytes(shared.shipped)
+    ref_x = shared.reference_x.astype(np.float32)
+    n_ref = len(ref_x)
+    known = np.zeros(NUM_CLASSES, bool)
+    known[np.unique(shared.presumed.y)] = True
+    z_ref = predict_logits(shipped, ref_x).astype(np.float64)
+    keep_raw = config.transfer_mode in ("both", "prototypes")
+    ref_sum = np.zeros((n_ref, NUM_CLASSES))
+    best = np.zeros(n_ref)
+    claim = np.full(n_ref, -1, np.int64)
+    claimant = np.full(n_ref, -1, np.int64)
+    relief = config.anchor_quantiles is not None and config.anchor_relax_confidence is not None
+    outs = []
+    for plan, payload in chunk:
+        dev = DeviceKnowledge(plan.device_id, payload)
+        model = adapted_model(shipped, payload)
+        xs, ys = [], []
+        for jx, jy in plan.jittered:
+            if keep_raw or not plan.synth or model is None:
+                xs.append(jx)
+                ys.append(jy)
+            if plan.synth and model is not None:
+                xs.append(_synthesize(model, jx, jy, config))
+                ys.append(jy.copy())
+        own_x = np.concatenate(xs) if xs else np.zeros((0, *ref_x.shape[1:]), np.float32)
+        own_y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+        if len(own_x) != plan.rows:
+            raise PayloadInvalid(f"device {plan.device_id}: its packet changed between the passes")
+        z_own = predict_logits(shipped, own_x).astype(np.float64)
+        base = difference_space(np.concatenate([z_ref, z_own]), config.difference_floor)
+        d = np.zeros((n_ref + len(own_x), NUM_CLASSES))
+        probs = None
+        if model is not None:
+            z_adapted = predict_logits(model, np.concatenate([ref_x, own_x])).astype(np.float64)
+            d = difference_space(z_adapted, config.difference_floor) - base
+            e = np.exp(z_adapted - z_adapted.max(1, keepdims=True))
+            probs = e / e.sum(1, keepdims=True)
+        else:
+            ref = _dense_reference_diff(payload, n_ref)
+            if ref is not None:
+                d[:n_ref] = (difference_space(z_ref + ref, config.difference_floor) - base[:n_ref])
+        bounded, w, off = bound_difference(d, plan.support, config, base, rows=shared.n_rows)
+        ref_sum += bounded[:n_ref]
+        own_rows = np.arange(plan.start, plan.start + len(own_x))
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        relief_own = empty
+        if relief and probs is not None and w > 0:
+            assert config.anchor_relax_confidence is not None
+            mine = _claims_local(probs, plan.support, known, config.anchor_relax_confidence,
+                                 config.support_threshold, n_ref, config.max_claim_share)
+            conf, pred = probs.max(1), probs.argmax(1)
+            take = mine[:n_ref] & (conf[:n_ref] > best)
+            claim[take], claimant[take], best[take] = pred[:n_ref][take], plan.index, conf[:n_ref][take]
+            own_mine = mine[n_ref:]
+            relief_own = (own_rows[own_mine], pred[n_ref:][own_mine], conf[n_ref:][own_mine])
+        own_claims = empty[:2]
+        if config.own_claim_confidence is not None and probs is not None and w > 0:
+            mine = _claims_local(probs, plan.support, known, config.own_claim_confidence,
+                                 config.support_threshold, n_ref, config.max_claim_share)
+            rows = np.concatenate([np.arange(n_ref), own_rows])
+            own_claims = (rows[mine], probs.argmax(1)[mine])
+        kernel = None
+        if config.sensor_gate is not None:
+            clip = shared.prototype_clip if shared.prototype_clip is not None else DEFAULT_PROTOTYPE_CLIP
+            fit = estimate_sensor_kernel(dev.payload, shared.presumed, clip=clip,
+                                         size=config.sensor_kernel_size,
+                                         min_class_count=config.min_class_count)
+            if (fit is not None and fit.ratio < config.sensor_gate
+                    and fit.classes >= config.sensor_min_classes):
+                kernel = fit.kernel
+        outs.append(_DeviceOut(plan.index, w, off, own_x, own_y, bounded[n_ref:], relief_own,
+                               own_claims, kernel))
+    return _ChunkOut(ref_sum, best, claim, claimant, tuple(outs))
+
+
+@dataclass(frozen=True)
+class _FinetuneShared:
+    teacher: bytes
+    presumed: Dataset
+    transfer_x: np.ndarray
+    target: np.ndarray
+    hard: np.ndarray
+    hard_w: np.ndarray
+    presumed_z: np.ndarray | None
+    config: MergeConfig
+    seed: int
+
+
+def _finetune_task(shared: _FinetuneShared, _: None) -> bytes:
+    from .models import load_model_bytes, model_bytes
+
+    teacher, spec, _meta = load_model_bytes(shared.teacher)
+    _finetune_teacher(teacher, shared.presumed, shared.transfer_x, shared.target, shared.hard,
+                      shared.hard_w, shared.config, seed=shared.seed, presumed_z=shared.presumed_z)
+    return model_bytes(teacher, spec)
+
+
+def _chunks(items: Iterable[tuple[_DevicePlan, KnowledgePayload]], size: int
+            ) -> Iterator[list[tuple[_DevicePlan, KnowledgePayload]]]:
+    chunk: list[tuple[_DevicePlan, KnowledgePayload]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def merge_streamed(
+    teacher: bytes,
+    shipped_student: bytes,
+    devices: Callable[[], Iterable[DeviceKnowledge]],
+    reference_x: np.ndarray,
+    presumed: Dataset,
+    config: MergeConfig,
+    *,
+    seed: int,
+    rng: np.random.Generator | None = None,
+    presumed_val: Dataset | None = None,
+    prototype_clip: float | None = None,
+    executor: JobExecutor | None = None,
+    chunk_size: int = 64,
+) -> MergeResult:
+    """:func:`merge_into_teacher`'s rule over a stream of devices, on ``executor``.
+
+    ``devices()`` must yield the same devices in the same order each time it is called (it is
+    called twice: the store streams them, nothing holds every payload). ``teacher`` and
+    ``shipped_student`` are safetensors bytes (what the workspace stores). Pass 1 (here) draws each
+    device's jittered prototypes from ``rng`` in stream order, as :func:`merge_into_teacher` does,
+    and lays out the transfer rows; pass 2 runs ``chunk_size`` devices per task (synthesis,
+    differences, claims, sensor kernels) and sums the chunks in stream order; the teacher's
+    fine-tuning is one more task. The result equals :func:`merge_into_teacher`'s up to float
+    summation order (same draws, same rows; the tests check it), and is the same bytes on every
+    executor for the same seeds. Own claims come back sparse (``MergeResult.own_claim_rows``).
+    Needs ``config.owner_rows_only`` (what makes a device's work independent of the others').
+    Raises :class:`ConfigError` for an empty stream, :class:`PayloadInvalid` as the in-memory merge.
+    """
+    from .executor import InProcessExecutor
+    from .models import load_model_bytes
+
+    if not config.owner_rows_only:
+        raise ConfigError("the streamed merge needs owner_rows_only (each device's rows its own)")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    executor = executor if executor is not None else InProcessExecutor()
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    n_ref = len(reference_x)
+    image_shape = tuple(reference_x.shape[1:])
+    keep_raw = config.transfer_mode in ("both", "prototypes")
+    want_synth = config.synthesize and config.transfer_mode in ("both", "synthesis")
+
+    plans: list[_DevicePlan] = []
+    start = n_ref
+    for i, dev in enumerate(devices()):
+        jittered = _jittered_prototypes(dev, config, rng, prototype_clip, image_shape)
+        synth = want_synth and dev.payload.get(PayloadKind.WEIGHT_DELTA) is not None
+        plan = _DevicePlan(i, dev.device_id, device_support(dev.payload), start, tuple(jittered),
+                           synth, keep_raw)
+        plans.append(plan)
+        start += plan.rows
+    if not plans:
+        raise ConfigError("nothing to merge")
+    n_t = start
+
+    def paired() -> Iterator[tuple[_DevicePlan, KnowledgePayload]]:
+        count = 0
+        for plan, dev in zip(plans, devices(), strict=False):
+            if dev.device_id != plan.device_id:
+                raise ConfigError("the device stream changed between the merge's two passes")
+            count += 1
+            yield plan, dev.payload
+        if count != len(plans):
+            raise ConfigError("the device stream changed between the merge's two passes")
+
+    shared = _ChunkShared(shipped_student, reference_x.astype(np.float32), presumed, config, n_t,
+                          prototype_clip)
+    transfer_x = np.zeros((n_t, *image_shape), np.float32)
+    transfer_x[:n_ref] = reference_x
+    extra_y = np.zeros(n_t - n_ref, np.int64)
+    merged = np.zeros((n_t, NUM_CLASSES))
+    best = np.zeros(n_t)
+    claim = np.full(n_t, -1, np.int64)
+    claimant = np.full(n_t, -1, np.int64)
+    weights = np.zeros(len(plans))
+    scores = np.zeros(len(plans))
+    own_claim_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    kernels: dict[str, np.ndarray] = {}
+    for out in executor.map(_chunk_task, shared, _chunks(paired(), chunk_size)):
+        merged[:n_ref] += out.ref_sum
+        take = out.ref_claim >= 0
+        take &= out.ref_best > best[:n_ref]
+        claim[:n_ref][take] = out.ref_claim[take]
+        claimant[:n_ref][take] = out.ref_claimant[take]
+        best[:n_ref][take] = out.ref_best[take]
+        for dev_out in out.devices:
+            plan = plans[dev_out.index]
+            rows = slice(plan.start, plan.start + plan.rows)
+            transfer_x[rows] = dev_out.own_x
+            extra_y[plan.start - n_ref : plan.start - n_ref + plan.rows] = dev_out.own_y
+            merged[rows] = dev_out.own_diff
+            r, c, conf = dev_out.relief_own
+            claim[r], claimant[r], best[r] = c, plan.index, conf
+            weights[plan.index], scores[plan.index] = dev_out.weight, dev_out.off_support
+            if config.own_claim_confidence is not None:
+                own_claim_rows[plan.device_id] = dev_out.own_claims
+            if dev_out.kernel is not None:
+                kernels[plan.device_id] = dev_out.kernel
+
+    teacher_model, _, _ = load_model_bytes(teacher)
+    z_teacher = predict_logits(teacher_model, transfer_x).astype(np.float64)
+    anchor = np.ones(n_t)
+    if config.anchor_quantiles is not None:
+        cal = presumed_val if presumed_val is not None and len(presumed_val) else presumed
+        anchor = anchor_scale(z_teacher, predict_logits(teacher_model, cal.x),
+                              config.anchor_quantiles)
+        if config.anchor_relax_confidence is not None:
+            anchor = np.maximum(anchor, (claim >= 0).astype(np.float64))
+        else:
+            claim[:] = -1
+        merged = merged * anchor[:, None]
+    else:
+        claim[:] = -1
+    z_teacher = np.maximum(z_teacher, z_teacher.max(1, keepdims=True) - config.logit_floor_gap)
+    target = z_teacher + merged
+    owner = np.concatenate([np.full(p.rows, p.index, np.int64) for p in plans])
+    supports = np.stack([p.support for p in plans])
+    hard = np.full(n_t, -1, np.int64)
+    hard_w = np.zeros(n_t, np.float32)
+    hard[n_ref:] = extra_y
+    hard_w[n_ref:] = (weights[owner] * anchor[n_ref:]
+                      * np.minimum(1.0, supports[owner, extra_y] / config.support_threshold))
+    if config.relief_hard_weight > 0:
+        rows_h = (claim >= 0) & (hard < 0)
+        hard[rows_h] = claim[rows_h]
+        hard_w[rows_h] = config.relief_hard_weight * weights[claimant[rows_h]]
+    presumed_z = (predict_logits(teacher_model, presumed.x) if config.presumed_kd_weight > 0
+                  else None)
+    tuned = executor.run(_finetune_task, _FinetuneShared(
+        teacher, presumed, transfer_x, target.astype(np.float32), hard, hard_w, presumed_z,
+        config, seed), None)
+    tuned_model, _, _ = load_model_bytes(tuned)
+    names = [p.device_id for p in plans]
+    return MergeResult(
+        teacher=tuned_model,
+        transfer_x=transfer_x,
+        weights={n: float(w) for n, w in zip(names, weights, strict=True)},
+        off_support={n: float(s) for n, s in zip(names, scores, strict=True)},
+        supports={p.device_id: p.support for p in plans},
+        transfer_owner=tuple([""] * n_ref + [names[int(i)] for i in owner]),
+        sensor_kernels=kernels,
+        own_claims={},
+        owner_rows={p.device_id: (p.start, p.start + p.rows) for p in plans if p.rows},
+        own_claim_rows=own_claim_rows,
+    )

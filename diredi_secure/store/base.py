@@ -16,13 +16,17 @@ What is trusted: the arguments. The store does not verify signatures or parse pa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import re
+import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
@@ -39,17 +43,21 @@ from ..errors import (
 from ..packet import DeviceRecord, DeviceStatus, packet_digest
 from ..policy import DEFAULT_POLICY
 from ..privacy import DEFAULT_DP_POLICY, DPPolicy, charge, curve_from_json, curve_to_json
+from .group_commit import GroupCommitConfig, GroupCommitter
 from .migrations import Migration, SchemaTooNew, check_sequence, render
 
 if TYPE_CHECKING:
     from ..packet import OpenedPacket
 
 __all__ = [
+    "DEFAULT_BODY_FILE_BYTES",
     "DEFAULT_EPSILON_BUDGET",
+    "CertificateChanged",
     "Device",
     "DeviceConflict",
     "DeviceStatus",
     "PacketRecord",
+    "PacketRow",
     "Release",
     "Store",
     "StoredPacket",
@@ -66,10 +74,21 @@ _MIGRATION_LOCK_KEY = 0x5D1E_D100
 _RELEASE_LOCK_KEY = 0x5D1E_D101
 
 
+DEFAULT_BODY_FILE_BYTES = 64 * 1024
+"""Packet bodies above this many bytes go to a content-addressed file instead of the row."""
+
+
 class DeviceConflict(PolicyError):
     """A device id is already enrolled with a different certificate."""
 
     reason = "device_conflict"
+
+
+class CertificateChanged(UnknownDevice):
+    """The packet was verified under a certificate the device no longer has enrolled (renewed
+    between the caller's check and the commit). The caller drops what it cached and retries."""
+
+    reason = "certificate_changed"
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,10 @@ class PacketRecord:
     rdp_curve: np.ndarray | None = field(default=None, compare=False)
     """What this packet adds to the device's composed ledger (``OpenedPacket.charge.curve``).
     Required by :meth:`Store.store_packet`."""
+    enrolled_certificate: bytes | None = field(default=None, compare=False)
+    """The enrolled certificate (DER) the caller verified the packet under, when it worked from a
+    cached copy: the store refuses with :class:`CertificateChanged` if the device's enrolled
+    certificate is another one by the time the packet commits. ``None``: not checked."""
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -144,6 +167,7 @@ class PacketRecord:
         packet_bytes: bytes,
         receipt_bytes: bytes,
         received_at_ms: int,
+        enrolled_certificate: bytes | None = None,
     ) -> PacketRecord:
         """The record of a packet that ``packet.open_packet`` accepted (header fields copied)."""
         header = opened.header
@@ -159,6 +183,92 @@ class PacketRecord:
             received_at_ms=received_at_ms,
             rdp_curve=opened.charge.curve,
             packet_sha256=opened.packet_sha256,
+            enrolled_certificate=enrolled_certificate,
+        )
+
+
+_ROW_MAGIC = b"DRW1"
+
+
+@dataclass(frozen=True)
+class PacketRow:
+    """What the store's writer commits for one packet: a :class:`PacketRecord` with its digest
+    computed (the one hash) and its ledger curve required. Internal to the store and its writer
+    processes (``to_bytes`` / ``from_bytes`` carry it between processes of one server, without
+    pickle)."""
+
+    device_id: str
+    packet_id: bytes
+    counter: int
+    created_at_ms: int
+    received_at_ms: int
+    base_model_version: str
+    epsilon: float
+    digest: bytes
+    body: bytes
+    receipt_bytes: bytes
+    rdp_curve: np.ndarray = field(compare=False)
+    enrolled_certificate: bytes | None = None
+
+    @classmethod
+    def of(cls, record: PacketRecord) -> PacketRow:
+        if record.rdp_curve is None:
+            raise ValueError("store_packet needs the packet's RDP curve (PacketRecord.rdp_curve)")
+        return cls(
+            device_id=record.device_id,
+            packet_id=bytes(record.packet_id),
+            counter=record.counter,
+            created_at_ms=record.created_at_ms,
+            received_at_ms=record.received_at_ms,
+            base_model_version=record.base_model_version,
+            epsilon=float(record.epsilon),
+            digest=record.packet_sha256 or _digest_of(record.packet_bytes),
+            body=bytes(record.packet_bytes),
+            receipt_bytes=bytes(record.receipt_bytes),
+            rdp_curve=record.rdp_curve,
+            enrolled_certificate=record.enrolled_certificate,
+        )
+
+    def to_bytes(self) -> bytes:
+        """Magic, the numbers, then u32-length-prefixed fields (the curve as privacy's JSON)."""
+        cert = self.enrolled_certificate
+        fields = (
+            self.device_id.encode(), self.packet_id, self.base_model_version.encode(),
+            self.digest, self.body, self.receipt_bytes, curve_to_json(self.rdp_curve).encode(),
+            b"" if cert is None else cert,
+        )  # fmt: skip
+        parts = [_ROW_MAGIC, struct.pack(">qqqdB", self.counter, self.created_at_ms,
+                                         self.received_at_ms, self.epsilon, cert is not None)]
+        for value in fields:
+            parts += (struct.pack(">I", len(value)), value)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PacketRow:
+        """Raises ``ValueError`` on anything :meth:`to_bytes` did not write."""
+        if data[:4] != _ROW_MAGIC:
+            raise ValueError("not a packet row")
+        head = struct.calcsize(">qqqdB")
+        counter, created, received, epsilon, has_cert = struct.unpack_from(">qqqdB", data, 4)
+        pos, values = 4 + head, []
+        for _ in range(8):
+            (n,) = struct.unpack_from(">I", data, pos)
+            pos += 4
+            if pos + n > len(data):
+                raise ValueError("truncated packet row")
+            values.append(data[pos:pos + n])
+            pos += n
+        if pos != len(data):
+            raise ValueError("trailing bytes after a packet row")
+        curve = curve_from_json(values[6].decode())
+        if curve is None:
+            raise ValueError("packet row without a curve")
+        return cls(
+            device_id=values[0].decode(), packet_id=values[1], counter=counter,
+            created_at_ms=created, received_at_ms=received,
+            base_model_version=values[2].decode(), epsilon=epsilon, digest=values[3],
+            body=values[4], receipt_bytes=values[5], rdp_curve=curve,
+            enrolled_certificate=values[7] if has_cert else None,
         )
 
 
@@ -217,6 +327,7 @@ _PACKET_COLUMNS = (
     "packet_id, device_id, counter, created_at_ms, received_at_ms, base_model_version, epsilon, "
     "packet_sha256, packet_bytes, receipt_bytes, merged_in_release"
 )
+_PACKET_READ_COLUMNS = _PACKET_COLUMNS + ", body_in_file"
 _RELEASE_COLUMNS = "version, model_sha256, attestation_sha256, created_at_ms, sequence"
 
 
@@ -237,7 +348,7 @@ def _device(row: Sequence[Any]) -> Device:
     )
 
 
-def _packet(row: Sequence[Any]) -> StoredPacket:
+def _packet(row: Sequence[Any], body: bytes | None = None) -> StoredPacket:
     return StoredPacket(
         packet_id=bytes(row[0]),
         device_id=row[1],
@@ -247,7 +358,7 @@ def _packet(row: Sequence[Any]) -> StoredPacket:
         base_model_version=row[5],
         epsilon=float(row[6]),
         packet_sha256=bytes(row[7]),
-        packet_bytes=bytes(row[8]),
+        packet_bytes=bytes(row[8]) if body is None else body,
         receipt_bytes=bytes(row[9]),
         merged_in_release=row[10],
     )
@@ -270,6 +381,16 @@ def _digest_of(packet_bytes: bytes) -> bytes:
         return packet_digest(packet_bytes)
     except DirediError:
         return hashlib.sha256(packet_bytes).digest()
+
+
+def _with_charge(device: Device, counter: int, curve: np.ndarray, epsilon: float) -> Device:
+    return Device(
+        device_id=device.device_id, certificate_der=device.certificate_der,
+        key_id=device.key_id, status=device.status, enrolled_at_ms=device.enrolled_at_ms,
+        revoked_at_ms=device.revoked_at_ms, revocation_reason=device.revocation_reason,
+        epsilon_budget=device.epsilon_budget, epsilon_spent=epsilon, highest_counter=counter,
+        rdp_spent=curve, epsilon_delta=device.epsilon_delta, epsilon_floor=device.epsilon_floor,
+    )
 
 
 def _check_budget_value(budget: float) -> float:
@@ -304,13 +425,23 @@ class Store(ABC):
         default_epsilon_budget: float,
         migrations: Sequence[Migration],
         dp_policy: DPPolicy = DEFAULT_DP_POLICY,
+        body_dir: Path | None = None,
+        body_file_bytes: int = DEFAULT_BODY_FILE_BYTES,
+        group_commit: GroupCommitConfig = GroupCommitConfig(),  # noqa: B008 - frozen
     ) -> None:
+        """``body_dir``: where packet bodies above ``body_file_bytes`` go (content-addressed files,
+        0600); ``None`` keeps every body in its row. ``group_commit``: bounds of one batch."""
         self._name = name
         self._dp = dp_policy
         self._default_budget = _check_budget_value(default_epsilon_budget)
         check_sequence(migrations)
         self._migrations = tuple(migrations)
         self._closed = False
+        self._body_dir = body_dir
+        self._body_file_bytes = body_file_bytes
+        self._writer: GroupCommitter[PacketRow, StoredReceipt] = GroupCommitter(
+            self.commit_rows, config=group_commit)
+        self._submit_row: Callable[[PacketRow], StoredReceipt] = self._writer.submit
 
     # ---------------------------------------------------------------- what a backend supplies
     @abstractmethod
@@ -352,6 +483,7 @@ class Store(ABC):
         """Close the store; later calls raise :class:`StoreError`. Idempotent."""
         if self._closed:
             return
+        self._writer.close()  # what is queued commits first
         self._closed = True
         with self._guard_closing():
             self._close()
@@ -608,89 +740,235 @@ class Store(ABC):
     def store_packet(self, record: PacketRecord) -> StoredReceipt:
         """Accept one packet atomically: check replay, charge the ledger, store, commit.
 
-        In ONE transaction, holding the device row's lock: if the same ``packet_id`` is stored with
-        the same bytes (SHA-256), return the stored receipt (``duplicate=True``, idempotent retry);
-        otherwise refuse a known id, a counter not above the device's highest, or an epsilon that
-        would take the device past its lifetime budget; then insert the packet, raise the highest
-        counter and the spent epsilon, and commit. On any refusal nothing changes. The caller sends
+        The packet joins the store's group commit (:mod:`.group_commit`): one writer commits the
+        packets that arrived together in one transaction, and this call returns only once that
+        transaction has committed. Inside it each packet is checked in arrival order against the
+        state including the packets before it (two packets of one device in one batch are
+        checked exactly as if committed one after the other), holding the device rows' locks: if
+        the same ``packet_id`` is stored with the same digest, return the stored receipt
+        (``duplicate=True``, idempotent retry); otherwise refuse a known id, a counter not above
+        the device's highest, a revoked or unknown device, an ``enrolled_certificate`` that is no
+        longer the enrolled one, or an epsilon that would take the device past its lifetime
+        budget; then insert the packet, raise the highest counter and the spent epsilon. A
+        refused packet changes nothing and does not abort the others. The caller sends
         ``StoredReceipt.receipt_bytes`` only after this returns.
 
         Raises :class:`ReplayDetected` (id stored with other bytes, counter not increasing),
-        :class:`BudgetExceeded`, :class:`UnknownDevice`, :class:`CertificateRevoked`,
-        :class:`StoreError`.
+        :class:`BudgetExceeded`, :class:`UnknownDevice`, :class:`CertificateChanged`,
+        :class:`CertificateRevoked`, :class:`StoreError`.
         """
-        if record.rdp_curve is None:
-            raise ValueError("store_packet needs the packet's RDP curve (PacketRecord.rdp_curve)")
-        digest = record.packet_sha256 or _digest_of(record.packet_bytes)
-        pid = bytes(record.packet_id)
+        if self._closed:
+            raise StoreError(f"store {self._name}: store packet on a closed store")
+        return self._submit_row(PacketRow.of(record))
+
+    def commit_rows(self, rows: Sequence[PacketRow]) -> list[StoredReceipt | DirediError]:
+        """Commit a batch in ONE transaction; one outcome per row, in order (the writer's work).
+
+        If the batch as a whole fails (a constraint raced in by another process, a deadlock, a
+        driver error), it is rolled back and each row is committed in its own transaction, so
+        every outcome is still exact and one bad row never takes the others down.
+        """
         try:
-            with self._guard(f"store packet {pid.hex()}"), self._transaction(write=True) as cur:
-                device = self._device_row(cur, record.device_id, lock=True)
-                cur.execute(
-                    "SELECT packet_sha256, receipt_bytes FROM packets WHERE packet_id = ?", (pid,)
-                )
-                existing = cur.fetchone()
-                if existing is not None:
-                    if bytes(existing[0]) == digest:
-                        return StoredReceipt(bytes(existing[1]), duplicate=True)
-                    raise ReplayDetected(
-                        f"packet id {pid.hex()} was already stored with other bytes"
-                    )
-                if device is None:
-                    raise UnknownDevice(f"device {record.device_id} is not enrolled")
-                if device.status is not DeviceStatus.ACTIVE:
-                    raise CertificateRevoked(f"device {record.device_id} is revoked")
-                if device.highest_counter is not None and record.counter <= device.highest_counter:
-                    raise ReplayDetected(
-                        f"device {record.device_id}: counter {record.counter} is not above the "
-                        f"highest accepted ({device.highest_counter})"
-                    )
-                new_curve, new_eps = charge(
-                    device_id=record.device_id,
-                    spent_curve=(device.rdp_spent if device.rdp_spent is not None
-                                 else curve_from_json(None)),
-                    packet_curve=record.rdp_curve,
-                    budget=device.epsilon_budget,
-                    policy=self._dp,
-                    floor=device.epsilon_floor,
-                )
-                cur.execute(
-                    f"INSERT INTO packets ({_PACKET_COLUMNS}, rdp_curve) "  # noqa: S608 - constants only
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
-                    (
-                        pid,
-                        record.device_id,
-                        record.counter,
-                        record.created_at_ms,
-                        record.received_at_ms,
-                        record.base_model_version,
-                        float(record.epsilon),
-                        digest,
-                        bytes(record.packet_bytes),
-                        bytes(record.receipt_bytes),
-                        curve_to_json(record.rdp_curve),
-                    ),
-                )
-                cur.execute(
-                    "UPDATE devices SET highest_counter = ?, epsilon_spent = ?, rdp_spent = ? "
-                    "WHERE device_id = ?",
-                    (record.counter, new_eps, curve_to_json(new_curve), record.device_id),
-                )
-        except StoreError as exc:
-            # The device row lock serialises one device; a unique violation can then only be the
-            # same packet id raced in by ANOTHER device's transaction: a replay, not a store fault.
-            if isinstance(exc.__cause__, self._integrity_error):
-                raise ReplayDetected(f"packet id {pid.hex()} was stored concurrently") from exc
+            return self._commit_batch(rows)
+        except DirediError as exc:
+            if len(rows) == 1:
+                return [self._refusal(rows[0], exc)]
+        return [self._commit_alone(row) for row in rows]
+
+    def _commit_alone(self, row: PacketRow) -> StoredReceipt | DirediError:
+        try:
+            return self._commit_batch([row])[0]
+        except DirediError as exc:
+            return self._refusal(row, exc)
+
+    def _refusal(self, row: PacketRow, exc: DirediError) -> DirediError:
+        # The device row lock serialises one device; a unique violation can then only be the
+        # same packet id raced in by ANOTHER device's transaction: a replay, not a store fault.
+        if isinstance(exc, StoreError) and isinstance(exc.__cause__, self._integrity_error):
+            replay = ReplayDetected(f"packet id {row.packet_id.hex()} was stored concurrently")
+            replay.__cause__ = exc
+            return replay
+        return exc
+
+    def _commit_batch(self, rows: Sequence[PacketRow]) -> list[StoredReceipt | DirediError]:
+        written: list[Path] = []
+        try:
+            with self._guard("store packets"), self._transaction(write=True) as cur:
+                outcomes, accepted = self._apply_rows(cur, rows)
+                for row in accepted:  # durable before the rows that name them commit
+                    path = self._write_body(row)
+                    if path is not None:
+                        written.append(path)
+        except BaseException:
+            for path in written:  # no committed row names them (their rows just rolled back)
+                with contextlib.suppress(OSError):
+                    path.unlink()
             raise
-        return StoredReceipt(bytes(record.receipt_bytes), duplicate=False)
+        return outcomes
+
+    def _apply_rows(
+        self, cur: Cursor, rows: Sequence[PacketRow]
+    ) -> tuple[list[StoredReceipt | DirediError], list[PacketRow]]:
+        ids = sorted({row.device_id for row in rows})
+        marks = ", ".join("?" * len(ids))
+        # Every device row of the batch, locked in one statement and in one order (device id), so
+        # two replicas' batches cannot deadlock on each other's rows.
+        cur.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({marks}) "  # noqa: S608 - constants only
+            f"ORDER BY device_id{self._for_update}",
+            ids,
+        )
+        devices: dict[str, Device] = {d.device_id: d for d in map(_device, cur.fetchall())}
+        touched: set[str] = set()
+        outcomes: list[StoredReceipt | DirediError] = []
+        accepted: list[PacketRow] = []
+        for row in rows:
+            try:
+                outcome = self._apply_row(cur, row, devices)
+            except PolicyError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(outcome)
+            if not outcome.duplicate:
+                touched.add(row.device_id)
+                accepted.append(row)
+        for device_id in sorted(touched):
+            device = devices[device_id]
+            cur.execute(
+                "UPDATE devices SET highest_counter = ?, epsilon_spent = ?, rdp_spent = ? "
+                "WHERE device_id = ?",
+                (device.highest_counter, device.epsilon_spent, curve_to_json(device.rdp_spent),
+                 device_id),
+            )
+        return outcomes, accepted
+
+    def _apply_row(self, cur: Cursor, row: PacketRow, devices: dict[str, Device]) -> StoredReceipt:
+        """Check and insert one row against ``devices`` (the batch's current state, updated)."""
+        device = devices.get(row.device_id)
+        refusal: PolicyError | None = None
+        if device is None:
+            refusal = UnknownDevice(f"device {row.device_id} is not enrolled")
+        elif device.status is not DeviceStatus.ACTIVE:
+            refusal = CertificateRevoked(f"device {row.device_id} is revoked")
+        elif device.highest_counter is not None and row.counter <= device.highest_counter:
+            refusal = ReplayDetected(
+                f"device {row.device_id}: counter {row.counter} is not above the highest "
+                f"accepted ({device.highest_counter})"
+            )
+        elif (row.enrolled_certificate is not None
+              and row.enrolled_certificate != device.certificate_der):
+            refusal = CertificateChanged(
+                f"device {row.device_id} renewed its certificate; verify the packet again")
+        if refusal is not None:
+            # A retry of a stored packet lands here (its counter is not above the highest, or
+            # the device was revoked since): it gets its first receipt, not the refusal.
+            duplicate = self._stored_receipt(cur, row)
+            if duplicate is None:
+                raise refusal
+            return duplicate
+        assert device is not None
+        new_curve, new_eps = charge(
+            device_id=row.device_id,
+            spent_curve=(device.rdp_spent if device.rdp_spent is not None
+                         else curve_from_json(None)),
+            packet_curve=row.rdp_curve,
+            budget=device.epsilon_budget,
+            policy=self._dp,
+            floor=device.epsilon_floor,
+        )
+        in_file = self._body_dir is not None and len(row.body) > self._body_file_bytes
+        cur.execute(
+            f"INSERT INTO packets ({_PACKET_COLUMNS}, rdp_curve, body_in_file) "  # noqa: S608 - constants only
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?) ON CONFLICT DO NOTHING",
+            (
+                row.packet_id, row.device_id, row.counter, row.created_at_ms, row.received_at_ms,
+                row.base_model_version, row.epsilon, row.digest, b"" if in_file else row.body,
+                row.receipt_bytes, curve_to_json(row.rdp_curve), 1 if in_file else 0,
+            ),
+        )
+        if cur.rowcount == 0:  # the id is stored already (by this device or another)
+            duplicate = self._stored_receipt(cur, row)
+            if duplicate is None:
+                raise ReplayDetected(f"packet id {row.packet_id.hex()} was already stored")
+            return duplicate
+        devices[row.device_id] = _with_charge(device, row.counter, new_curve, new_eps)
+        return StoredReceipt(row.receipt_bytes, duplicate=False)
+
+    def _stored_receipt(self, cur: Cursor, row: PacketRow) -> StoredReceipt | None:
+        """The first receipt when ``row``'s id is stored with ``row``'s digest (a retry); ``None``
+        when the id is not stored; raises :class:`ReplayDetected` when it is, with another."""
+        cur.execute("SELECT packet_sha256, receipt_bytes FROM packets WHERE packet_id = ?",
+                    (row.packet_id,))
+        existing = cur.fetchone()
+        if existing is None:
+            return None
+        if bytes(existing[0]) != row.digest:
+            raise ReplayDetected(
+                f"packet id {row.packet_id.hex()} was already stored with other bytes")
+        return StoredReceipt(bytes(existing[1]), duplicate=True)
+
+    # ---------------------------------------------------------------- packet bodies in files
+    def _body_path(self, digest: bytes) -> Path:
+        assert self._body_dir is not None
+        name = digest.hex()
+        return self._body_dir / name[:2] / name
+
+    def _write_body(self, row: PacketRow) -> Path | None:
+        """Write ``row``'s body to its content-addressed file (0600, fsynced, then linked into
+        place, so no reader ever sees half a file); the path if this call created it."""
+        if self._body_dir is None or len(row.body) <= self._body_file_bytes:
+            return None
+        path = self._body_path(row.digest)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                     0o600)
+        try:
+            view = memoryview(row.body)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # never replaces: the first copy of a digest stays
+            created = True
+        except FileExistsError:
+            created = False
+        finally:
+            tmp.unlink()
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return path if created else None
+
+    def _read_body(self, digest: bytes) -> bytes:
+        if self._body_dir is None:
+            raise StoreError(f"store {self._name}: a packet body is in a file, but this store "
+                             "was opened without its body folder")
+        path = self._body_path(digest)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"store {self._name}: packet body {path.name[:16]} is unreadable: "
+                             f"{exc.strerror}") from exc
+        if _digest_of(data) != digest:
+            raise StoreError(f"store {self._name}: packet body {path.name[:16]} does not match "
+                             "its digest (altered or damaged)")
+        return data
+
+    def _stored_packet(self, row: Sequence[Any]) -> StoredPacket:
+        return _packet(row, self._read_body(bytes(row[7])) if row[11] else None)
 
     def get_packet(self, packet_id: bytes) -> StoredPacket | None:
         """The stored packet with this id, or ``None``."""
         with self._guard("read packet"), self._transaction(write=False) as cur:
-            query = f"SELECT {_PACKET_COLUMNS} FROM packets WHERE packet_id = ?"  # noqa: S608 - constants only
+            query = f"SELECT {_PACKET_READ_COLUMNS} FROM packets WHERE packet_id = ?"  # noqa: S608 - constants only
             cur.execute(query, (bytes(packet_id),))
             row = cur.fetchone()
-            return None if row is None else _packet(row)
+        return None if row is None else self._stored_packet(row)
 
     def list_packets(
         self, *, unmerged_only: bool = True, device_id: str | None = None
@@ -706,11 +984,49 @@ class Store(ABC):
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         with self._guard("list packets"), self._transaction(write=False) as cur:
             cur.execute(
-                f"SELECT {_PACKET_COLUMNS} FROM packets{clause} "  # noqa: S608 - constants only
+                f"SELECT {_PACKET_READ_COLUMNS} FROM packets{clause} "  # noqa: S608 - constants only
                 "ORDER BY received_at_ms, device_id, counter",
                 params,
             )
-            return [_packet(row) for row in cur.fetchall()]
+            rows = cur.fetchall()
+        return [self._stored_packet(row) for row in rows]
+
+    def iter_packets(
+        self, *, unmerged_only: bool = True, page_size: int = 256
+    ) -> Iterator[StoredPacket]:
+        """Stored packets in :meth:`list_packets` order, read ``page_size`` at a time.
+
+        For jobs over a fleet's packets (the merge): at most one page is held, each page is its own
+        short read transaction (keyset pagination on the arrival order, so a page never repeats or
+        skips a row that was there when the previous page was read). Packets stored while the
+        iteration runs appear if they sort after the last page read.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size!r}")
+        after: tuple[int, str, int] | None = None
+        while True:
+            where: list[str] = []
+            params: list[Any] = []
+            if unmerged_only:
+                where.append("merged_in_release IS NULL")
+            if after is not None:
+                # Row-value comparison: the (received, device, counter) key is unique per device.
+                where.append("(received_at_ms, device_id, counter) > (?, ?, ?)")
+                params.extend(after)
+            clause = f" WHERE {' AND '.join(where)}" if where else ""
+            with self._guard("iterate packets"), self._transaction(write=False) as cur:
+                cur.execute(
+                    f"SELECT {_PACKET_READ_COLUMNS} FROM packets{clause} "  # noqa: S608 - constants only
+                    "ORDER BY received_at_ms, device_id, counter LIMIT ?",
+                    (*params, page_size),
+                )
+                rows = cur.fetchall()
+            page = [self._stored_packet(row) for row in rows]
+            yield from page
+            if len(page) < page_size:
+                return
+            last = page[-1]
+            after = (last.received_at_ms, last.device_id, last.counter)
 
     def mark_merged(self, packet_ids: Sequence[bytes], release_version: str) -> None:
         """Mark packets as merged into a recorded release (all or none).
