@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -70,8 +71,99 @@ def _parse(cls: type[M], data: bytes, what: str, cap: int) -> M:
     if _has_unknown_fields(msg):
         raise MalformedPacket(f"{what} carries fields this version does not know")
     if msg.SerializeToString(deterministic=True) != data:
-        raise MalformedPacket(f"{what} is not in canonical encoding (repeated or reordered fields)")
+        raise MalformedPacket(
+            f"{what} is not in canonical encoding: {_canonical_fault(_descriptor(msg), data)}"
+        )
     return msg
+
+
+# Why refuse rather than re-serialise: the signature is over the bytes as sent and the receipt keys
+# on the digest of those bytes, so a second encoding of the same header would be a second packet.
+# The canonical form (docs/WIRE.md, "Canonical encoding") is protobuf's deterministic encoding:
+# fields in ascending number, each once (repeated scalars packed in one run), fields at their
+# default value omitted, minimal varints. Everything below only *names* which rule the bytes broke,
+# for a second implementation's author; the check itself is the byte comparison above. It runs
+# after a successful parse (so lengths are in bounds and nesting is as deep as the schema).
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_FD = FieldDescriptor
+_VARINT_TYPES = {
+    _FD.TYPE_INT32, _FD.TYPE_INT64, _FD.TYPE_UINT32, _FD.TYPE_UINT64, _FD.TYPE_SINT32,
+    _FD.TYPE_SINT64, _FD.TYPE_BOOL, _FD.TYPE_ENUM,
+}  # fmt: skip
+_LEN_TYPES = {_FD.TYPE_STRING, _FD.TYPE_BYTES, _FD.TYPE_MESSAGE}
+
+
+def _descriptor(msg: Message) -> Descriptor:
+    desc: Descriptor = msg.DESCRIPTOR  # type: ignore[assignment]  # upb's class has the same API
+    return desc
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int, bool]:
+    """Return (value, next position, minimal?) of the varint at ``pos``."""
+    value = shift = 0
+    start = pos
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return value, pos, pos - start == max(1, (value.bit_length() + 6) // 7)
+
+
+def _canonical_fault(desc: Descriptor, data: bytes, path: str = "") -> str:
+    """Name the first canonical-encoding rule ``data`` (which parsed as ``desc``) breaks, or ''."""
+    pos, last = 0, 0
+    while pos < len(data):
+        key, pos, minimal = _read_varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        fd = desc.fields_by_number[number]  # parsed without unknown fields: every number is known
+        name = f"field {number} ({path}{fd.name})"
+        packed = fd.is_repeated and fd.type not in _LEN_TYPES  # proto3 packs repeated scalars
+        if not minimal:
+            return f"padded varint in the tag of {name}"
+        if number < last:
+            return f"fields out of order ({name} after field {last})"
+        if number == last and not fd.is_repeated:
+            return f"{name} repeated"
+        if packed and wire_type != _LEN:
+            return f"repeated {name} not packed"
+        if number == last and packed:
+            return f"packed {name} split into several runs"
+        last = number
+        if wire_type == _VARINT:
+            value, pos, minimal = _read_varint(data, pos)
+            if not minimal:
+                return f"padded varint in {name}"
+            if value == 0 and not fd.has_presence:
+                return f"default-valued {name} present"
+            continue
+        if wire_type in (_I64, _I32):
+            width = 8 if wire_type == _I64 else 4
+            # All-zero bits: +0.0 or a zero fixed-width integer, the default (-0.0 is a value).
+            if not fd.has_presence and not any(data[pos : pos + width]):
+                return f"default-valued {name} present"
+            pos += width
+            continue
+        length, pos, minimal = _read_varint(data, pos)
+        body, pos = data[pos : pos + length], pos + length
+        if not minimal:
+            return f"padded varint in the length of {name}"
+        if fd.message_type is not None:
+            # An empty sub-message is kept: message fields have presence, so b"" is a value.
+            fault = _canonical_fault(fd.message_type, body, f"{path}{fd.name}.")
+            if fault:
+                return fault
+        elif not body and not fd.has_presence:
+            return f"{'empty packed' if packed else 'default-valued'} {name} present"
+        elif packed and fd.type in _VARINT_TYPES:
+            at = 0
+            while at < len(body):
+                _, at, minimal = _read_varint(body, at)
+                if not minimal:
+                    return f"padded varint in {name}"
+    return "" if path else "encoding differs from the deterministic one"
 
 
 def _has_unknown_fields(msg: Message) -> bool:
