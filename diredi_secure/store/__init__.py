@@ -11,29 +11,37 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (
+    DEFAULT_BODY_FILE_BYTES,
     DEFAULT_EPSILON_BUDGET,
+    CertificateChanged,
     Device,
     DeviceConflict,
     DeviceStatus,
     PacketRecord,
+    PacketRow,
     Release,
     Store,
     StoredPacket,
     StoredReceipt,
 )
+from .group_commit import GroupCommitConfig
 from .migrations import MIGRATIONS, SCHEMA_VERSION, Migration, SchemaTooNew
 from .postgres import PostgresStore
 from .sqlite import SQLiteStore
 
 __all__ = [
+    "DEFAULT_BODY_FILE_BYTES",
     "DEFAULT_EPSILON_BUDGET",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "CertificateChanged",
     "Device",
     "DeviceConflict",
     "DeviceStatus",
+    "GroupCommitConfig",
     "Migration",
     "PacketRecord",
+    "PacketRow",
     "PostgresStore",
     "Release",
     "SQLiteStore",

@@ -834,6 +834,7 @@ class Store(ABC):
                 accepted.append(row)
         for device_id in sorted(touched):
             device = devices[device_id]
+            assert device.rdp_spent is not None  # set by the charge that touched it
             cur.execute(
                 "UPDATE devices SET highest_counter = ?, epsilon_spent = ?, rdp_spent = ? "
                 "WHERE device_id = ?",

@@ -110,7 +110,16 @@ _V2 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+# Packet bodies above the store's threshold live in content-addressed files next to the database
+# (named by ``packet_sha256``, written and fsynced before the row commits); the row then keeps an
+# empty ``packet_bytes`` and ``body_in_file = 1``. Rows written before v3 keep their bodies inline.
+_V3 = Migration(
+    3,
+    "packet bodies above a threshold in content-addressed files",
+    ("ALTER TABLE packets ADD COLUMN body_in_file INTEGER NOT NULL DEFAULT 0",),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 

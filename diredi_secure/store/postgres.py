@@ -1,6 +1,8 @@
 """PostgreSQL backend (psycopg 3): the shared store of a fleet's stateless ingest replicas.
 
-Transactions run at READ COMMITTED. What makes :meth:`Store.store_packet` safe between replicas is
+Packets are committed in groups (:mod:`.group_commit`): one transaction per batch, which locks
+the batch's device rows in one statement, in device-id order (so two replicas' batches cannot
+deadlock). Transactions run at READ COMMITTED. What makes :meth:`Store.store_packet` safe between replicas is
 the row lock it takes first (``SELECT ... FROM devices WHERE device_id = %s FOR UPDATE``): every
 acceptance for one device is serialised on that row, and each later statement of the transaction
 reads the winner's committed packet, counter and spent epsilon. Unique constraints on
@@ -26,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import StoreError
 from .base import DEFAULT_EPSILON_BUDGET, Cursor, Store
+from .group_commit import GroupCommitConfig
 from .migrations import MIGRATIONS, Migration
 
 __all__ = ["PostgresStore"]
@@ -135,10 +138,13 @@ class PostgresStore(Store):
         connect_timeout_s: int = 10,
         pool_timeout_s: float = 30.0,
         migrations: Sequence[Migration] = MIGRATIONS,
+        group_commit: GroupCommitConfig = GroupCommitConfig(),  # noqa: B008 - frozen
     ) -> None:
         name = _redacted(dsn) + (f"#{schema}" if schema else "")
+        # Bodies stay in their rows (TOASTed): replicas on other hosts share no folder.
         super().__init__(
-            name=name, default_epsilon_budget=default_epsilon_budget, migrations=migrations
+            name=name, default_epsilon_budget=default_epsilon_budget, migrations=migrations,
+            group_commit=group_commit,
         )
         if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
             raise StoreError(f"store {name}: schema name {schema!r} is not a plain identifier")

@@ -8,7 +8,11 @@ equivalent of PostgreSQL's ``SELECT ... FOR UPDATE``). A writer waits up to ``bu
 the lock, then fails with :class:`StoreError`.
 
 One connection per store, shared by the store's threads under a lock: SQLite serialises writers
-anyway, and one connection keeps WAL checkpoints and fsyncs in one place.
+anyway, and one connection keeps WAL checkpoints and fsyncs in one place. Packets are committed in
+groups by the store's one writer thread (:mod:`.group_commit`): one ``fsync`` per batch.
+
+Packet bodies above ``body_file_bytes`` (64 KiB) live in content-addressed files in
+``<database>.bodies/`` (0700 folders, 0600 files, fsynced before the row commits).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
 from ..errors import StoreError
-from .base import DEFAULT_EPSILON_BUDGET, Cursor, Store
+from .base import DEFAULT_BODY_FILE_BYTES, DEFAULT_EPSILON_BUDGET, Cursor, Store
+from .group_commit import GroupCommitConfig
 from .migrations import MIGRATIONS, Migration
 
 __all__ = ["SQLiteStore"]
@@ -47,10 +53,17 @@ class SQLiteStore(Store):
         default_epsilon_budget: float = DEFAULT_EPSILON_BUDGET,
         busy_timeout_s: float = 30.0,
         migrations: Sequence[Migration] = MIGRATIONS,
+        body_file_bytes: int = DEFAULT_BODY_FILE_BYTES,
+        group_commit: GroupCommitConfig = GroupCommitConfig(),  # noqa: B008 - frozen
     ) -> None:
+        memory = str(path) == ":memory:"
+        body_dir = None if memory else Path(f"{path}.bodies")
         super().__init__(
-            name=str(path), default_epsilon_budget=default_epsilon_budget, migrations=migrations
+            name=str(path), default_epsilon_budget=default_epsilon_budget, migrations=migrations,
+            body_dir=body_dir, body_file_bytes=body_file_bytes, group_commit=group_commit,
         )
+        if body_dir is not None:
+            _sweep_temporaries(body_dir)
         self._lock = threading.Lock()
         if str(path) != ":memory:":
             # The ledger and packets are private: create the file 0600 before SQLite opens it (its
@@ -99,3 +112,18 @@ class SQLiteStore(Store):
     def _close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+_STALE_TEMPORARY_S = 600.0
+
+
+def _sweep_temporaries(body_dir: Path) -> None:
+    """Remove body files a killed writer left half-written (``.tmp-*``, never linked into place:
+    no row names them). Only old ones: another process may be writing a fresh one right now."""
+    if not body_dir.is_dir():
+        return
+    cutoff = time.time() - _STALE_TEMPORARY_S
+    for tmp in body_dir.glob("*/.tmp-*"):
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
