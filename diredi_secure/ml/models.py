@@ -1,4 +1,8 @@
-"""The cloud teacher (a small CNN) and the edge student (an MLP), and their checkpoints.
+"""The cloud teachers (CNNs) and the edge students (an MLP; a depthwise-separable CNN), and their
+checkpoints.
+
+Two pairs: the digits' (8x8 inputs: ``cnn_teacher`` about 37k parameters, ``mlp_student`` 2,410)
+and the MNIST scenario's (28x28 inputs: ``cnn28_teacher`` 935k, ``dscnn_student`` 86k, the size of a microcontroller-class edge model; :func:`mnist_specs`).
 
 Both use GroupNorm rather than BatchNorm: BatchNorm mixes samples within a batch, which breaks the
 per-sample gradients DP-SGD (Opacus) needs. A checkpoint is a safetensors file (weights, float32)
@@ -29,14 +33,17 @@ __all__ = [
     "flat_parameters",
     "load_model",
     "load_model_bytes",
+    "mnist_specs",
     "model_bytes",
     "save_model",
+    "specs_for",
     "state_arrays",
     "student_spec",
     "teacher_spec",
 ]
 
-Architecture = Literal["cnn_teacher", "mlp_student"]
+Architecture = Literal["cnn_teacher", "mlp_student", "cnn28_teacher", "dscnn_student"]
+_ARCHITECTURES = ("cnn_teacher", "mlp_student", "cnn28_teacher", "dscnn_student")
 ARCHITECTURE_FORMAT = "diredi-model/1"
 
 
@@ -50,7 +57,7 @@ class ModelSpec:
     channels: tuple[int, int, int] = (16, 32, 64)
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("cnn_teacher", "mlp_student"):
+        if self.architecture not in _ARCHITECTURES:
             raise ModelFormatError(f"unknown architecture {self.architecture!r}")
         if not (1 < self.num_classes <= 1000 and 0 < self.hidden <= 4096):
             raise ModelFormatError("model sizes out of range")
@@ -86,6 +93,23 @@ def student_spec() -> ModelSpec:
     return ModelSpec("mlp_student", hidden=32)
 
 
+def mnist_specs() -> tuple[ModelSpec, ModelSpec]:
+    """(teacher, student) for 28x28 inputs: a CNN of 935,338 parameters and a depthwise-separable
+    CNN of 86,026 (10.9x fewer; tests/unit/test_ml_models_mnist.py pins both counts). Sized for
+    a shared 2-core CPU: the strides keep the depthwise layers (slow on CPU) at 7x7 and 4x4."""
+    return (ModelSpec("cnn28_teacher", hidden=768, channels=(16, 32, 128)),
+            ModelSpec("dscnn_student", hidden=128, channels=(16, 64, 192)))
+
+
+def specs_for(dataset: str) -> tuple[ModelSpec, ModelSpec]:
+    """(teacher, student) specs for a scenario's dataset (``"digits"`` or ``"mnist"``)."""
+    if dataset == "mnist":
+        return mnist_specs()
+    if dataset == "digits":
+        return teacher_spec(), student_spec()
+    raise ModelFormatError(f"no models for dataset {dataset!r}")
+
+
 class CnnTeacher(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -118,12 +142,67 @@ class MlpStudent(nn.Module):
         return self.net(x)  # type: ignore[no-any-return]
 
 
+class Cnn28Teacher(nn.Module):
+    """Three conv stages (28 -> 14 -> 7 -> 3) and a wide hidden layer: the cloud model."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        c1, c2, c3 = spec.channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.GroupNorm(4, c1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.GroupNorm(4, c2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.GroupNorm(4, c3), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c3 * 9, spec.hidden), nn.ReLU(),
+            nn.Linear(spec.hidden, spec.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # type: ignore[no-any-return]
+
+
+def _separable(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    """A depthwise 3x3 (one filter per channel) then a pointwise 1x1, each with GroupNorm + ReLU:
+    MobileNet's block, about 9/c_out + 1/9 of a full 3x3 convolution's weights."""
+    return [nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in),
+            nn.GroupNorm(4, c_in), nn.ReLU(),
+            nn.Conv2d(c_in, c_out, 1), nn.GroupNorm(4, c_out), nn.ReLU()]
+
+
+class DsCnnStudent(nn.Module):
+    """Stem 3x3 conv of stride 2, four depthwise-separable blocks (14 -> 7 -> 7 -> 4 -> 4), global
+    average pool,
+    one hidden layer: the edge model. GroupNorm throughout (Opacus' per-sample gradients)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        c1, c2, c3 = spec.channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.GroupNorm(4, c1), nn.ReLU(),
+            *_separable(c1, c2, 2), *_separable(c2, c2, 1),
+            *_separable(c2, c3, 2), *_separable(c3, c3, 1),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c3, spec.hidden), nn.ReLU(),
+            nn.Linear(spec.hidden, spec.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # type: ignore[no-any-return]
+
+
 def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Module:
     """A freshly initialised module for ``spec`` (seeded when ``seed`` is given)."""
     if seed is not None:
         torch.manual_seed(seed)
     if spec.architecture == "cnn_teacher":
         return CnnTeacher(spec)
+    if spec.architecture == "cnn28_teacher":
+        return Cnn28Teacher(spec)
+    if spec.architecture == "dscnn_student":
+        return DsCnnStudent(spec)
     return MlpStudent(spec)
 
 
