@@ -14,13 +14,25 @@ from dataclasses import dataclass
 from ._crypto import HpkeSuite
 from .errors import MalformedPacket
 from .knowledge import DPParameters, PayloadDescriptor
+from .policy import WIRE_VERSIONS
 
-__all__ = ["ENVELOPE_VERSION", "FORMAT_VERSION", "PacketHeader", "ReceiptBody", "SignedEnvelope"]
+__all__ = [
+    "ENVELOPE_VERSION",
+    "ENVELOPE_VERSIONS",
+    "FORMAT_VERSION",
+    "CiphertextDigest",
+    "PacketHeader",
+    "ReceiptBody",
+    "SignedEnvelope",
+]
 
 FORMAT_VERSION = 1
-"""Version of :class:`PacketHeader` and :class:`ReceiptBody`."""
-ENVELOPE_VERSION = 1
-"""Version of :class:`SignedEnvelope` (and of the signature transcript)."""
+"""Version of :class:`PacketHeader` and :class:`ReceiptBody` (the same in both wire versions)."""
+ENVELOPE_VERSIONS = WIRE_VERSIONS
+"""Every :class:`SignedEnvelope` version this build parses; each names its signature transcript
+(``packet.signed_transcript``): 1 signs the ciphertext itself, 2 its SHA-256."""
+ENVELOPE_VERSION = 2
+"""The version this build seals (devices emit it by default)."""
 
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_COUNTER = 2**63 - 1
@@ -55,8 +67,9 @@ class PacketHeader:
         _require(bool(_DEVICE_ID_RE.fullmatch(self.device_id)), f"bad device id {self.device_id!r}")
         # Stores keep counters in a signed 64-bit column: refuse larger ones here, as malformed,
         # before any open or accounting work (issue 14 finding 6).
-        _require(1 <= self.counter <= _MAX_COUNTER,
-                 f"counter must lie in 1..2^63-1, got {self.counter}")
+        _require(
+            1 <= self.counter <= _MAX_COUNTER, f"counter must lie in 1..2^63-1, got {self.counter}"
+        )
         _require(self.created_at_ms > 0, "created_at must be a positive Unix time in ms")
         _require(
             bool(_VERSION_RE.fullmatch(self.base_model_version)),
@@ -95,3 +108,22 @@ class ReceiptBody:
         _require(len(self.packet_sha256) == 32, "receipt packet digest must be 32 bytes")
         _require(len(self.receipt_key_id) == 32, "receipt key id must be 32 bytes")
         _require(bool(_DEVICE_ID_RE.fullmatch(self.device_id)), f"bad device id {self.device_id!r}")
+
+
+@dataclass(frozen=True)
+class CiphertextDigest:
+    """SHA-256 of a packet's ciphertext field, computed by the *receiver* while the packet bytes
+    arrived (``serde.CiphertextHasher``), with where in those bytes the field lay.
+
+    Not from the peer: our own code's claim about bytes the peer sent. ``packet.open_packet`` uses
+    it only when the parsed envelope puts its ciphertext exactly at ``offset``/``length``, and
+    otherwise hashes the ciphertext itself.
+    """
+
+    offset: int
+    length: int
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        if self.offset < 0 or self.length < 0 or len(self.sha256) != 32:
+            raise ValueError("a ciphertext digest has a non-negative span and 32 bytes of SHA-256")

@@ -7,8 +7,14 @@ A packet is a :class:`~diredi_secure.envelope.SignedEnvelope`:
 * ``enc``, ``ciphertext``: HPKE (RFC 9180, base mode) of the safetensors payload to the cloud's
   inbox key, with the header bytes as the HPKE ``info``, so a ciphertext cannot be moved under
   another header;
-* ``signature``: Ed25519 by the device key over :func:`signed_transcript` (domain tag, then each of
-  header, enc and ciphertext length-prefixed).
+* ``signature``: Ed25519 by the device key over :func:`signed_transcript`. Wire version 1 (the
+  envelope's ``envelope_version``): a domain tag, then header, enc and ciphertext, each
+  length-prefixed. Wire version 2: another domain tag, header and enc as in 1, then the ciphertext's
+  length and its SHA-256 instead of its bytes, so verifying a 1 MiB packet runs Ed25519 over a few
+  hundred bytes and the receiver can hash the ciphertext as it streams in
+  (:class:`~diredi_secure.serde.CiphertextHasher`). The two tags differ, so a signature made for
+  one version never verifies as the other (a relabelled packet is ``SignatureInvalid``). Which
+  versions the cloud accepts is ``PacketPolicy.accepted_wire_versions``; devices seal version 2.
 
 Like h11, this module does no I/O: the clock (``now_ms``), randomness (``random_bytes``) and state
 (:class:`DeviceDirectory`, :class:`ReplayState`) are parameters. :func:`open_packet` performs every
@@ -43,7 +49,15 @@ from ._crypto import (
     sign,
     verify_signature,
 )
-from .envelope import ENVELOPE_VERSION, FORMAT_VERSION, PacketHeader, ReceiptBody, SignedEnvelope
+from .device_identities import VerifiedIdentities
+from .envelope import (
+    ENVELOPE_VERSION,
+    FORMAT_VERSION,
+    CiphertextDigest,
+    PacketHeader,
+    ReceiptBody,
+    SignedEnvelope,
+)
 from .errors import (
     CertificateRevoked,
     HeaderMismatch,
@@ -53,6 +67,7 @@ from .errors import (
     StalePacket,
     TooLarge,
     UnknownDevice,
+    UnsupportedVersion,
 )
 from .knowledge import (
     DPParameters,
@@ -64,6 +79,7 @@ from .knowledge import (
 from .policy import DEFAULT_LIMITS, DEFAULT_POLICY, Limits, PacketPolicy
 from .privacy import PacketCharge, account_packet, charge
 from .serde import (
+    ciphertext_span,
     envelope_from_bytes,
     envelope_to_bytes,
     header_from_bytes,
@@ -86,20 +102,36 @@ __all__ = [
     "inspect_packet",
     "make_receipt",
     "open_packet",
+    "packet_digest",
     "seal_packet",
     "signed_transcript",
     "verify_receipt",
 ]
 
 _SIG_DOMAIN = b"diredi-packet-v1\x00"
+_SIG_DOMAIN_V2 = b"diredi-packet-v2\x00"
 _RECEIPT_DOMAIN = b"diredi-receipt-v1\x00"
 
 
-def signed_transcript(header: bytes, enc: bytes, ciphertext: bytes) -> bytes:
-    """The exact bytes the device signs: domain tag, then length-prefixed header, enc, ciphertext.
+def signed_transcript(
+    header: bytes, enc: bytes, ciphertext: bytes, *, wire_version: int = ENVELOPE_VERSION
+) -> bytes:
+    """The exact bytes the device signs for a packet of ``wire_version``.
 
-    Length prefixes make the split unambiguous (no bytes can migrate between fields).
+    Version 1: ``"diredi-packet-v1\\0" || u32 len(header) || header || u32 len(enc) || enc ||
+    u64 len(ciphertext) || ciphertext``. Version 2: ``"diredi-packet-v2\\0" || u32 len(header) ||
+    header || u32 len(enc) || enc || u64 len(ciphertext) || SHA-256(ciphertext)`` (big-endian
+    lengths). Length prefixes make the split unambiguous (no bytes can migrate between fields);
+    the tag separates the versions. Raises :class:`UnsupportedVersion` for another version.
     """
+    if wire_version == 1:
+        return _transcript_v1(header, enc, ciphertext)
+    if wire_version == 2:
+        return _transcript_v2(header, enc, len(ciphertext), sha256(ciphertext))
+    raise UnsupportedVersion(f"wire version {wire_version} has no signed transcript")
+
+
+def _transcript_v1(header: bytes, enc: bytes, ciphertext: bytes) -> bytes:
     return b"".join(
         (
             _SIG_DOMAIN,
@@ -111,6 +143,37 @@ def signed_transcript(header: bytes, enc: bytes, ciphertext: bytes) -> bytes:
             ciphertext,
         )
     )
+
+
+def _transcript_v2(
+    header: bytes, enc: bytes, ciphertext_length: int, ciphertext_sha256: bytes
+) -> bytes:
+    return b"".join(
+        (
+            _SIG_DOMAIN_V2,
+            struct.pack(">I", len(header)),
+            header,
+            struct.pack(">I", len(enc)),
+            enc,
+            struct.pack(">Q", ciphertext_length),
+            ciphertext_sha256,
+        )
+    )
+
+
+def _envelope_transcript(env: SignedEnvelope, hint: CiphertextDigest | None = None) -> bytes:
+    """:func:`signed_transcript` of a parsed envelope; for version 2 the ciphertext is hashed
+    here unless ``hint`` (the receiver's own digest, taken as the bytes arrived) describes exactly
+    this envelope's ciphertext field."""
+    if env.envelope_version == 1:
+        return _transcript_v1(env.header, env.enc, env.ciphertext)
+    if env.envelope_version == 2:
+        if hint is not None and (hint.offset, hint.length) == ciphertext_span(env):
+            digest = hint.sha256
+        else:
+            digest = sha256(env.ciphertext)
+        return _transcript_v2(env.header, env.enc, len(env.ciphertext), digest)
+    raise UnsupportedVersion(f"envelope version {env.envelope_version} has no signed transcript")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,12 +290,15 @@ def seal_packet(
     suite: HpkeSuite = HpkeSuite.X25519_SHA256_AES128GCM,
     device_certificate: bytes = b"",
     limits: Limits = DEFAULT_LIMITS,
+    wire_version: int = ENVELOPE_VERSION,
 ) -> SealedPacket:
     """Encode, encrypt to ``inbox`` and sign ``payload``; returns the packet bytes and header.
 
     ``random_bytes(n)`` supplies the 128-bit packet id (pass ``os.urandom`` in production, a seeded
-    generator in tests); ``now_ms`` is the creation time. Raises :class:`TooLarge` if the payload
-    exceeds ``limits`` (the cloud would refuse it anyway).
+    generator in tests); ``now_ms`` is the creation time. ``wire_version`` 2 (the default) signs
+    the ciphertext's digest, 1 the ciphertext itself (for a cloud that has not yet accepted 2).
+    Raises :class:`TooLarge` if the payload exceeds ``limits`` (the cloud would refuse it anyway),
+    :class:`UnsupportedVersion` for an unknown ``wire_version``.
     """
     plaintext, descriptor = encode_payload(payload)
     check_descriptor(descriptor, limits)
@@ -254,10 +320,12 @@ def seal_packet(
     )
     header_bytes = header_to_bytes(header)
     enc, ciphertext = hpke_seal(suite, inbox, plaintext, info=header_bytes)
-    signature = sign(device_key, signed_transcript(header_bytes, enc, ciphertext))
+    signature = sign(
+        device_key, signed_transcript(header_bytes, enc, ciphertext, wire_version=wire_version)
+    )
     data = envelope_to_bytes(
         SignedEnvelope(
-            envelope_version=ENVELOPE_VERSION,
+            envelope_version=wire_version,
             header=header_bytes,
             enc=enc,
             ciphertext=ciphertext,
@@ -291,16 +359,35 @@ class OpenedPacket:
 
 
 _DIGEST_DOMAIN = b"diredi-packet-digest-v1\x00"
+_DIGEST_DOMAIN_V2 = b"diredi-packet-digest-v2\x00"
 
 
-def packet_digest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> bytes:
+def packet_digest(
+    data: bytes,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    ciphertext_digest: CiphertextDigest | None = None,
+) -> bytes:
     """The packet's identity for idempotency, receipts and attestations: SHA-256 over what the
     device signed and its signature, *not* the optional attached certificate (which no signature
     covers). A copy with the certificate stripped or swapped has the same digest, so it cannot take
-    the genuine packet's place (issue 14 finding 8). Raises like :func:`inspect_packet`."""
+    the genuine packet's place (issue 14 finding 8). Raises like :func:`inspect_packet`.
+
+    Wire version 1: ``SHA-256("diredi-packet-digest-v1\\0" || u32 len(sig) || sig ||
+    transcript_v1)``. Wire version 2: the same with tag ``"diredi-packet-digest-v2\\0"`` over
+    ``transcript_v2``, which holds SHA-256(ciphertext): it binds every signed byte (the ciphertext
+    through its digest) without a second pass over the ciphertext. ``ciphertext_digest``: the
+    receiver's own digest of the ciphertext (see :func:`open_packet`).
+    """
     env = envelope_from_bytes(data, limits)
-    return sha256(b"".join((_DIGEST_DOMAIN, struct.pack(">I", len(env.signature)), env.signature,
-                            signed_transcript(env.header, env.enc, env.ciphertext))))
+    return _digest(env, _envelope_transcript(env, ciphertext_digest))
+
+
+def _digest(env: SignedEnvelope, transcript: bytes) -> bytes:
+    domain = _DIGEST_DOMAIN if env.envelope_version == 1 else _DIGEST_DOMAIN_V2
+    return sha256(
+        b"".join((domain, struct.pack(">I", len(env.signature)), env.signature, transcript))
+    )
 
 
 def inspect_packet(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PacketHeader:
@@ -336,7 +423,10 @@ def _authenticate_device(
     devices: DeviceDirectory,
     now_ms: int,
     limits: Limits,
-) -> tuple[DeviceIdentity, DeviceRecord]:
+    ciphertext_digest: CiphertextDigest | None,
+    identities: VerifiedIdentities | None = None,
+) -> tuple[DeviceIdentity, DeviceRecord, bytes]:
+    """The device's identity and record, and the transcript its signature verified over."""
     record = devices.device_record(header.device_id)
     if record is None:
         raise UnknownDevice(f"device {header.device_id} is not enrolled")
@@ -351,7 +441,9 @@ def _authenticate_device(
         raise UnknownDevice(
             f"packet carries a certificate other than the one device {header.device_id} enrolled"
         )
-    identity = check_device_certificate(
+    # The enrolled certificate, checked against the CA once per certificate when a cache is given.
+    check = identities.check if identities is not None else check_device_certificate
+    identity = check(
         record.certificate_der, device_ca, now_ms=now_ms, max_bytes=limits.max_certificate_bytes
     )
     if identity.device_id != header.device_id:
@@ -360,10 +452,11 @@ def _authenticate_device(
         )
     if identity.public_key.key_id != header.signer_key_id:
         raise HeaderMismatch("header signer key id differs from the device certificate's key")
-    verify_signature(
-        identity.public_key, env.signature, signed_transcript(env.header, env.enc, env.ciphertext)
-    )
-    return identity, record
+    # Hashed only here, once the device and its certificate checked out (v2: one pass, or none
+    # when the receiver hashed while receiving).
+    transcript = _envelope_transcript(env, ciphertext_digest)
+    verify_signature(identity.public_key, env.signature, transcript)
+    return identity, record, transcript
 
 
 def _check_policy(header: PacketHeader, policy: PacketPolicy, now_ms: int) -> PacketCharge:
@@ -397,45 +490,91 @@ def open_packet(
     now_ms: int,
     policy: PacketPolicy = DEFAULT_POLICY,
     limits: Limits = DEFAULT_LIMITS,
+    ciphertext_digest: CiphertextDigest | None = None,
+    identities: VerifiedIdentities | None = None,
+    inbox_key_id: bytes | None = None,
 ) -> OpenedPacket:
     """Verify, decrypt and validate an untrusted packet. Changes no state.
 
-    Order: size cap; envelope and header parse (versions, suite); declared sizes (before any
+    ``identities`` (trusted): a cache of verified enrolled certificates for ``device_ca``, so a
+    certificate is checked against the CA once, not per packet. ``inbox_key_id`` (trusted):
+    ``inbox_key.key_id`` computed once by the caller.
+
+    Order: size cap; envelope parse; wire version against ``policy.accepted_wire_versions`` (a
+    retired version is ``PolicyViolation`` reason ``wire_version_retired``); header parse
+    (versions, suite); declared sizes (before any
     decryption); recipient key; device enrolment, revocation and certificate (checked once); signature; policy
     (suite, clock window, DP declaration, base model); replay; HPKE open; payload decode
     (safetensors only; dtype, shape, finiteness, norm bound). Raises the first failure as a
     :class:`~diredi_secure.errors.DirediError` subclass naming it.
 
-    Trusted inputs: ``inbox_key``, ``device_ca`` (DER), ``devices``, ``replay``, ``now_ms``.
+    Trusted inputs: ``inbox_key``, ``device_ca`` (DER), ``devices``, ``replay``, ``now_ms``, and
+    ``ciphertext_digest``: SHA-256 of the ciphertext field as *this receiver* computed it while the
+    bytes arrived (:class:`~diredi_secure.serde.CiphertextHasher`), used for a version-2 packet only
+    if its span is exactly the parsed ciphertext's (else the ciphertext is hashed here).
     """
     if len(data) > limits.max_packet_bytes:
         raise TooLarge("packet", len(data), limits.max_packet_bytes)
     env = envelope_from_bytes(data, limits)
+    if env.envelope_version not in policy.accepted_wire_versions:
+        # Before any signature or decryption work: a device cannot downgrade to a retired version.
+        raise PolicyViolation(
+            f"wire version {env.envelope_version} is retired by policy (accepted: "
+            f"{', '.join(str(v) for v in sorted(policy.accepted_wire_versions))})",
+            reason="wire_version_retired",
+        )
     header = header_from_bytes(env.header, limits)
-    _check_structure(env, header, inbox_key.key_id, limits)
-    identity, record = _authenticate_device(
-        env, header, device_ca=device_ca, devices=devices, now_ms=now_ms, limits=limits
+    _check_structure(
+        env, header, inbox_key.key_id if inbox_key_id is None else inbox_key_id, limits
+    )
+    identity, record, transcript = _authenticate_device(
+        env,
+        header,
+        device_ca=device_ca,
+        devices=devices,
+        now_ms=now_ms,
+        limits=limits,
+        ciphertext_digest=ciphertext_digest,
+        identities=identities,
     )
     cost = _check_policy(header, policy, now_ms)
     if record.rdp_spent is not None and record.epsilon_budget is not None:
         # Early refusal of an exhausted budget; the store re-checks inside its transaction.
-        charge(device_id=header.device_id, spent_curve=record.rdp_spent, packet_curve=cost.curve,
-               budget=record.epsilon_budget, policy=policy.dp, floor=record.epsilon_floor)
+        charge(
+            device_id=header.device_id,
+            spent_curve=record.rdp_spent,
+            packet_curve=cost.curve,
+            budget=record.epsilon_budget,
+            policy=policy.dp,
+            floor=record.epsilon_floor,
+        )
     _check_replay(replay, header.device_id, header.packet_id, header.counter)
     plaintext = hpke_open(header.suite, inbox_key, env.enc, env.ciphertext, info=env.header)
     payload = decode_payload(
         plaintext, header.payload, limits, max_l2_norm=policy.max_entry_l2_norm
     )
-    return OpenedPacket(header=header, payload=payload, device=identity,
-                        packet_sha256=packet_digest(data, limits),
-                        charge=cost)
+    return OpenedPacket(
+        header=header,
+        payload=payload,
+        device=identity,
+        packet_sha256=_digest(env, transcript),
+        charge=cost,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Receipts
 # ------------------------------------------------------------------------------------------------
-def make_receipt(receipt_key: SigningKey, opened: OpenedPacket, *, stored_at_ms: int) -> bytes:
-    """The cloud's signed receipt for a stored packet (deterministic: same inputs, same bytes)."""
+def make_receipt(
+    receipt_key: SigningKey,
+    opened: OpenedPacket,
+    *,
+    stored_at_ms: int,
+    receipt_key_id: bytes | None = None,
+) -> bytes:
+    """The cloud's signed receipt for a stored packet (deterministic: same inputs, same bytes).
+
+    ``receipt_key_id``: ``receipt_key.key_id`` computed once by the caller (trusted)."""
     body = receipt_body_to_bytes(
         ReceiptBody(
             format_version=FORMAT_VERSION,
@@ -444,7 +583,7 @@ def make_receipt(receipt_key: SigningKey, opened: OpenedPacket, *, stored_at_ms:
             device_id=opened.header.device_id,
             counter=opened.header.counter,
             stored_at_ms=stored_at_ms,
-            receipt_key_id=receipt_key.key_id,
+            receipt_key_id=receipt_key.key_id if receipt_key_id is None else receipt_key_id,
         )
     )
     return receipt_to_bytes(body, sign(receipt_key, _RECEIPT_DOMAIN + body))

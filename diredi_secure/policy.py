@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 from .privacy import DEFAULT_DP_POLICY, DPPolicy
 
-__all__ = ["DEFAULT_LIMITS", "DEFAULT_POLICY", "Limits", "PacketPolicy"]
+__all__ = ["DEFAULT_LIMITS", "DEFAULT_POLICY", "WIRE_VERSIONS", "Limits", "PacketPolicy"]
+
+WIRE_VERSIONS: frozenset[int] = frozenset({1, 2})
+"""Every packet wire version (``SignedPacket.envelope_version``) this build can parse. 1: the device
+signs the whole transcript, ciphertext included; 2: it signs the header, ``enc`` and a SHA-256 of
+the ciphertext (docs/PROTOCOL.md, "Wire versions"). Here rather than in ``envelope`` so that the
+policy below can be checked against it without an import cycle (``envelope`` re-exports it)."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,17 @@ class PacketPolicy:
     allowed_base_models: frozenset[str] | None = None
     """If set, the base model versions a packet may be computed against."""
     accepted_suites: frozenset[int] = field(default_factory=lambda: frozenset({1, 2, 3}))
+    accepted_wire_versions: frozenset[int] = field(default_factory=lambda: WIRE_VERSIONS)
+    """Packet wire versions accepted; a version left out is retired and refused
+    (``PolicyViolation``, reason ``wire_version_retired``) before any signature or decryption work,
+    so a device cannot downgrade to it. Default: both."""
 
     def __post_init__(self) -> None:
+        if not self.accepted_wire_versions or not self.accepted_wire_versions <= WIRE_VERSIONS:
+            raise ConfigError(
+                f"accepted_wire_versions must be a non-empty subset of {sorted(WIRE_VERSIONS)}, "
+                f"got {sorted(self.accepted_wire_versions)!r}"
+            )
         if self.max_future_skew_ms < 0 or self.max_age_ms <= 0:
             raise ConfigError("clock window must be non-negative with a positive max age")
         if not (self.max_entry_l2_norm > 0):

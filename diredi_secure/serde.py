@@ -9,6 +9,7 @@ Versions are checked here; every failure is a typed :class:`~diredi_secure.error
 
 from __future__ import annotations
 
+import hashlib
 from typing import TypeVar
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -17,12 +18,21 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from ._crypto import suite_from_wire
 from ._proto.diredi.v1 import packet_pb2 as pb
-from .envelope import ENVELOPE_VERSION, FORMAT_VERSION, PacketHeader, ReceiptBody, SignedEnvelope
+from .envelope import (
+    ENVELOPE_VERSIONS,
+    FORMAT_VERSION,
+    CiphertextDigest,
+    PacketHeader,
+    ReceiptBody,
+    SignedEnvelope,
+)
 from .errors import MalformedPacket, PayloadInvalid, TooLarge, UnsupportedVersion
 from .knowledge import DPParameters, PayloadDescriptor, PayloadEntry, PayloadKind, WireDType
 from .policy import DEFAULT_LIMITS, Limits
 
 __all__ = [
+    "CiphertextHasher",
+    "ciphertext_span",
     "dp_from_proto",
     "dp_to_proto",
     "envelope_from_bytes",
@@ -310,9 +320,10 @@ def envelope_to_bytes(env: SignedEnvelope) -> bytes:
 def envelope_from_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedEnvelope:
     """Parse the outer envelope (untrusted), checking each field's cap before anything else."""
     msg = _parse(pb.SignedPacket, data, "signed packet", limits.max_packet_bytes)
-    if msg.envelope_version != ENVELOPE_VERSION:
+    if msg.envelope_version not in ENVELOPE_VERSIONS:
         raise UnsupportedVersion(
-            f"envelope version {msg.envelope_version} (this build speaks {ENVELOPE_VERSION})"
+            f"envelope version {msg.envelope_version} (this build speaks "
+            f"{', '.join(str(v) for v in sorted(ENVELOPE_VERSIONS))})"
         )
     for name, cap in (
         ("header", limits.max_header_bytes),
@@ -333,6 +344,127 @@ def envelope_from_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedE
         signature=bytes(msg.signature),
         device_certificate=bytes(msg.device_certificate),
     )
+
+
+# -- where the ciphertext lies (wire version 2 signs its digest) ---------------------------------
+# SignedPacket holds only varint (version) and length-delimited (bytes) fields, and a parsed
+# envelope is canonical (fields once each, ascending, minimal varints, defaults omitted), so the
+# ciphertext's position follows from the lengths of the fields before it (version, header and enc
+# are numbered below it; tests/unit/test_wire_v2.py pins that).
+_ENVELOPE_FIELDS = {fd.name: fd.number for fd in pb.SignedPacket.DESCRIPTOR.fields}
+_CIPHERTEXT_FIELD = _ENVELOPE_FIELDS["ciphertext"]
+_WIRE_VARINT, _WIRE_LEN = 0, 2
+_MAX_VARINT_BYTES = 10
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def ciphertext_span(env: SignedEnvelope) -> tuple[int, int]:
+    """``(offset, length)`` of ``env.ciphertext`` inside the bytes ``env`` was parsed from.
+
+    Exact for every envelope :func:`envelope_from_bytes` returns (those bytes are the canonical
+    encoding); used to check that a :class:`CiphertextDigest` describes this very field.
+    """
+    offset = 0
+    if env.envelope_version:
+        offset += _varint_size(_ENVELOPE_FIELDS["envelope_version"] << 3)
+        offset += _varint_size(env.envelope_version)
+    for name, value in (("header", env.header), ("enc", env.enc)):
+        if value:
+            offset += _varint_size(_ENVELOPE_FIELDS[name] << 3) + _varint_size(len(value))
+            offset += len(value)
+    if env.ciphertext:
+        offset += _varint_size(_CIPHERTEXT_FIELD << 3) + _varint_size(len(env.ciphertext))
+    return offset, len(env.ciphertext)
+
+
+class CiphertextHasher:
+    """Feed it SignedPacket bytes as they arrive: it hashes the ciphertext field on the way, so a
+    streamed wire-version-2 packet needs no second pass over its largest field.
+
+    It reads only the outer framing (tags, varints, lengths; a few dozen bytes per packet) and
+    passes field contents through as slices. Untrusted input cannot make it allocate: a declared
+    length is skipped, not buffered. Input it does not expect (another wire type, a second
+    ciphertext field, a varint over 10 bytes, a stream that stops inside a field) makes
+    :meth:`result` ``None``; the receiver then hashes the parsed ciphertext itself, and the parse
+    refuses what is not a canonical envelope anyway. The result is a claim of this code about
+    these bytes: ``open_packet`` uses it only where :func:`ciphertext_span` agrees.
+    """
+
+    def __init__(self) -> None:
+        self._consumed = 0  # bytes of earlier updates
+        self._varint = bytearray()
+        self._expect = "key"  # "key" | "varint" | "length"
+        self._field = 0
+        self._skip = 0  # content bytes of the current field still to pass
+        self._hashing = False
+        self._hash = hashlib.sha256()
+        self._span: tuple[int, int] | None = None
+        self._failed = False
+
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        view = memoryview(chunk)
+        size, i = len(view), 0
+        while i < size and not self._failed:
+            if self._skip:
+                take = min(self._skip, size - i)
+                if self._hashing:
+                    self._hash.update(view[i : i + take])
+                self._skip -= take
+                i += take
+                self._hashing = self._hashing and self._skip > 0
+                continue
+            byte = view[i]
+            i += 1
+            self._varint.append(byte)
+            if byte & 0x80:
+                if len(self._varint) >= _MAX_VARINT_BYTES:
+                    self._failed = True
+                continue
+            value = _varint_value(self._varint)
+            self._varint.clear()
+            self._on_varint(value, self._consumed + i)
+        self._consumed += size
+
+    def _on_varint(self, value: int, position: int) -> None:
+        if self._expect == "key":
+            self._field, wire_type = value >> 3, value & 7
+            if wire_type == _WIRE_VARINT:
+                self._expect = "varint"
+            elif wire_type == _WIRE_LEN:
+                self._expect = "length"
+            else:
+                self._failed = True
+        elif self._expect == "varint":
+            self._expect = "key"
+        else:
+            self._expect = "key"
+            self._skip = value
+            if self._field == _CIPHERTEXT_FIELD:
+                if self._span is not None:
+                    self._failed = True
+                    return
+                self._span = (position, value)
+                self._hashing = value > 0
+
+    def result(self) -> CiphertextDigest | None:
+        """The ciphertext's digest and where it lay, or ``None`` (see the class docstring)."""
+        if self._failed or self._span is None or self._skip or self._varint:
+            return None
+        if self._expect != "key":
+            return None
+        return CiphertextDigest(
+            offset=self._span[0], length=self._span[1], sha256=self._hash.copy().digest()
+        )
+
+
+def _varint_value(data: bytes | bytearray) -> int:
+    value = 0
+    for shift, byte in enumerate(data):
+        value |= (byte & 0x7F) << (7 * shift)
+    return value
 
 
 # -- receipts -----------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from diredi_secure._crypto import (
 )
 from diredi_secure._proto.diredi.v1 import services_pb2 as spb
 from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
+from diredi_secure.envelope import CiphertextDigest
 from diredi_secure.errors import (
     CertificateInvalid,
     CertificateRevoked,
@@ -58,6 +59,7 @@ from diredi_secure.errors import (
 )
 from diredi_secure.packet import inspect_packet, make_receipt, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
+from diredi_secure.serde import CiphertextHasher
 from diredi_secure.store import DeviceStatus, PacketRecord, Store
 
 from .observe import IngestObserver, Metrics, OpsServer
@@ -143,8 +145,13 @@ class Ingest(_CloudLogic):
 
     released_models: Callable[[], Mapping[str, str | None]] | None = None
 
-    def submit(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False) -> bytes:
+    def submit(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False,
+               ciphertext_digest: CiphertextDigest | None = None) -> bytes:
         """The signed receipt for ``data`` once it is durably stored (or was stored before).
+
+        ``ciphertext_digest``: the SHA-256 of the ciphertext field that :meth:`assemble` took while
+        the stream arrived (trusted: our own code), so a wire-version-2 packet is not hashed again
+        (``open_packet`` checks it describes this packet's ciphertext field).
 
         Raises the core's and the store's typed errors: :class:`TooLarge`, ``MalformedPacket``,
         ``SignatureInvalid``, ``UnknownDevice``, ``CertificateRevoked``, ``ReplayDetected`` (same
@@ -182,6 +189,7 @@ class Ingest(_CloudLogic):
             now_ms=now_ms,
             policy=self.policy,
             limits=limits,
+            ciphertext_digest=ciphertext_digest,
         )
         receipt = make_receipt(self.keys.receipt_key, opened, stored_at_ms=now_ms)
         stored = self.store.store_packet(
@@ -189,12 +197,14 @@ class Ingest(_CloudLogic):
         )
         return stored.receipt_bytes  # the transaction has committed
 
-    def assemble(self, chunks: Iterable[bytes]) -> bytes:
+    def assemble(self, chunks: Iterable[bytes], *, hasher: CiphertextHasher | None = None) -> bytes:
         """Reassemble a streamed packet from serialised ``Chunk`` messages, enforcing order and caps.
 
         The first chunk may declare ``total_length`` (later ones repeat it or leave it 0); offsets
         must follow each other exactly; no chunk may be empty; the total never exceeds the declared
         length nor ``max_packet_bytes``. Raises :class:`MalformedPacket` / :class:`TooLarge`.
+        ``hasher`` sees each accepted chunk as it arrives (it hashes the ciphertext field on the
+        way: the one pass over it; ``hasher.result()`` then goes to :meth:`submit`).
         """
         cap = self.config.limits.max_packet_bytes
         buffer = bytearray()
@@ -221,6 +231,8 @@ class Ingest(_CloudLogic):
             if len(buffer) + len(chunk.data) > limit:
                 raise TooLarge("streamed packet", len(buffer) + len(chunk.data), limit)
             buffer += chunk.data
+            if hasher is not None:
+                hasher.update(chunk.data)
         if not buffer:
             raise MalformedPacket("the stream carried no chunk")
         if declared and len(buffer) != declared:
@@ -485,8 +497,10 @@ class _Knowledge:
                 # Who may stream at all is settled before a byte is buffered.
                 self.ingest.store.require_active_device(peer)
             data = None
-            data = self.ingest.assemble(requests)
-            receipt = self.ingest.submit(data, peer=peer, mtls=self.mtls, streamed=True)
+            hasher = CiphertextHasher()  # the ciphertext is hashed as it arrives (wire version 2)
+            data = self.ingest.assemble(requests, hasher=hasher)
+            receipt = self.ingest.submit(data, peer=peer, mtls=self.mtls, streamed=True,
+                                         ciphertext_digest=hasher.result())
         except Exception as exc:
             self.observer.refused(method="SubmitStream", error=exc, packet=data, peer=peer, started=started)
             if isinstance(exc, DirediError):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from diredi_secure import _crypto
+from diredi_secure.envelope import ENVELOPE_VERSION
 from diredi_secure.knowledge import DPParameters, KnowledgePayload, PayloadKind, PayloadTensor
 from diredi_secure.packet import MemoryDeviceDirectory, MemoryReplayState, SealedPacket, seal_packet
 from diredi_secure.privacy import ACCOUNTANT, epsilon_from_curve, gaussian_curve, schedule_for
@@ -112,6 +113,7 @@ class Pki:
         inbox: _crypto.InboxPublicKey | None = None,
         base_model_version: str = "v1",
         random_bytes: Callable[[int], bytes] | None = None,
+        wire_version: int = ENVELOPE_VERSION,
     ) -> SealedPacket:
         key, cert = self.device_keys[device_id]
         return seal_packet(
@@ -126,6 +128,7 @@ class Pki:
             random_bytes=random_bytes or self.rng,
             suite=suite,
             device_certificate=cert,
+            wire_version=wire_version,
         )
 
     def open_kwargs(self, now_ms: int = NOW_MS) -> dict[str, object]:

@@ -11,7 +11,7 @@ import pytest
 
 from diredi_secure import _crypto
 from diredi_secure._proto.diredi.v1 import packet_pb2 as pb
-from diredi_secure.envelope import SignedEnvelope
+from diredi_secure.envelope import ENVELOPE_VERSION, SignedEnvelope
 from diredi_secure.errors import (
     CertificateInvalid,
     CertificateRevoked,
@@ -62,7 +62,7 @@ def resign(pki: Pki, env: SignedEnvelope, device_id: str = "device-a") -> bytes:
     key, _ = pki.device_keys[device_id]
     sig = _crypto.sign(key, signed_transcript(env.header, env.enc, env.ciphertext))
     return envelope_to_bytes(
-        SignedEnvelope(1, env.header, env.enc, env.ciphertext, sig, env.device_certificate)
+        SignedEnvelope(ENVELOPE_VERSION, env.header, env.enc, env.ciphertext, sig, env.device_certificate)
     )
 
 
@@ -80,7 +80,7 @@ def reseal_with_header(
     enc, ct = _crypto.hpke_seal(
         _crypto.HpkeSuite(msg.suite or 1), pki.inbox.public_key, plaintext, header_bytes
     )
-    env = SignedEnvelope(1, header_bytes, enc, ct, b"\0" * 64, pki.device_keys[device_id][1])
+    env = SignedEnvelope(ENVELOPE_VERSION, header_bytes, enc, ct, b"\0" * 64, pki.device_keys[device_id][1])
     return resign(pki, env, device_id)
 
 
@@ -147,7 +147,7 @@ def test_signature_by_attacker_key_claiming_enrolled_device(pki: Pki) -> None:
     attacker = _crypto.SigningKey.from_seed(seeded("attacker"))
     sig = _crypto.sign(attacker, signed_transcript(good.header, good.enc, good.ciphertext))
     forged = envelope_to_bytes(
-        SignedEnvelope(1, good.header, good.enc, good.ciphertext, sig, good.device_certificate)
+        SignedEnvelope(ENVELOPE_VERSION, good.header, good.enc, good.ciphertext, sig, good.device_certificate)
     )
     refuse(pki, forged, SignatureInvalid)
 
@@ -169,20 +169,20 @@ def test_headers_swapped_between_two_valid_packets(pki: Pki) -> None:
     b = envelope_from_bytes(pki.seal("device-a", 2, payload=KnowledgePayload(pki_payload())).data)
     # Swap headers and re-sign with the real key: only the HPKE info binding can catch it.
     swapped = resign(
-        pki, SignedEnvelope(1, b.header, a.enc, a.ciphertext, a.signature, a.device_certificate)
+        pki, SignedEnvelope(ENVELOPE_VERSION, b.header, a.enc, a.ciphertext, a.signature, a.device_certificate)
     )
     refuse(pki, swapped, (HeaderMismatch, DecryptionFailed))  # type: ignore[arg-type]
     # Same length payloads: the ciphertext length check passes, the HPKE info check does not.
     c = envelope_from_bytes(pki.seal("device-a", 3).data)
     swapped_same_len = resign(
-        pki, SignedEnvelope(1, c.header, a.enc, a.ciphertext, a.signature, a.device_certificate)
+        pki, SignedEnvelope(ENVELOPE_VERSION, c.header, a.enc, a.ciphertext, a.signature, a.device_certificate)
     )
     refuse(pki, swapped_same_len, DecryptionFailed)
     # Without re-signing, the signature already fails.
     refuse(
         pki,
         envelope_to_bytes(
-            SignedEnvelope(1, c.header, a.enc, a.ciphertext, a.signature, a.device_certificate)
+            SignedEnvelope(ENVELOPE_VERSION, c.header, a.enc, a.ciphertext, a.signature, a.device_certificate)
         ),
         SignatureInvalid,
     )
@@ -200,7 +200,7 @@ def test_ciphertext_sealed_to_another_inbox_key(pki: Pki) -> None:
     )
     refuse(
         pki,
-        resign(pki, SignedEnvelope(1, env.header, enc, ct, b"", env.device_certificate)),
+        resign(pki, SignedEnvelope(ENVELOPE_VERSION, env.header, enc, ct, b"", env.device_certificate)),
         DecryptionFailed,
     )
 
@@ -256,7 +256,7 @@ def test_unknown_suite(pki: Pki) -> None:
         resign(
             pki,
             SignedEnvelope(
-                1,
+                ENVELOPE_VERSION,
                 msg.SerializeToString(deterministic=True),
                 env.enc,
                 env.ciphertext,

@@ -20,7 +20,7 @@ from diredi_secure.services.status import status_for
 from diredi_secure import _crypto, privacy
 from diredi_secure._proto.diredi.v1 import packet_pb2 as pb
 from diredi_secure.checkpoint import checkpoint_bytes
-from diredi_secure.envelope import SignedEnvelope
+from diredi_secure.envelope import ENVELOPE_VERSION, SignedEnvelope
 from diredi_secure.errors import (
     CertificateInvalid,
     DecryptionFailed,
@@ -66,7 +66,7 @@ class Setup:
 
     def resign(self, env: SignedEnvelope) -> bytes:
         sig = _crypto.sign(self.agent.workspace.signing_key(), signed_transcript(env.header, env.enc, env.ciphertext))
-        return envelope_to_bytes(SignedEnvelope(1, env.header, env.enc, env.ciphertext, sig, env.device_certificate))
+        return envelope_to_bytes(SignedEnvelope(ENVELOPE_VERSION, env.header, env.enc, env.ciphertext, sig, env.device_certificate))
 
     def with_header(self, mutate: Callable[[pb.PacketHeader], None], plaintext: bytes | None = None) -> bytes:
         env = envelope_from_bytes(self.seal())
@@ -76,7 +76,7 @@ class Setup:
         plain = plaintext if plaintext is not None else encode_payload(payload(0))[0]
         suite = msg.suite if msg.suite in (1, 2, 3) else 1
         enc, ct = _crypto.hpke_seal(_crypto.HpkeSuite(suite), self.agent.workspace.inbox_public_key(), plain, header)
-        return self.resign(SignedEnvelope(1, header, enc, ct, b"", env.device_certificate))
+        return self.resign(SignedEnvelope(ENVELOPE_VERSION, header, enc, ct, b"", env.device_certificate))
 
     def with_payload(self, plain: bytes, shape: tuple[int, ...], dtype: int = pb.DTYPE_FLOAT32) -> bytes:
         def edit(h: pb.PacketHeader) -> None:
@@ -124,7 +124,7 @@ def _rogue_cert(s: Setup) -> tuple[_crypto.SigningKey, bytes]:
 
 def _swapped_headers(s: Setup) -> bytes:
     a, b = envelope_from_bytes(s.seal()), envelope_from_bytes(s.seal())
-    return s.resign(SignedEnvelope(1, b.header, a.enc, a.ciphertext, b"", a.device_certificate))
+    return s.resign(SignedEnvelope(ENVELOPE_VERSION, b.header, a.enc, a.ciphertext, b"", a.device_certificate))
 
 
 def _nan_payload(s: Setup) -> bytes:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 from diredi_secure import _crypto
 from diredi_secure.knowledge import encode_payload
-from diredi_secure.packet import open_packet
+from diredi_secure.packet import open_packet, packet_digest
 from diredi_secure.serde import envelope_from_bytes, header_from_bytes
 
 from ..conftest import NOW_MS, build_pki, make_payload
@@ -42,6 +44,7 @@ def test_fixed_inputs_give_exactly_these_header_bytes(v: dict[str, object]) -> N
         suite=_crypto.HpkeSuite(int(v["suite"])),  # type: ignore[call-overload]
         random_bytes=lambda n: packet_id,
         now_ms=int(v["now_ms"]),
+        wire_version=int(v.get("wire_version", 1)),  # type: ignore[call-overload]
     )  # type: ignore[call-overload]
     assert envelope_from_bytes(sealed.data).header.hex() == v["header_hex"]
     _data, desc = encode_payload(make_payload())
@@ -59,3 +62,44 @@ def test_stored_packet_opens_to_exactly_this_header(v: dict[str, object]) -> Non
     assert opened.header.recipient_key_id.hex() == v["recipient_key_id"]
     expected = make_payload().tensors[0].values.astype(np.float16).astype(np.float32)
     assert np.array_equal(opened.payload.tensors[0].values, expected)
+
+
+def _independent_transcript(version: int, header: bytes, enc: bytes, ciphertext: bytes) -> bytes:
+    """The signed transcript written out again from docs/PROTOCOL.md, not from packet.py."""
+    tail = ciphertext if version == 1 else hashlib.sha256(ciphertext).digest()
+    return (
+        b"diredi-packet-v%d\x00" % version
+        + struct.pack(">I", len(header))
+        + header
+        + struct.pack(">I", len(enc))
+        + enc
+        + struct.pack(">Q", len(ciphertext))
+        + tail
+    )
+
+
+@pytest.mark.parametrize("v", PACKETS, ids=lambda v: v["file"])
+def test_signature_and_digest_follow_the_documented_transcript(v: dict[str, object]) -> None:
+    pki = build_pki()
+    data = (HERE / str(v["file"])).read_bytes()
+    env = envelope_from_bytes(data)
+    version = int(v.get("wire_version", 1))  # type: ignore[call-overload]
+    assert env.envelope_version == version
+    transcript = _independent_transcript(version, env.header, env.enc, env.ciphertext)
+    key, _cert = pki.device_keys["device-a"]
+    _crypto.verify_signature(key.public_key, env.signature, transcript)
+    digest = hashlib.sha256(
+        b"diredi-packet-digest-v%d\x00" % version
+        + struct.pack(">I", len(env.signature))
+        + env.signature
+        + transcript
+    ).digest()
+    assert packet_digest(data) == digest
+    if version == 2:
+        assert hashlib.sha256(env.ciphertext).hexdigest() == v["ciphertext_sha256"]
+        assert digest.hex() == v["packet_digest"]
+
+
+def test_both_wire_versions_are_pinned() -> None:
+    files = {str(v["file"]) for v in PACKETS}
+    assert {f"packet_v{w}_suite{s}.bin" for w in (1, 2) for s in (1, 2, 3)} <= files
