@@ -27,6 +27,8 @@ post-processing of what the user's device already released:
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,10 +43,14 @@ from .sensor import render
 
 __all__ = [
     "ReKDConfig",
+    "UserReKD",
+    "UserReKDShared",
     "apply_own_claims",
     "new_class_prior",
     "rekd_student",
+    "rekd_user_task",
     "rekd_weights",
+    "user_transfer_rows",
     "user_weights",
 ]
 
@@ -76,6 +82,11 @@ class ReKDConfig:
     # Own claims (module docstring); None turns them off.
     own_claim_margin: float | None = 4.0
     own_claim_known_limit: float = 0.5
+    # A per-user model learns from at most this many transfer rows: the reference set and the
+    # user's own rows always, then a seeded sample of the other users' rows (None: all of them).
+    # The fleet's transfer set grows with the number of devices; without a cap each per-user
+    # re-KD costs O(N) and the release O(N^2) (docs/FLEET.md). The fleet model uses every row.
+    max_transfer_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.prior_weight < 0 or self.prior_floor <= 0:
@@ -90,6 +101,8 @@ class ReKDConfig:
             raise ConfigError(f"beta must lie in [0, 1], got {self.beta}")
         if self.presumed_floor < 0:
             raise ConfigError(f"presumed_floor must be >= 0, got {self.presumed_floor}")
+        if self.max_transfer_rows is not None and self.max_transfer_rows < 1:
+            raise ConfigError(f"max_transfer_rows must be >= 1, got {self.max_transfer_rows}")
 
 
 def user_weights(teacher_logits: np.ndarray, support: np.ndarray, beta: float) -> np.ndarray:
@@ -188,3 +201,71 @@ def rekd_student(
         w = np.concatenate([w, w[:n] * config.domain_weight])
     student = build_model(spec, seed=seed)
     return kd_train(student, x, y, z, config.kd, seed=seed, sample_weights=w)
+
+
+def user_transfer_rows(
+    n_rows: int, n_ref: int, own: Sequence[tuple[int, int]], cap: int | None, *, seed: int
+) -> np.ndarray:
+    """The transfer rows one user's re-KD learns from (sorted): all of them without ``cap``; else
+    the ``n_ref`` reference rows, the user's own ``[start, stop)`` ranges, and a sample (seeded) of
+    the other rows until ``cap`` rows are chosen (the reference and own rows are never dropped)."""
+    if cap is None or n_rows <= cap:
+        return np.arange(n_rows)
+    keep = np.zeros(n_rows, bool)
+    keep[:n_ref] = True
+    for start, stop in own:
+        keep[start:stop] = True
+    others = np.flatnonzero(~keep)
+    room = max(cap - int(keep.sum()), 0)
+    if room and others.size:
+        pick = np.random.default_rng(seed).choice(others.size, min(room, others.size), replace=False)
+        keep[others[pick]] = True
+    return np.flatnonzero(keep)
+
+
+@dataclass(frozen=True)
+class UserReKDShared:
+    """What every per-user re-KD task of a release shares (models as safetensors bytes)."""
+
+    teacher: bytes
+    spec: ModelSpec
+    presumed: Dataset
+    transfer_x: np.ndarray
+    n_ref: int
+    config: ReKDConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class UserReKD:
+    """One user's inputs to re-KD: noised class shares, sensor kernel, own claims (sparse, global
+    transfer rows; later parts win where two packets claim one row) and own transfer rows."""
+
+    device_id: str
+    support: np.ndarray
+    kernel: np.ndarray | None = None
+    claims: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    own_rows: tuple[tuple[int, int], ...] = ()
+    has_claims: bool = False
+
+
+def rekd_user_task(shared: UserReKDShared, user: UserReKD) -> bytes:
+    """A per-user model (safetensors bytes): an executor task over :func:`rekd_student`."""
+    from .models import load_model_bytes, model_bytes
+
+    teacher, _, _ = load_model_bytes(shared.teacher)
+    n = len(shared.transfer_x)
+    # Each user's sample of other rows differs (and is fixed by the release seed and its id).
+    seed = shared.seed + int.from_bytes(hashlib.sha256(user.device_id.encode()).digest()[:4], "big")
+    rows = user_transfer_rows(n, shared.n_ref, user.own_rows, shared.config.max_transfer_rows,
+                              seed=seed)
+    own_claims = None
+    if user.has_claims:
+        dense = np.full(n, -1, np.int64)
+        for r, c in user.claims:
+            dense[r] = c
+        own_claims = dense[rows]
+    model = rekd_student(teacher, shared.spec, shared.presumed, shared.transfer_x[rows],
+                         shared.config, seed=shared.seed, support=user.support,
+                         domain_kernel=user.kernel, own_claims=own_claims)
+    return model_bytes(model, shared.spec)

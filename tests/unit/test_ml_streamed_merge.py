@@ -56,9 +56,9 @@ def _setup() -> tuple[Scenario, bytes, bytes, tuple[DeviceKnowledge, ...]]:
     devices = []
     for i in range(5):
         user = sc.users[i % len(sc.users)].train
-        part = Dataset(user.x[i * 5 :], user.y[i * 5 :])
+        part = Dataset(user.x[i * 5 : i * 5 + 80], user.y[i * 5 : i * 5 + 80])
         kinds = DEFAULT_PAYLOAD_KINDS if i != 3 else DEFAULT_PAYLOAD_KINDS[1:]  # one without delta
-        rd = RDConfig(epsilon=8.0, epochs=4, kinds=tuple(kinds), research_seed=100 + i)
+        rd = RDConfig(epsilon=8.0, epochs=2, kinds=tuple(kinds), research_seed=100 + i)
         devices.append(
             DeviceKnowledge(
                 f"dev-{i}#1", reverse_distill(student, part, sc.reference_x, rd).payload
