@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # The PostgreSQL backend's tests run against this server; scripts/ensure_postgres.sh starts one.
 export DIREDI_TEST_POSTGRES_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: all venv demo test test-fast test-slow lint typecheck protos protos-check bench bench-quick fuzz clean
+.PHONY: all venv demo test test-fast test-slow lint typecheck protos protos-check proto-check proto-baseline node-deps bench bench-quick fuzz clean
 
 all: test
 
@@ -38,6 +38,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	./scripts/ensure_postgres.sh
 	$(BIN)/python scripts/gen_protos.py --check
+	$(MAKE) --no-print-directory proto-check node-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy diredi_secure
 	$(BIN)/mypy services audits benchmarks
@@ -58,6 +59,32 @@ protos: $(STAMP)
 
 protos-check: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py --check
+
+# The wire contract for other languages (docs/WIRE.md): buf lint (STANDARD, exceptions in buf.yaml)
+# and buf breaking against the released wire v1 (tools/buf/released-wire-v1.json, an image of the
+# protos devices run). buf is pinned by tools/buf/package-lock.json and installed with `npm ci`.
+BUF := tools/buf/node_modules/.bin/buf
+NODE_STAMP := tools/buf/node_modules/.installed
+$(NODE_STAMP): tools/buf/package-lock.json
+	./tools/ensure_node.sh
+	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+proto-check: $(NODE_STAMP)
+	$(BUF) lint
+	$(BUF) breaking --against tools/buf/released-wire-v1.json
+
+# At a release that changes the wire contract: the new baseline every later change is checked against.
+proto-baseline: $(NODE_STAMP)
+	$(BUF) build --exclude-source-info -o tools/buf/released-wire-v1.json
+
+# The Node client example (examples/node), run by tests/integration/test_node_client.py.
+EXAMPLE_NODE_STAMP := examples/node/node_modules/.installed
+$(EXAMPLE_NODE_STAMP): examples/node/package-lock.json $(NODE_STAMP)
+	cd examples/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(EXAMPLE_NODE_STAMP)
+
+node-deps: $(EXAMPLE_NODE_STAMP)
 
 # Long fuzz runs with atheris (the default suite replays tests/fuzz/corpus and fixed mutations).
 # FUZZ_TARGET: open_packet, signed_header, decode_payload, account_packet; FUZZ_SECONDS per run.

@@ -96,7 +96,11 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     """quantised, two codes per byte (low nibble first): real value = (code - 8) * scale,"""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
-    """Element type of one tensor of the payload."""
+    """Element type of one tensor of the payload.
+    buf wants D_TYPE_ prefixes for `DType`, but the value names are the JSON encoding and renaming
+    the type is a WIRE_JSON break, so both stay as released (wire v1):
+    buf:lint:ignore ENUM_VALUE_PREFIX
+    """
 
 DTYPE_UNSPECIFIED: DType.ValueType  # 0
 DTYPE_FLOAT32: DType.ValueType  # 1
@@ -301,7 +305,7 @@ Global___PacketHeader: _TypeAlias = PacketHeader  # noqa: Y015
 @_typing.final
 class SignedPacket(_message.Message):
     """What travels: header bytes, HPKE encapsulated key, ciphertext, and a device signature over
-    all three (domain separated, length prefixed; see packet.py).
+    all three (domain separated, length prefixed; docs/WIRE.md gives every byte).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -353,8 +357,9 @@ class ReceiptBody(_message.Message):
     format_version: _builtins.int
     packet_id: _builtins.bytes
     packet_sha256: _builtins.bytes
-    """SHA-256 of the SignedPacket bytes as received"""
+    """packet digest: SHA-256 over what the device signed and its"""
     device_id: _builtins.str
+    """signature, not the attached certificate (docs/WIRE.md)"""
     counter: _builtins.int
     stored_at_ms: _builtins.int
     receipt_key_id: _builtins.bytes

@@ -28,29 +28,69 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class KnowledgeServiceStub:
-    """Devices submit knowledge packets; the cloud acknowledges each with a signed receipt once durable."""
+    """Devices submit knowledge packets; the cloud acknowledges each with a signed receipt once durable.
+
+    Wire v1 names its request and response messages by what they are, not after each RPC as buf's
+    STANDARD lint wants: Submit takes the SignedPacket itself (a SubmitRequest wrapping it would
+    change the very bytes the receipt's digest and the device's signature are over), both submit
+    RPCs answer with the signed Receipt, and SubmitStream and FetchTarget share the Chunk framing.
+    Renaming the others is a buf WIRE_JSON break (RPC_SAME_REQUEST_TYPE), so each RPC of wire v1
+    carries its exceptions; a new RPC is linted in full.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KnowledgeServiceAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_packet_pb2.SignedPacket, _packet_pb2.Receipt]
-    """Idempotent by packet id: the same packet bytes again return the same receipt."""
+    """Idempotent by packet id: the same packet bytes again return the same receipt.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     SubmitStream: _grpc.StreamUnaryMultiCallable[_services_pb2.Chunk, _packet_pb2.Receipt]
-    """For packets above the unary cap: the serialised SignedPacket in ordered chunks."""
+    """For packets above the unary cap: the serialised SignedPacket in ordered chunks.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 @_typing.type_check_only
 class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
-    """Devices submit knowledge packets; the cloud acknowledges each with a signed receipt once durable."""
+    """Devices submit knowledge packets; the cloud acknowledges each with a signed receipt once durable.
+
+    Wire v1 names its request and response messages by what they are, not after each RPC as buf's
+    STANDARD lint wants: Submit takes the SignedPacket itself (a SubmitRequest wrapping it would
+    change the very bytes the receipt's digest and the device's signature are over), both submit
+    RPCs answer with the signed Receipt, and SubmitStream and FetchTarget share the Chunk framing.
+    Renaming the others is a buf WIRE_JSON break (RPC_SAME_REQUEST_TYPE), so each RPC of wire v1
+    carries its exceptions; a new RPC is linted in full.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_packet_pb2.SignedPacket, _packet_pb2.Receipt]  # type: ignore[assignment]
-    """Idempotent by packet id: the same packet bytes again return the same receipt."""
+    """Idempotent by packet id: the same packet bytes again return the same receipt.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     SubmitStream: _aio.StreamUnaryMultiCallable[_services_pb2.Chunk, _packet_pb2.Receipt]  # type: ignore[assignment]
-    """For packets above the unary cap: the serialised SignedPacket in ordered chunks."""
+    """For packets above the unary cap: the serialised SignedPacket in ordered chunks.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Devices submit knowledge packets; the cloud acknowledges each with a signed receipt once durable."""
+    """Devices submit knowledge packets; the cloud acknowledges each with a signed receipt once durable.
+
+    Wire v1 names its request and response messages by what they are, not after each RPC as buf's
+    STANDARD lint wants: Submit takes the SignedPacket itself (a SubmitRequest wrapping it would
+    change the very bytes the receipt's digest and the device's signature are over), both submit
+    RPCs answer with the signed Receipt, and SubmitStream and FetchTarget share the Chunk framing.
+    Renaming the others is a buf WIRE_JSON break (RPC_SAME_REQUEST_TYPE), so each RPC of wire v1
+    carries its exceptions; a new RPC is linted in full.
+    """
 
     @_abc_1.abstractmethod
     def Submit(
@@ -58,7 +98,11 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _packet_pb2.SignedPacket,
         context: _ServicerContext,
     ) -> _typing.Union[_packet_pb2.Receipt, _abc.Awaitable[_packet_pb2.Receipt]]:
-        """Idempotent by packet id: the same packet bytes again return the same receipt."""
+        """Idempotent by packet id: the same packet bytes again return the same receipt.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
     @_abc_1.abstractmethod
     def SubmitStream(
@@ -66,7 +110,11 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_services_pb2.Chunk],
         context: _ServicerContext,
     ) -> _typing.Union[_packet_pb2.Receipt, _abc.Awaitable[_packet_pb2.Receipt]]:
-        """For packets above the unary cap: the serialised SignedPacket in ordered chunks."""
+        """For packets above the unary cap: the serialised SignedPacket in ordered chunks.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
 def add_KnowledgeServiceServicer_to_server(servicer: KnowledgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -78,7 +126,14 @@ class UpdateServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> UpdateServiceAsyncStub: ...
     GetMetadata: _grpc.UnaryUnaryMultiCallable[_services_pb2.MetadataRequest, _services_pb2.MetadataResponse]
+    """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     FetchTarget: _grpc.UnaryStreamMultiCallable[_services_pb2.TargetRequest, _services_pb2.Chunk]
+    """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 @_typing.type_check_only
 class UpdateServiceAsyncStub(UpdateServiceStub):
@@ -86,7 +141,14 @@ class UpdateServiceAsyncStub(UpdateServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetMetadata: _aio.UnaryUnaryMultiCallable[_services_pb2.MetadataRequest, _services_pb2.MetadataResponse]  # type: ignore[assignment]
+    """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     FetchTarget: _aio.UnaryStreamMultiCallable[_services_pb2.TargetRequest, _services_pb2.Chunk]  # type: ignore[assignment]
+    """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 class UpdateServiceServicer(metaclass=_abc_1.ABCMeta):
     """What a device's TUF updater fetches."""
@@ -96,14 +158,21 @@ class UpdateServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _services_pb2.MetadataRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_services_pb2.MetadataResponse, _abc.Awaitable[_services_pb2.MetadataResponse]]: ...
+    ) -> _typing.Union[_services_pb2.MetadataResponse, _abc.Awaitable[_services_pb2.MetadataResponse]]:
+        """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
 
     @_abc_1.abstractmethod
     def FetchTarget(
         self,
         request: _services_pb2.TargetRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_services_pb2.Chunk], _abc.AsyncIterator[_services_pb2.Chunk]]: ...
+    ) -> _typing.Union[_abc.Iterator[_services_pb2.Chunk], _abc.AsyncIterator[_services_pb2.Chunk]]:
+        """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
 def add_UpdateServiceServicer_to_server(servicer: UpdateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -116,6 +185,9 @@ class EnrollmentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EnrollmentServiceAsyncStub: ...
     Enroll: _grpc.UnaryUnaryMultiCallable[_services_pb2.EnrollRequest, _services_pb2.EnrollResponse]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_services_pb2.DeviceStatusRequest, _services_pb2.DeviceStatusResponse]
+    """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
@@ -124,6 +196,9 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Enroll: _aio.UnaryUnaryMultiCallable[_services_pb2.EnrollRequest, _services_pb2.EnrollResponse]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_services_pb2.DeviceStatusRequest, _services_pb2.DeviceStatusResponse]  # type: ignore[assignment]
+    """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Device registration and revocation."""
@@ -140,6 +215,9 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _services_pb2.DeviceStatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_services_pb2.DeviceStatusResponse, _abc.Awaitable[_services_pb2.DeviceStatusResponse]]: ...
+    ) -> _typing.Union[_services_pb2.DeviceStatusResponse, _abc.Awaitable[_services_pb2.DeviceStatusResponse]]:
+        """buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
