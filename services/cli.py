@@ -332,19 +332,24 @@ def cloud_merge(
     tiny: Annotated[bool, typer.Option("--tiny", help="1-2 epochs everywhere (smoke tests only)")] = False,
     passphrase_env: Annotated[str | None, typer.Option(help="Env var holding the key passphrase")] = None,
     log_file: Annotated[Path | None, typer.Option(help="Append logs to this file")] = None,
+    executor: Annotated[str, typer.Option(help="Where the merge and re-KD run: inprocess or ray")] = "inprocess",
+    address: Annotated[str, typer.Option(help="Ray: local (start one here), auto (the cluster this machine joined) or ray://host:port")] = "local",
+    workers: Annotated[int | None, typer.Option(help="Ray local: CPUs to start it with (default 1)")] = None,
 ) -> None:
     """Open the stored packets, merge into the cloud model, re-KD, audit gate, publish next release."""
+    from diredi_secure.ml.executor import make_executor
+
     from .jobs import JobSettings, default_audit_gate, merge_and_release
 
     _log_to(log_file, logging.WARNING if log_file is None else logging.INFO)
     settings = _settings(tiny)
     assert isinstance(settings, JobSettings)
     ws = CloudWorkspace.open(workspace)
-    with ws.open_store() as store:
+    with ws.open_store() as store, make_executor(executor, address=address, workers=workers) as jobs_on:
         out = merge_and_release(
             ws, store, now=_now(), seed=seed, settings=settings,
             audit_gate=default_audit_gate(audit_profile), force_release=force_release,
-            passphrase=_passphrase(passphrase_env),
+            passphrase=_passphrase(passphrase_env), executor=jobs_on,
         )
     for pid, why in out.skipped_packets.items():
         typer.echo(f"  skipped packet {pid[:16]}: {why}")
@@ -473,7 +478,7 @@ def edge_update(
 
         update_from_folder(from_dir=from_dir, state=state, root=trusted_root, allow_unaudited=allow_unaudited)
         return
-    from .jobs import update_device
+    from .edge import update_device  # not .jobs: the update path stays free of torch
 
     assert workspace is not None
     with _agent(workspace, insecure, server) as agent:

@@ -37,14 +37,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 
 from diredi_secure import privacy
 from diredi_secure.checkpoint import atomic_write_bytes, checkpoint_bytes, load_checkpoint_bytes
@@ -62,11 +61,12 @@ from diredi_secure.knowledge import DPParameters, PayloadKind, encode_payload
 from diredi_secure.ml.data import Dataset, Scenario, load_scenario, make_scenario, save_scenario
 from diredi_secure.ml.distill import KDConfig, TrainConfig, distill_student, train_classifier
 from diredi_secure.ml.evaluate import accuracy
+from diredi_secure.ml.executor import JobExecutor
 from diredi_secure.ml.merge import (
     DeviceKnowledge,
     MergeConfig,
     check_payload_fits,
-    merge_into_teacher,
+    merge_streamed,
 )
 from diredi_secure.ml.models import (
     build_model,
@@ -75,7 +75,13 @@ from diredi_secure.ml.models import (
     student_spec,
     teacher_spec,
 )
-from diredi_secure.ml.rekd import ReKDConfig, rekd_student
+from diredi_secure.ml.rekd import (
+    ReKDConfig,
+    UserReKD,
+    UserReKDShared,
+    rekd_student,
+    rekd_user_task,
+)
 from diredi_secure.ml.reverse import DEFAULT_PAYLOAD_KINDS, RDConfig, reverse_distill
 from diredi_secure.packet import MemoryReplayState, OpenedPacket, SealedPacket, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
@@ -85,20 +91,20 @@ from diredi_secure.release import (
     ReleaseBundle,
     ReleasePredicate,
     ReleaseRepository,
-    UpdatePolicy,
-    UpdateResult,
 )
-from diredi_secure.release.errors import ReleaseUnavailable
 from diredi_secure.release.repository import (
     ATTESTATION_TARGET,
-    INBOX_KEY_TARGET,
     MODEL_TARGET,
     REFERENCE_SET_TARGET,
 )
 from diredi_secure.store import Store, StoredPacket
 
-from .edge import EdgeAgent
+# The device's update path lives in .edge (no torch on it); re-exported here for callers.
+from .edge import EdgeAgent, device_prefix, device_role, update_device
 from .workspace import CloudWorkspace, _read, _read_json, _write_json
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "AuditGate",
@@ -129,19 +135,6 @@ _MAX_MODEL_BYTES = 64 * 1024 * 1024
 # ------------------------------------------------------------------------------------------------
 # Names and settings
 # ------------------------------------------------------------------------------------------------
-def device_prefix(device_id: str) -> str:
-    """Where a device's own release lives in the repository: ``devices/<id>/``."""
-    return f"devices/{device_id}/"
-
-
-def device_role(device_id: str) -> str:
-    """The delegated TUF role that signs a device's release.
-
-    Device ids allow upper case and dots, role names do not; a hash keeps the mapping one-to-one.
-    """
-    return "device-" + hashlib.sha256(device_id.encode()).hexdigest()[:24]
-
-
 @dataclass(frozen=True)
 class JobSettings:
     """Training settings of the cloud jobs (defaults: ``diredi_secure.ml``'s documented ones)."""
@@ -192,7 +185,9 @@ class GateInput:
     """What the audit gate sees: the opened packets of the round and the scenario."""
 
     release_version: int
-    packets: tuple[OpenedPacket, ...]
+    packets: Iterable[OpenedPacket]
+    """The round's packets, opened; streamed from the store on each iteration (iterate it as often
+    as needed, never hold it whole: a fleet's round does not fit in memory)."""
     scenario: Scenario
     seed: int
     out_dir: Path | None = None
@@ -458,46 +453,54 @@ def export_user_data(workspace: CloudWorkspace, user: str, out: Path, *, part: s
 # ------------------------------------------------------------------------------------------------
 # Cloud: merge, re-KD, gate, release N+1
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class _Opened:
-    stored: StoredPacket
-    opened: OpenedPacket
+@dataclass(frozen=True)
+class _Used:
+    """What the release needs of one merged packet once its payload is gone (the stream moved on)."""
+
+    packet_id: bytes
+    device_id: str
+    counter: int
+    base: str
+    packet_sha256: bytes
+    curve: np.ndarray
+    accountant: str
 
 
-def _open_stored(
-    workspace: CloudWorkspace, store: Store, packets: Sequence[StoredPacket], policy: PacketPolicy,
-    passphrase: bytes | None,
-) -> tuple[list[_Opened], dict[str, str]]:
-    """Open stored packets again (decrypt + verify) at the time each was received."""
-    keys = workspace.keys(passphrase)
-    opened: list[_Opened] = []
-    skipped: dict[str, str] = {}
-    for stored in packets:
-        try:
-            result = open_packet(
-                stored.packet_bytes, inbox_key=keys.inbox_key, device_ca=keys.device_ca_der,
-                devices=store, replay=MemoryReplayState(), now_ms=stored.received_at_ms,
-                policy=policy,
-            )
-        except (CertificateRevoked, UnknownDevice) as exc:
-            skipped[stored.packet_id.hex()] = exc.one_line()
-            log.warning("packet %s left unmerged: %s", stored.packet_id.hex(), exc.one_line())
-            continue
-        if result.packet_sha256 != stored.packet_sha256:
-            raise StoreError(f"stored packet {stored.packet_id.hex()} does not match its digest")
-        opened.append(_Opened(stored, result))
-    return opened, skipped
+def _open_one(
+    stored: StoredPacket, keys: Any, store: Store, policy: PacketPolicy
+) -> OpenedPacket:
+    """Open a stored packet again (decrypt + verify) at the time it was received."""
+    result = open_packet(
+        stored.packet_bytes, inbox_key=keys.inbox_key, device_ca=keys.device_ca_der,
+        devices=store, replay=MemoryReplayState(), now_ms=stored.received_at_ms, policy=policy,
+    )
+    if result.packet_sha256 != stored.packet_sha256:
+        raise StoreError(f"stored packet {stored.packet_id.hex()} does not match its digest")
+    return result
 
 
-def _own_claims(parts: list[tuple[int, np.ndarray]], rows: int) -> np.ndarray:
-    """One device's own claims over the concatenated transfer rows: ``parts`` are (offset of a
-    merge group's rows, that packet's claims there); -1 where it claims nothing. Two packets of
-    one device in one group share rows: every claim is kept, a later -1 erases none."""
-    out = np.full(rows, -1, np.int64)
-    for start, claim in parts:
-        seg = out[start : start + len(claim)]
-        seg[claim >= 0] = claim[claim >= 0]
-    return out
+class _StoredStream:
+    """The round's packets, streamed from the store and opened again on each pass (re-iterable).
+
+    Only the packets chosen in the first pass (``ids``) come out, in arrival order: packets that
+    arrive while the job runs wait for the next release."""
+
+    def __init__(self, store: Store, keys: Any, policy: PacketPolicy, ids: set[bytes]) -> None:
+        self._store, self._keys, self._policy, self._ids = store, keys, policy, ids
+
+    def __iter__(self) -> Iterator[OpenedPacket]:
+        seen = 0
+        for stored in self._store.iter_packets(unmerged_only=True):
+            if stored.packet_id in self._ids:
+                seen += 1
+                try:
+                    yield _open_one(stored, self._keys, self._store, self._policy)
+                except (CertificateRevoked, UnknownDevice) as exc:
+                    raise ConfigError(f"packet {stored.packet_id.hex()} cannot be opened any more "
+                                      f"({exc.one_line()}); run the merge again") from exc
+        if seen != len(self._ids):
+            raise ConfigError("packets of this round were merged by another job meanwhile; "
+                              "run the merge again")
 
 
 def merge_and_release(
@@ -511,8 +514,21 @@ def merge_and_release(
     force_release: bool = False,
     policy: PacketPolicy = DEFAULT_POLICY,
     passphrase: bytes | None = None,
+    executor: JobExecutor | None = None,
+    rekd_sample: int | None = None,
+    chunk_size: int = 64,
 ) -> ReleaseOutcome:
     """Merge every unmerged stored packet and publish the next release (fleet + per device).
+
+    The packets stream from the store (:meth:`Store.iter_packets`): a first pass opens each one
+    and keeps what the release needs (ids, digests, ledger curves; no payload); the merge
+    (:func:`~diredi_secure.ml.merge.merge_streamed`) streams them again per base model. The
+    merge's chunks, the teacher's fine-tuning, the fleet re-KD and each per-user re-KD run on
+    ``executor`` (default in-process; the same seeds give the same release on every executor).
+
+    ``rekd_sample``: at most this many contributing devices (a seeded choice) get a model of
+    their own in this release, the others keep the fleet model (None: every contributor). For
+    fleets whose per-user re-KD does not fit one release window; the outcome lists who got one.
 
     ``audit_gate`` defaults to :func:`default_audit_gate` (``fast``). A failing verdict raises
     :class:`ReleaseRefused` (reason ``audit_failed``) before anything is published, unless
@@ -521,8 +537,13 @@ def merge_and_release(
     are left unmerged (listed in ``skipped_packets``). Raises :class:`ConfigError` when there is
     nothing to merge.
     """
+    from diredi_secure.ml.executor import InProcessExecutor
+
     settings = settings or JobSettings()
     gate = audit_gate or default_audit_gate("fast")
+    executor = executor if executor is not None else InProcessExecutor()
+    if rekd_sample is not None and rekd_sample < 0:
+        raise ConfigError(f"rekd_sample must be >= 0, got {rekd_sample}")
     t0 = time.perf_counter()
     repo = _repository(workspace, passphrase)
     fleet_version = repo.current_release("")
@@ -531,71 +552,97 @@ def merge_and_release(
     version = fleet_version + 1
     index = _index(workspace)
     scenario = _scenario(workspace)
-    pending = store.list_packets(unmerged_only=True)
+    keys = workspace.keys(passphrase)
+    n_ref = len(scenario.reference_x)
+
+    # Pass 1: open every unmerged packet once; keep what the release needs, not the payloads.
+    skipped: dict[str, str] = {}
+    groups: dict[str, list[_Used]] = {}
+    base_models: dict[str, nn.Module] = {}
+    pending = 0
+    for stored in store.iter_packets(unmerged_only=True):
+        pending += 1
+        pid = stored.packet_id.hex()
+        try:
+            opened = _open_one(stored, keys, store, policy)
+        except (CertificateRevoked, UnknownDevice) as exc:
+            skipped[pid] = exc.one_line()
+            log.warning("packet %s left unmerged: %s", pid, exc.one_line())
+            continue
+        base = opened.header.base_model_version
+        if base not in index["models"]:
+            skipped[pid] = f"base model {base[:16]} was never released here"
+            continue
+        # One packet that does not fit its model or the reference set must not stop the round for
+        # everyone (issue 14 finding 7): skip it, record why, merge the rest.
+        if base not in base_models:
+            base_models[base] = _load_model(_models_dir(workspace) / f"{base}.safetensors",
+                                            "released model")
+        try:
+            check_payload_fits(opened.payload, base_models[base], n_ref,
+                               image_shape=tuple(scenario.reference_x.shape[1:]))
+        except PayloadInvalid as exc:
+            skipped[pid] = f"payload does not fit its model: {exc.message}"
+            continue
+        groups.setdefault(base, []).append(_Used(
+            stored.packet_id, opened.header.device_id, opened.header.counter, base,
+            opened.packet_sha256, opened.charge.curve, opened.header.dp.accountant))
     if not pending:
         raise ConfigError("there are no unmerged packets in the store")
-    opened, skipped = _open_stored(workspace, store, pending, policy, passphrase)
-
-    # Group by the model each packet was computed against (the device's installed model).
-    groups: dict[str, list[_Opened]] = {}
-    for item in opened:
-        base = item.opened.header.base_model_version
-        if base not in index["models"]:
-            skipped[item.stored.packet_id.hex()] = f"base model {base[:16]} was never released here"
-            continue
-        groups.setdefault(base, []).append(item)
-    # One packet that does not fit its model or the reference set must not stop the round for
-    # everyone (issue 14 finding 7): skip it, record why, merge the rest.
-    for base in list(groups):
-        base_model = _load_model(_models_dir(workspace) / f"{base}.safetensors", "released model")
-        fits = []
-        for item in groups[base]:
-            try:
-                check_payload_fits(item.opened.payload, base_model, len(scenario.reference_x))
-            except PayloadInvalid as exc:
-                skipped[item.stored.packet_id.hex()] = f"payload does not fit its model: {exc.message}"
-                continue
-            fits.append(item)
-        if fits:
-            groups[base] = fits
-        else:
-            del groups[base]
-    used = [item for group in groups.values() for item in group]
+    used = [u for group in groups.values() for u in group]
     if not used:
         raise ConfigError(f"no packet can be merged ({len(skipped)} skipped: {skipped})")
 
-    teacher = _load_model(_models_dir(workspace) / "teacher.safetensors", "cloud model")
+    teacher_bytes = _read(_models_dir(workspace) / "teacher.safetensors", "cloud model",
+                          _MAX_MODEL_BYTES)
     transfer: list[np.ndarray] = []
     supports: dict[str, list[np.ndarray]] = {}
     weights: dict[str, float] = {}
     kernels: dict[str, np.ndarray] = {}  # per device: its sensor, fitted from its DP prototypes
-    # Per device: (offset of its group's transfer rows, its own claims there) for per-user re-KD.
-    claims: dict[str, list[tuple[int, np.ndarray]]] = {}
+    # Per device: its own claims (sparse, rows in the concatenated transfer set) and own rows.
+    claims: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    own_rows: dict[str, list[tuple[int, int]]] = {}
     offset = 0
     rng = np.random.default_rng(seed + version)
+    base_rows: list[tuple[int, int]] = []  # each group's reference rows in the transfer set
     for base_sha in sorted(groups):
-        base_model = _load_model(_models_dir(workspace) / f"{base_sha}.safetensors", "released model")
-        devices = [DeviceKnowledge(f"{i.opened.header.device_id}#{i.opened.header.counter}",
-                                   i.opened.payload) for i in groups[base_sha]]
-        merged = merge_into_teacher(teacher, base_model, devices, scenario.reference_x,
-                                    scenario.presumed_train, settings.merge, seed=seed + version,
-                                    rng=rng, presumed_val=scenario.presumed_val)
-        teacher = merged.teacher
+        ids = {u.packet_id for u in groups[base_sha]}
+        stream = _StoredStream(store, keys, policy, ids)
+
+        def devices(stream: _StoredStream = stream) -> Iterator[DeviceKnowledge]:
+            for o in stream:
+                yield DeviceKnowledge(f"{o.header.device_id}#{o.header.counter}", o.payload)
+
+        base_bytes = _read(_models_dir(workspace) / f"{base_sha}.safetensors", "released model",
+                           _MAX_MODEL_BYTES)
+        merged = merge_streamed(teacher_bytes, base_bytes, devices, scenario.reference_x,
+                                scenario.presumed_train, settings.merge, seed=seed + version,
+                                rng=rng, presumed_val=scenario.presumed_val, executor=executor,
+                                chunk_size=chunk_size)
+        teacher_bytes = model_bytes(merged.teacher, teacher_spec())
         transfer.append(merged.transfer_x)
-        for item, dev in zip(groups[base_sha], devices, strict=True):
-            supports.setdefault(item.opened.header.device_id, []).append(merged.supports[dev.device_id])
-            own = merged.own_claims.get(dev.device_id)
-            if own is not None:
-                claims.setdefault(item.opened.header.device_id, []).append((offset, own))
-            weights[dev.device_id] = float(merged.weights[dev.device_id])
-            kernel = merged.sensor_kernels.get(dev.device_id)
+        base_rows.append((offset, offset + n_ref))
+        for u in groups[base_sha]:
+            name = f"{u.device_id}#{u.counter}"
+            supports.setdefault(u.device_id, []).append(merged.supports[name])
+            sparse = merged.own_claim_rows.get(name)
+            if sparse is not None:
+                claims.setdefault(u.device_id, []).append((sparse[0] + offset, sparse[1]))
+            start_stop = merged.owner_rows.get(name)
+            if start_stop is not None:
+                own_rows.setdefault(u.device_id, []).append(
+                    (start_stop[0] + offset, start_stop[1] + offset))
+            weights[name] = float(merged.weights[name])
+            kernel = merged.sensor_kernels.get(name)
             if kernel is not None:
-                kernels[item.opened.header.device_id] = kernel
+                kernels[u.device_id] = kernel
         offset += len(merged.transfer_x)
     transfer_x = np.concatenate(transfer)
+    teacher = load_model_bytes(teacher_bytes)[0]
 
-    gate_outcome = gate(GateInput(version, tuple(i.opened for i in used), scenario, seed,
-                                  out_dir=workspace.root / "audits" / f"release-v{version}"))
+    used_ids = {u.packet_id for u in used}
+    gate_outcome = gate(GateInput(version, _StoredStream(store, keys, policy, used_ids), scenario,
+                                  seed, out_dir=workspace.root / "audits" / f"release-v{version}"))
     forced = False
     if gate_outcome.verdict is AuditVerdict.FAIL:
         _write_audit_report(workspace, version, gate_outcome.report)
@@ -609,38 +656,48 @@ def merge_and_release(
         log.warning("release v%d FORCED despite a failed audit", version)
     report_sha = _write_audit_report(workspace, version, gate_outcome.report)
 
-    fleet = rekd_student(teacher, student_spec(), scenario.presumed_train, transfer_x,
-                         settings.rekd, seed=seed + 2)
-    fleet_bytes = model_bytes(fleet, student_spec())
-    per_device: dict[str, bytes] = {}
-    for device_id, shares in sorted(supports.items()):
-        support = np.mean(np.stack(shares), axis=0)
-        own_claims = (_own_claims(claims[device_id], len(transfer_x)) if device_id in claims
-                      else None)
-        model = rekd_student(teacher, student_spec(), scenario.presumed_train, transfer_x,
-                             settings.rekd, seed=seed + 2, support=support,
-                             domain_kernel=kernels.get(device_id), own_claims=own_claims)
-        per_device[device_id] = model_bytes(model, student_spec())
+    t_fleet = time.perf_counter()
+    fleet_shared = UserReKDShared(teacher_bytes, student_spec(), scenario.presumed_train,
+                                  transfer_x, n_ref, settings.rekd, seed + 2)
+    fleet_bytes = executor.run(_fleet_rekd_task, fleet_shared, None)
+    fleet = load_model_bytes(fleet_bytes)[0]
+    fleet_seconds = time.perf_counter() - t_fleet
+    contributors = sorted(supports)
+    chosen = contributors
+    if rekd_sample is not None and rekd_sample < len(contributors):
+        pick = np.random.default_rng(seed + version + 3).choice(len(contributors), rekd_sample,
+                                                                replace=False)
+        chosen = [contributors[i] for i in sorted(pick)]
+    # Only the first group's reference rows count as "reference" for the row cap; the others are
+    # the same images again (kept: a per-user model learns the same rows as before the cap).
+    users = [UserReKD(d, np.mean(np.stack(supports[d]), axis=0), kernels.get(d),
+                      tuple(claims.get(d, ())), tuple(own_rows.get(d, ()))
+                      + tuple(r for r in base_rows[1:]), d in claims)
+             for d in chosen]
+    t_users = time.perf_counter()
+    per_device = dict(zip(chosen, executor.map(rekd_user_task, fleet_shared, users), strict=True))
+    user_seconds = time.perf_counter() - t_users
 
     ledger = {d.device_id: d.epsilon_spent for d in store.list_devices()}
 
-    def predicate(items: list[_Opened], parent_sha: str | None) -> ReleasePredicate:
+    def predicate(items: list[_Used], parent_sha: str | None) -> ReleasePredicate:
         # A device's packets in this round compose (RDP curves), like its lifetime ledger.
         curves: dict[str, np.ndarray] = {}
         for i in items:
-            d = i.opened.header.device_id
-            curves[d] = privacy.compose([curves.get(d, privacy.zero_curve()), i.opened.charge.curve])
+            curves[i.device_id] = privacy.compose([curves.get(i.device_id, privacy.zero_curve()),
+                                                   i.curve])
         rounds = {d: privacy.lifetime_epsilon(c) for d, c in curves.items()}
         parent_version = None if parent_sha is None else int(index["models"][parent_sha]["version"])
         return ReleasePredicate.build(
             release_version=version, parent_digest=parent_sha, parent_version=parent_version,
-            packet_digests=[i.opened.packet_sha256 for i in items],
+            packet_digests=[i.packet_sha256 for i in items],
             epsilon=[DeviceEpsilon(d, e, max(e, ledger.get(d, e))) for d, e in rounds.items()],
-            accountant=",".join(sorted({i.opened.header.dp.accountant for i in items})),
+            accountant=",".join(sorted({i.accountant for i in items})),
             audit_report_digest=report_sha, audit_verdict=gate_outcome.verdict,
             audit_forced=forced, training_config_digest=settings.digest(),
         )
 
+    t_publish = time.perf_counter()
     architecture = student_spec().to_json().encode()
     reference = reference_set_bytes(scenario.reference_x)
     inbox_pem = _read(workspace.root / "inbox.pub", "inbox public key")
@@ -657,13 +714,16 @@ def merge_and_release(
     device_records: list[tuple[str, str, str]] = []
     delegated = repo.targets().signed.delegations
     roles = set(delegated.roles or {}) if delegated is not None else set()
+    by_device: dict[str, list[_Used]] = {}
+    for u in used:
+        by_device.setdefault(u.device_id, []).append(u)
     for device_id, data in per_device.items():
         prefix, role = device_prefix(device_id), device_role(device_id)
         if role not in roles:
             repo.add_delegation(role, paths=[prefix + "*"], now=now)
-        items = [i for i in used if i.opened.header.device_id == device_id]
+        items = by_device[device_id]
         # The device runs the model its newest packet was computed against: that is the parent.
-        parent_sha = max(items, key=lambda i: i.opened.header.counter).opened.header.base_model_version
+        parent_sha = max(items, key=lambda i: i.counter).base
         dev_published = repo.publish(
             ReleaseBundle(version=version, model=data, architecture=architecture,
                           predicate=predicate(items, parent_sha), reference_set=reference,
@@ -673,19 +733,23 @@ def merge_and_release(
         sha = _save_model(workspace, data)
         index["models"][sha] = {"version": version, "prefix": prefix, "device": device_id}
         device_records.append((device_id, sha, _attestation_sha(dev_published, prefix)))
-    atomic_write_bytes(_models_dir(workspace) / f"teacher-v{version}.safetensors",
-                       model_bytes(teacher, teacher_spec()))
-    atomic_write_bytes(_models_dir(workspace) / "teacher.safetensors",
-                       model_bytes(teacher, teacher_spec()))
+    atomic_write_bytes(_models_dir(workspace) / f"teacher-v{version}.safetensors", teacher_bytes)
+    atomic_write_bytes(_models_dir(workspace) / "teacher.safetensors", teacher_bytes)
     _write_json(_index_path(workspace), index)
     now_ms = int(now.timestamp() * 1000)
     for device_id, sha, att in device_records:
         store.record_release(f"{version}/{device_id}", sha, att, now_ms)
     store.record_release(str(version), fleet_sha, _attestation_sha(published, ""), now_ms,
-                         merged_packet_ids=[i.stored.packet_id for i in used])
+                         merged_packet_ids=[u.packet_id for u in used])
+    publish_seconds = time.perf_counter() - t_publish
     metrics = {
         "fleet_presumed_acc": accuracy(fleet, scenario.presumed_test),
         "teacher_presumed_acc": accuracy(teacher, scenario.presumed_test),
+        "seconds_fleet_rekd": fleet_seconds,
+        "seconds_user_rekd": user_seconds,
+        "seconds_publish": publish_seconds,
+        "user_models": float(len(per_device)),
+        "transfer_rows": float(len(transfer_x)),
         **{f"merge_weight[{k}]": v for k, v in weights.items()},
     }
     log.info("release v%d published: fleet %s + %d device models", version, fleet_sha[:16],
@@ -698,28 +762,17 @@ def merge_and_release(
     )
 
 
+def _fleet_rekd_task(shared: UserReKDShared, _: None) -> bytes:
+    """The fleet model (every transfer row, uniform weights): an executor task."""
+    teacher = load_model_bytes(shared.teacher)[0]
+    model = rekd_student(teacher, shared.spec, shared.presumed, shared.transfer_x, shared.config,
+                         seed=shared.seed)
+    return model_bytes(model, shared.spec)
+
+
 # ------------------------------------------------------------------------------------------------
 # Device: update, reverse distillation, seal
 # ------------------------------------------------------------------------------------------------
-def update_device(agent: EdgeAgent, *, trusted_root: bytes | None = None) -> UpdateResult:
-    """Install the newest release for this device: its own (``devices/<id>/``, its delegated
-    role) if the cloud published one, else the fleet release. Then adopt the release's inbox key.
-
-    Raises what :meth:`DeviceUpdater.update` raises (rollback, freeze, bad attestation, parent
-    mismatch...). The running model is kept on any error.
-    """
-    device_id = agent.workspace.device_id
-    own = UpdatePolicy(prefix=device_prefix(device_id), role=device_role(device_id))
-    try:
-        result: UpdateResult = agent.updater(trusted_root=trusted_root, policy=own).update()
-    except ReleaseUnavailable:
-        result = agent.updater(trusted_root=trusted_root).update()
-    inbox = agent.workspace.release_dir / "slots" / result.release.slot / INBOX_KEY_TARGET
-    if inbox.is_file():
-        agent.workspace.set_inbox_public_key(inbox.read_bytes())
-    return result
-
-
 @dataclass(frozen=True)
 class DeviceRound:
     """What one RD run on the device produced (the sealed packet waits in the outbox)."""
