@@ -232,3 +232,30 @@ def render_cmd(
         typer.echo(rp.quick_line(rp.quick_figures(result)))
     except ConfigError:
         return
+
+@app.command("ceilings")
+def ceilings_cmd(
+    workers: Annotated[int, typer.Option(help="processes of the bare verify-and-open server and of "
+                                         "the crypto ceiling")] = 2,
+    postgres: Annotated[str | None, typer.Option(
+        "--postgres", metavar="DSN", help="also PostgreSQL: raw commits and ingest (fresh schemas, "
+        "dropped afterwards); the last line is then PostgreSQL's")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="a smoke run (small counts, well under "
+                                        "a minute); its figures are not the benchmark")] = False,
+    write_readme: Annotated[Path | None, typer.Option(
+        "--write-readme", help="replace the generated ceilings block of this README")] = None,
+) -> None:
+    """Each path against its ceiling, measured in one run (loopback only; see benchmarks/ceilings.py).
+
+    Ends with one line: ceilings: ingest_vs_grpc_floor=X ingest_vs_crypto=Y p99_half_ms=Z
+    update_vs_sha256=U update_rss_over_model_mb=M rd_dp_overhead=R.
+    """
+    from . import ceilings
+
+    report = ceilings.run(workers=workers, postgres=postgres, quick=quick, out=typer.echo)
+    if write_readme is not None:
+        command = "diredi bench ceilings" + (f" --workers {workers}" if workers != 2 else "") + (
+            " --postgres DSN" if postgres else "") + (" --quick" if quick else "")
+        ceilings.write_readme(write_readme, report, command)
+        typer.echo(f"readme: {write_readme}", err=True)
+
