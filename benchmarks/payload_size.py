@@ -1,6 +1,7 @@
 """Payload size against accuracy: which compact knowledge payload keeps DiReDi's accuracy?
 
-``python -m diredi_secure.benchmarks.payload_size [--seeds 0 1] [--epsilon 8]`` runs, per seed,
+``python -m diredi_secure.benchmarks.payload_size [--seeds 0 1] [--epsilon 8] [--scenario mnist]``
+runs, per seed,
 the loop's KD once and one DP RD per user (the loop's default RD config), then for every payload
 variant in :data:`VARIANTS`: extracts that payload from the *same* adapted models (same noise
 draws for the histogram and prototypes, so variants are paired), encodes it to the wire bytes,
@@ -52,14 +53,16 @@ from diredi_secure.ml import (
     reverse_distill,
     train_classifier,
 )
+from diredi_secure.ml.data import ScenarioConfig
 from diredi_secure.ml.evaluate import accuracy
-from diredi_secure.ml.models import student_spec, teacher_spec
+from diredi_secure.ml.models import specs_for
 from diredi_secure.ml.reverse import dp_parameters_for, extract_payload
 from diredi_secure.privacy import NoiseSource
 
 from .baselines import fedavg_upload_bytes
 
-__all__ = ["VARIANTS", "PayloadVariant", "VariantRun", "main", "run_seed", "summarise"]
+__all__ = ["MNIST_VARIANTS", "VARIANTS", "PayloadVariant", "VariantRun", "main", "run_seed",
+           "summarise"]
 
 _L = PayloadKind.REFERENCE_LOGITS
 _D = PayloadKind.WEIGHT_DELTA
@@ -124,6 +127,25 @@ VARIANTS: tuple[PayloadVariant, ...] = (
 )
 
 
+# At the MNIST scenario's edge-model size (86,026 weights, issue 17 item 3): the 4-bit default,
+# top-k deltas (one round, so no error feedback to carry), reference-set logits and prototypes
+# alone, all with the 4-bit prototypes and the histogram (every variant spends the same total).
+MNIST_VARIANTS: tuple[PayloadVariant, ...] = (
+    PayloadVariant("delta4+proto4 (default)", (_D, _P), delta_dtype="int4",
+                   prototype_dtype="int4"),
+    PayloadVariant("delta4 k8192+proto4", (_D, _P), top_k=8192, delta_dtype="int4",
+                   prototype_dtype="int4"),
+    PayloadVariant("delta4 k2048+proto4", (_D, _P), top_k=2048, delta_dtype="int4",
+                   prototype_dtype="int4"),
+    PayloadVariant("delta4 k512+proto4", (_D, _P), top_k=512, delta_dtype="int4",
+                   prototype_dtype="int4"),
+    PayloadVariant("logits8 m500+proto4", (_L, _P), logits_dtype="int8", prototype_dtype="int4"),
+    PayloadVariant("logits8 m128+proto4", (_L, _P), top_m=128, logits_dtype="int8",
+                   prototype_dtype="int4"),
+    PayloadVariant("proto4 only", (_P,), prototype_dtype="int4"),
+)
+
+
 @dataclass(frozen=True)
 class VariantRun:
     variant: str
@@ -177,15 +199,18 @@ def _research_seed(seed: int, user: int, role: int) -> int:
 
 
 def run_seed(seed: int, epsilon: float, variants: Sequence[PayloadVariant],
-             loop: LoopConfig | None = None) -> list[VariantRun]:
-    """KD and RD once for ``seed``, then every variant's payload -> bytes -> merge -> re-KD."""
+             loop: LoopConfig | None = None,
+             scenario_config: ScenarioConfig | None = None) -> list[VariantRun]:
+    """KD and RD once for ``seed``, then every variant's payload -> bytes -> merge -> re-KD.
+    ``scenario_config`` (default: the digits) also picks the models (``specs_for``)."""
     loop = loop or LoopConfig()
     base = replace(loop.rd, epsilon=epsilon)
-    scenario = make_scenario(seed)
+    scenario = make_scenario(seed, scenario_config)
+    teacher_spec, student_spec = specs_for(scenario.config.dataset)
     users = scenario.users
-    teacher = build_model(teacher_spec(), seed=seed)
+    teacher = build_model(teacher_spec, seed=seed)
     train_classifier(teacher, scenario.presumed_train, loop.teacher, seed=seed)
-    shipped = build_model(student_spec(), seed=seed + 1)
+    shipped = build_model(student_spec, seed=seed + 1)
     distill_student(shipped, teacher, scenario.presumed_train, scenario.reference_x, loop.kd,
                     seed=seed)
     rds = [reverse_distill(shipped, u.train, scenario.reference_x,
@@ -225,7 +250,7 @@ def run_seed(seed: int, epsilon: float, variants: Sequence[PayloadVariant],
         user_acc, presumed = {}, []
         for u in users:
             # As run_loop does it: the user's sensor kernel and own claims when the merge made them.
-            model = rekd_student(merged.teacher, student_spec(), scenario.presumed_train,
+            model = rekd_student(merged.teacher, student_spec, scenario.presumed_train,
                                  merged.transfer_x, loop.rekd, seed=seed + 2,
                                  support=merged.supports[u.name],
                                  domain_kernel=merged.sensor_kernels.get(u.name),
@@ -289,8 +314,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="variant names to run (default: all); the first is the reference")
     parser.add_argument("--json", default=None, help="also write the runs to this JSON file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--scenario", choices=("digits", "mnist"), default="digits",
+                        help="mnist: the MNIST scenario, its models and MNIST_VARIANTS")
     args = parser.parse_args(argv)
-    known = {v.name: v for v in VARIANTS}
+    loop: LoopConfig | None = None
+    scenario_config: ScenarioConfig | None = None
+    variants = VARIANTS
+    if args.scenario == "mnist":
+        from diredi_secure.ml.mnist import mnist_loop_config, mnist_scenario_config
+
+        loop, scenario_config, variants = mnist_loop_config(), mnist_scenario_config(), MNIST_VARIANTS
+    known = {v.name: v for v in variants}
     names = args.variants or list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -299,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[VariantRun] = []
     for seed in args.seeds:
         runs += run_seed(seed, args.epsilon, [replace(known[n], noise_draw=d)
-                                              for d in args.draws for n in names])
+                                              for d in args.draws for n in names],
+                         loop=loop, scenario_config=scenario_config)
     print(f"epsilon {args.epsilon:g}, seeds {args.seeds}, noise draws {args.draws}; FedAvg float32 delta "
           f"{np.mean([r.fedavg_bytes for r in runs]):,.0f} bytes/device")
     print(summarise(runs, reference=names[0]))
