@@ -233,6 +233,7 @@ def render_cmd(
     except ConfigError:
         return
 
+
 @app.command("ceilings")
 def ceilings_cmd(
     workers: Annotated[int, typer.Option(help="processes of the bare verify-and-open server and of "
@@ -259,3 +260,68 @@ def ceilings_cmd(
         ceilings.write_readme(write_readme, report, command)
         typer.echo(f"readme: {write_readme}", err=True)
 
+
+@app.command("fleet")
+def fleet_cmd(
+    devices: Annotated[int, typer.Option(help="fleet size N")] = 200,
+    rounds: Annotated[int, typer.Option(help="rounds R (one release each)")] = 3,
+    seed: Annotated[int, typer.Option(help="fleet, data and training seed")] = 0,
+    epsilon: Annotated[float, typer.Option(help="total epsilon per packet")] = 4.0,
+    rekd_sample: Annotated[int | None, typer.Option(
+        help="per-user re-KD for at most this many devices per release (default: all)")] = None,
+    executor: Annotated[str, typer.Option(help="inprocess or ray")] = "inprocess",
+    address: Annotated[str, typer.Option(help="ray: local, auto or ray://host:port")] = "local",
+    workers: Annotated[int | None, typer.Option(help="ray local: CPUs")] = None,
+    postgres: Annotated[str | None, typer.Option(
+        help="PostgreSQL DSN for the store (a fresh schema, dropped after); default SQLite")] = None,
+    eval_users: Annotated[int, typer.Option(help="users sampled for the accuracies")] = 30,
+    small_budget: Annotated[float, typer.Option(help="lifetime epsilon budget of half the devices")]
+    = 10.0,
+    late: Annotated[float, typer.Option(help="share of devices joining in a later round")] = 0.2,
+    stale: Annotated[float, typer.Option(help="share reporting on an older model each round")]
+    = 0.25,
+    revoke: Annotated[float, typer.Option(help="share revoked after round 1")] = 0.05,
+    tiny: Annotated[bool, typer.Option("--tiny", help="1-2 epochs everywhere (smoke runs)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the figures here")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress output")] = False,
+) -> None:
+    """Simulate N devices over R rounds against the real store, ingest, merge and release.
+
+    Prints one line per round, ends with the `fleet: ...` line carrying every round's figures.
+    """
+    import sys
+
+    from .fleet import FleetConfig, run_fleet
+
+    _set_threads(threads)
+    config = FleetConfig(devices=devices, rounds=rounds, seed=seed, epsilon=epsilon,
+                         rekd_sample=rekd_sample, executor=executor, address=address,
+                         workers=workers, postgres=postgres, eval_users=eval_users, tiny=tiny,
+                         small_budget=small_budget, late=late, stale=stale, revoke=revoke)
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    result = run_fleet(config, progress=say)
+    if json_out is not None:
+        data = result.to_json()
+        if data["config"].get("postgres"):
+            data["config"]["postgres"] = "postgresql (DSN not recorded)"
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    typer.echo(result.summary_line())
+
+
+@app.command("fleet-render")
+def fleet_render_cmd(
+    results: Annotated[list[Path], typer.Argument(help="JSON files written by `bench fleet --json`")],
+    results_md: Annotated[Path, typer.Option(help="the Markdown file whose fleet section to rewrite")]
+    = Path("docs/RESULTS.md"),
+) -> None:
+    """Rewrite the generated fleet section of docs/RESULTS.md from saved runs."""
+    from .fleet import load_result, render_section, update_results_md
+
+    update_results_md(results_md, render_section([load_result(p) for p in results]))
+    typer.echo(f"fleet section of {results_md}: {len(results)} runs")

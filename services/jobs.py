@@ -83,7 +83,13 @@ from diredi_secure.ml.rekd import (
     rekd_user_task,
 )
 from diredi_secure.ml.reverse import DEFAULT_PAYLOAD_KINDS, RDConfig, reverse_distill
-from diredi_secure.packet import MemoryReplayState, OpenedPacket, SealedPacket, open_packet
+from diredi_secure.packet import (
+    DeviceRecord,
+    MemoryReplayState,
+    OpenedPacket,
+    SealedPacket,
+    open_packet,
+)
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.release import (
     AuditVerdict,
@@ -466,13 +472,28 @@ class _Used:
     accountant: str
 
 
+class _ChargedDevices:
+    """The store's device directory without the ledger: a stored packet is already charged, so
+    opening it again must not check it against a ledger that includes it (``open_packet`` refuses
+    early on a record's budget; with the packet counted twice a device at half its budget failed
+    the merge with ``budget_exceeded``). Revocation still counts: status comes from the store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def device_record(self, device_id: str) -> DeviceRecord | None:
+        record = self._store.device_record(device_id)
+        return None if record is None else replace(record, rdp_spent=None, epsilon_budget=None)
+
+
 def _open_one(
     stored: StoredPacket, keys: Any, store: Store, policy: PacketPolicy
 ) -> OpenedPacket:
     """Open a stored packet again (decrypt + verify) at the time it was received."""
     result = open_packet(
         stored.packet_bytes, inbox_key=keys.inbox_key, device_ca=keys.device_ca_der,
-        devices=store, replay=MemoryReplayState(), now_ms=stored.received_at_ms, policy=policy,
+        devices=_ChargedDevices(store), replay=MemoryReplayState(), now_ms=stored.received_at_ms,
+        policy=policy,
     )
     if result.packet_sha256 != stored.packet_sha256:
         raise StoreError(f"stored packet {stored.packet_id.hex()} does not match its digest")

@@ -1,0 +1,88 @@
+"""`diredi bench fleet` smoke run (CI-sized): six devices, two rounds, the real store and jobs.
+
+One device joins late, one is revoked after round 1, the small budget admits one packet only, so
+round 2 shows each kind of refusal coming from the real ingest and ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diredi_secure.cli import main
+
+
+def test_fleet_smoke_reports_every_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fleet.json"
+    code = main(
+        [
+            "bench",
+            "fleet",
+            "--devices",
+            "6",
+            "--rounds",
+            "2",
+            "--tiny",
+            "--quiet",
+            "--eval-users",
+            "4",
+            "--small-budget",
+            "5",
+            "--revoke",
+            "0.2",
+            "--late",
+            "0.2",
+            "--stale",
+            "0.5",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("fleet: N=6 R=2 executor=inprocess")
+    assert " r1 v2 " in lines[-1] and " r2 v3 " in lines[-1]
+    doc = json.loads(out.read_text())
+    r1, r2 = doc["rounds"]
+    assert (r1["active"], r2["active"]) == (5, 6)  # the late device joins in round 2
+    assert r1["refused"] == {} and r1["accepted"] == 5
+    # Round 2: the revoked device and the small-budget devices (a second packet composes past
+    # 5) are refused by the real ingest; every packet is either accepted or refused.
+    assert r2["refused"].get("certificate_revoked") == 1
+    assert r2["refused"].get("budget_exceeded", 0) >= 2
+    assert r2["accepted"] + sum(r2["refused"].values()) == r2["sent"] == 6
+    assert r2["exhausted"] == r2["refused"]["budget_exceeded"]
+    for r in (r1, r2):
+        assert 0 < r["payload_bytes_in"] < r["packet_bytes_in"]
+        assert r["delta"] == 1e-5 and 0 < r["epsilon_median"] <= r["epsilon_max"] <= 40
+        assert 0.0 <= r["user_acc"] <= 1.0 and 0.0 <= r["presumed_acc"] <= 1.0
+        assert r["released_models"] >= 2 and r["merge_cpu_s_per_model"] > 0
+    assert r2["model_bytes_out"] > 0  # devices that updated downloaded a model of release v2
+    assert r2["stale_bases"] >= 1  # half the fleet stayed on release v1's model
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nkept text\n")
+    for _ in range(2):  # the section is replaced, not appended twice
+        assert main(["bench", "fleet-render", str(out), "--results-md", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith("# Results\n\nkept text\n") and text.count("### N = 6, 2 rounds") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--devices", "1"], "devices must lie"),
+        (["--epsilon", "50"], "epsilon must lie"),
+        (["--executor", "spark"], "unknown executor"),
+    ],
+)
+def test_fleet_bad_settings_exit_2_in_one_line(
+    args: list[str], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "fleet", "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0], err
