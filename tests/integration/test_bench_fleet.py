@@ -86,3 +86,43 @@ def test_fleet_bad_settings_exit_2_in_one_line(
     assert main(["bench", "fleet", "--quiet", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and why in err[0], err
+
+
+@pytest.mark.postgres
+def test_fleet_on_postgres_one_round(capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    import psycopg
+
+    dsn = os.environ.get("DIREDI_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        psycopg.connect(dsn, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        pytest.skip(f"no PostgreSQL server answers at {dsn}: {exc}")
+    code = main(
+        [
+            "bench",
+            "fleet",
+            "--devices",
+            "4",
+            "--rounds",
+            "1",
+            "--tiny",
+            "--quiet",
+            "--eval-users",
+            "2",
+            "--late",
+            "0",
+            "--postgres",
+            dsn,
+        ]
+    )
+    assert code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("fleet: N=4 R=1") and "accepted 4/4" in line
+    with psycopg.connect(dsn) as conn:  # the run's schema is dropped afterwards
+        left = conn.execute(
+            "SELECT count(*) FROM information_schema.schemata "
+            "WHERE schema_name LIKE 'diredi_fleet_%'"
+        ).fetchone()
+    assert left is not None and left[0] == 0
