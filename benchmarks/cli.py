@@ -276,7 +276,7 @@ def fleet_cmd(
         help="PostgreSQL DSN for the store (a fresh schema, dropped after); default SQLite")] = None,
     eval_users: Annotated[int, typer.Option(help="users sampled for the accuracies")] = 30,
     small_budget: Annotated[float, typer.Option(help="lifetime epsilon budget of half the devices")]
-    = 10.0,
+    = 6.0,
     late: Annotated[float, typer.Option(help="share of devices joining in a later round")] = 0.2,
     stale: Annotated[float, typer.Option(help="share reporting on an older model each round")]
     = 0.25,

@@ -78,8 +78,9 @@ class FleetConfig:
     """Examples per device, drawn from its user's training split."""
     epsilon: float = 4.0
     """Each packet's total epsilon (at the policy's delta)."""
-    small_budget: float = 10.0
-    """Lifetime budget of half the devices (the others get the policy's): runs out in ~3 rounds."""
+    small_budget: float = 6.0
+    """Lifetime budget of half the devices (the others get the policy's): at epsilon 4 per packet
+    two packets compose to 5.46 and a third would reach 6.65, so their third packet is refused."""
     late: float = 0.2
     stale: float = 0.25
     revoke: float = 0.05
