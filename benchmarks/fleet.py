@@ -427,6 +427,29 @@ def render_section(runs: list[dict[str, Any]]) -> str:
              " ledger's delta, bytes summed over the fleet, the cloud's CPU seconds per accepted"
              " packet (ingest) and per released model (merge job: merge, fleet and per-user re-KD,"
              " TUF publication), and the merge job's wall time. See docs/FLEET.md.", ""]
+    lines += ["### Cloud time per round against N, by executor", "",
+              "Mean over a run's rounds of the merge job's wall time (merge, fleet and per-user"
+              " re-KD, TUF publication) on this machine; the speed-up is against the same N on Ray"
+              " with one worker, where both ran.", "",
+              "| executor | workers | N | rounds | merge job wall s / round | per-user models / round | speed-up vs 1 Ray worker |",
+              "|---|---|---|---|---|---|---|"]
+    walls: dict[tuple[str, int, int], float] = {}
+    for run in runs:
+        c = run["config"]
+        w = int(c.get("workers") or 1)
+        walls[(c["executor"], w, c["devices"])] = float(np.mean(
+            [r["merge_wall_s"] for r in run["rounds"]]))
+    for run in sorted(runs, key=lambda r: (r["config"]["executor"], r["config"].get("workers") or 1,
+                                          r["config"]["devices"])):
+        c = run["config"]
+        w = int(c.get("workers") or 1)
+        wall = walls[(c["executor"], w, c["devices"])]
+        one = walls.get(("ray", 1, c["devices"]))
+        speed = f"{one / wall:.2f}x" if one is not None and c["executor"] == "ray" else "-"
+        models = float(np.mean([r["released_models"] - 1 for r in run["rounds"]]))
+        lines.append(f"| {c['executor']} | {w if c['executor'] == 'ray' else '-'} | {c['devices']} "
+                     f"| {c['rounds']} | {wall:.1f} | {models:.0f} | {speed} |")
+    lines.append("")
     for run in sorted(runs, key=lambda r: (r["config"]["executor"], r["config"]["devices"])):
         c = run["config"]
         lines += [f"### N = {c['devices']}, {c['rounds']} rounds, executor {c['executor']}"
