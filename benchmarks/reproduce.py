@@ -1073,6 +1073,10 @@ def results_markdown(result: ReproduceResult, plot_name: str, command: str) -> s
         "prototypes (data-free synthesis in the user's domain) are sent by the full payload "
         "only, and they are what reaches the shifted user C.",
         "- Seconds are wall times on a shared machine: compare orders of magnitude only.",
+        *([] if cfg.scenario.dataset == "mnist" else [
+            "- Real 28x28 images, four users with non-convolutional domains and an 86k-weight "
+            "depthwise-separable edge model: `diredi bench reproduce --scenario mnist`, tables "
+            "in [mnist/RESULTS.md](mnist/RESULTS.md)."]),
         *_choice_notes(result),
         "",
     ]

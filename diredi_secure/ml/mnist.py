@@ -105,12 +105,11 @@ def mnist_scenario_config() -> ScenarioConfig:
 def mnist_loop_config() -> LoopConfig:
     """The loop's settings for the MNIST scenario (a :class:`~diredi_secure.ml.loop.LoopConfig`):
     the digits' defaults with the prototype clip for 28x28 images, no sensor kernel (it models an
-    8x8 convolution; these domains are not one), and fewer epochs than the digits' (a 28x28 image
-    costs some 30x an 8x8 one on these models). Teacher 8 epochs (presumed validation, seed 0:
-    4 / 8 / 12 epochs gave 0.758 / 0.963 / 0.969; 8 is within one standard error of the best, at
-    two thirds of its cost), KD and re-KD 25 (8 / 15 / 25 gave 0.955 / 0.955 / 0.975 from the
-    12-epoch teacher), merge 8
-    (not validated: the CPU budget of issue 17)."""
+    8x8 convolution; these domains are not one), and fewer epochs than the digits' (12x the pixels
+    per image, models 26-36x larger, the same shared CPU). Teacher 8 epochs (presumed validation,
+    seed 0: 4 / 8 / 12 epochs gave 0.758 / 0.963 / 0.969; 8 is within one standard error of the
+    best at two thirds of its cost), KD and re-KD 25 (8 / 15 / 25 gave 0.955 / 0.955 / 0.975 from
+    the 12-epoch teacher), merge 8 (not validated: the CPU budget of issue 17)."""
     from .loop import LoopConfig
 
     base = LoopConfig()
