@@ -46,6 +46,7 @@ __all__ = [
     "UserReKD",
     "UserReKDShared",
     "apply_own_claims",
+    "combine_own_claims",
     "new_class_prior",
     "rekd_student",
     "rekd_user_task",
@@ -249,6 +250,16 @@ class UserReKD:
     has_claims: bool = False
 
 
+def combine_own_claims(parts: Sequence[tuple[np.ndarray, np.ndarray]], rows: int) -> np.ndarray:
+    """One device's own claims over ``rows`` transfer rows from its packets' sparse claims
+    ``(rows, classes)`` (global rows); -1 where it claims nothing. Two packets of one device in one
+    merge group share the reference rows: every claim is kept, later parts win where both claim."""
+    out = np.full(rows, -1, np.int64)
+    for r, c in parts:
+        out[np.asarray(r, np.int64)] = np.asarray(c, np.int64)
+    return out
+
+
 def rekd_user_task(shared: UserReKDShared, user: UserReKD) -> bytes:
     """A per-user model (safetensors bytes): an executor task over :func:`rekd_student`."""
     from .models import load_model_bytes, model_bytes
@@ -259,12 +270,7 @@ def rekd_user_task(shared: UserReKDShared, user: UserReKD) -> bytes:
     seed = shared.seed + int.from_bytes(hashlib.sha256(user.device_id.encode()).digest()[:4], "big")
     rows = user_transfer_rows(n, shared.n_ref, user.own_rows, shared.config.max_transfer_rows,
                               seed=seed)
-    own_claims = None
-    if user.has_claims:
-        dense = np.full(n, -1, np.int64)
-        for r, c in user.claims:
-            dense[r] = c
-        own_claims = dense[rows]
+    own_claims = combine_own_claims(user.claims, n)[rows] if user.has_claims else None
     model = rekd_student(teacher, shared.spec, shared.presumed, shared.transfer_x[rows],
                          shared.config, seed=shared.seed, support=user.support,
                          domain_kernel=user.kernel, own_claims=own_claims)

@@ -85,10 +85,11 @@ def test_rekd_student_uses_own_claims_only_for_a_user_model(rekd_toy: RekdToy) -
 
 
 def test_the_release_job_keeps_every_own_claim_of_a_device_across_packets() -> None:
-    from diredi_secure.services.jobs import _own_claims
+    from diredi_secure.ml.rekd import combine_own_claims
 
-    first = np.array([7, -1, -1, 8])
-    second = np.array([-1, 7, -1, -1])  # a second packet of the device, same group: same rows
-    other_group = np.array([9, -1])
-    out = _own_claims([(0, first), (0, second), (4, other_group)], 7)
+    # Sparse (rows, classes) per packet, rows in the release's concatenated transfer set.
+    first = (np.array([0, 3]), np.array([7, 8]))
+    second = (np.array([1]), np.array([7]))  # a second packet of the device, same group: same rows
+    other_group = (np.array([4]), np.array([9]))  # a packet on another base: rows from offset 4
+    out = combine_own_claims([first, second, other_group], 7)
     assert out.tolist() == [7, 7, -1, 8, 9, -1, -1]
