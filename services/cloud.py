@@ -46,21 +46,23 @@ from diredi_secure._crypto import (
 )
 from diredi_secure._proto.diredi.v1 import services_pb2 as spb
 from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
+from diredi_secure.device_identities import VerifiedIdentities
 from diredi_secure.envelope import CiphertextDigest
 from diredi_secure.errors import (
     CertificateInvalid,
     CertificateRevoked,
     DirediError,
     MalformedPacket,
+    PolicyError,
     PolicyViolation,
     SignatureInvalid,
     TooLarge,
     UnknownDevice,
 )
-from diredi_secure.packet import inspect_packet, make_receipt, open_packet
+from diredi_secure.packet import DeviceRecord, inspect_packet, make_receipt, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.serde import CiphertextHasher
-from diredi_secure.store import DeviceStatus, PacketRecord, Store
+from diredi_secure.store import CertificateChanged, DeviceStatus, PacketRecord, Store
 
 from .observe import IngestObserver, Metrics, OpsServer
 from .status import NotFound, ServiceUnavailable, abort_internal, abort_with
@@ -135,15 +137,100 @@ class _CloudLogic:
         self.clock = clock
 
 
+class _EnrolledDevices:
+    """What ``open_packet`` reads about devices, cached in this process (one pass per packet).
+
+    ``device_record`` reads a device from the store once and keeps its certificate and status
+    (not its ledger: the store's writer charges exactly, in the transaction that stores the
+    packet). ``highest_counter`` is a hint, the highest counter this process has seen committed,
+    so a replayed counter is refused before decryption; ``packet_seen`` is always false. Neither
+    decides anything on its own: ``store_packet`` re-checks revocation, the enrolled certificate,
+    the packet id and the counter in its write transaction, and :meth:`forget` drops a device
+    whose packet the store refused for revocation or a changed certificate.
+    """
+
+    _MAX_DEVICES = 200_000  # beyond this, further devices are read per packet (bounded memory)
+
+    def __init__(self, store: Store, identities: VerifiedIdentities) -> None:
+        self._store = store
+        self._identities = identities
+        self._records: dict[str, DeviceRecord] = {}
+        self._highest: dict[str, int] = {}
+
+    def device_record(self, device_id: str) -> DeviceRecord | None:
+        record = self._records.get(device_id)
+        if record is not None:
+            return record
+        device = self._store.get_device(device_id)
+        if device is None:
+            return None  # not cached: an enrolment takes effect on the next packet
+        record = DeviceRecord(device.device_id, device.certificate_der, device.status)
+        if len(self._records) < self._MAX_DEVICES:
+            self._records[device_id] = record
+            if device.highest_counter is not None:
+                self.committed(device_id, device.highest_counter)
+        return record
+
+    def highest_counter(self, device_id: str) -> int | None:
+        return self._highest.get(device_id)
+
+    def packet_seen(self, packet_id: bytes) -> bool:
+        return False  # ids are checked exactly by store_packet, inside its transaction
+
+    def committed(self, device_id: str, counter: int) -> None:
+        if counter > self._highest.get(device_id, -1):
+            self._highest[device_id] = counter
+
+    def forget(self, device_id: str) -> None:
+        record = self._records.pop(device_id, None)
+        self._highest.pop(device_id, None)
+        if record is not None:
+            self._identities.forget(record.certificate_der)
+
+
+class _Lookup:
+    """The device record one ``open_packet`` call was given (the certificate it verified under)."""
+
+    def __init__(self, devices: _EnrolledDevices) -> None:
+        self._devices = devices
+        self.record: DeviceRecord | None = None
+
+    def device_record(self, device_id: str) -> DeviceRecord | None:
+        self.record = self._devices.device_record(device_id)
+        return self.record
+
+
 class Ingest(_CloudLogic):
     """Accept knowledge packets: open with the core, store in one transaction, return the receipt.
 
     Trusted: ``keys``, ``store``, ``clock`` (ms), ``released_models`` (when set: model SHA-256 ->
     the device it was released to, ``None`` for the fleet; ``CloudWorkspace.released_models``).
     Untrusted: the packet bytes.
+
+    One pass per packet: the envelope is parsed once (inside ``open_packet``), the device's
+    enrolled certificate is checked against the CA once per certificate
+    (:class:`~diredi_secure.device_identities.VerifiedIdentities`), key ids are computed here once,
+    and the store is touched once, by the group commit that stores the packet (no read before
+    it). A packet that fails to open for a policy reason is looked up once: if exactly it is
+    stored, that is a retry and gets its first receipt.
     """
 
     released_models: Callable[[], Mapping[str, str | None]] | None = None
+
+    def __init__(
+        self,
+        store: Store,
+        keys: CloudKeys,
+        *,
+        policy: PacketPolicy = DEFAULT_POLICY,
+        config: TransportConfig | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        super().__init__(store, keys, policy=policy, config=config, clock=clock)
+        self.identities = VerifiedIdentities(keys.device_ca_der)
+        self._devices = _EnrolledDevices(store, self.identities)
+        self._inbox_key_id = keys.inbox_key.key_id
+        self._receipt_key_id = keys.receipt_key.key_id
 
     def submit(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False,
                ciphertext_digest: CiphertextDigest | None = None) -> bytes:
@@ -161,41 +248,75 @@ class Ingest(_CloudLogic):
         cap = limits.max_packet_bytes if streamed else limits.max_unary_bytes
         if len(data) > cap:
             raise TooLarge("unary packet" if not streamed else "streamed packet", len(data), cap)
-        header = inspect_packet(data, limits)  # parse only: to find the id and the claimed device
+        for attempt in (1, 2):
+            now_ms = self.clock()
+            lookup = _Lookup(self._devices)
+            try:
+                opened = open_packet(
+                    data,
+                    inbox_key=self.keys.inbox_key,
+                    device_ca=self.keys.device_ca_der,
+                    devices=lookup,
+                    replay=self._devices,
+                    now_ms=now_ms,
+                    policy=self.policy,
+                    limits=limits,
+                    ciphertext_digest=ciphertext_digest,
+                    identities=self.identities,
+                    inbox_key_id=self._inbox_key_id,
+                )
+            except PolicyError as exc:
+                if isinstance(exc, UnknownDevice) and lookup.record is not None and attempt == 1:
+                    # Perhaps only our cached certificate is old (the device renewed it).
+                    self._devices.forget(lookup.record.device_id)
+                    continue
+                # A retry of a stored packet fails to open (its counter is spent, its clock window
+                # may have passed, its device may be revoked since): it gets its first receipt.
+                return self._stored_receipt(data, exc, peer=peer, mtls=mtls)
+            header = opened.header
+            _check_peer(peer, header.device_id, mtls=mtls)
+            self._check_base_model(header.base_model_version, header.device_id)
+            receipt = make_receipt(self.keys.receipt_key, opened, stored_at_ms=now_ms,
+                                   receipt_key_id=self._receipt_key_id)
+            record = PacketRecord.from_opened(
+                opened, packet_bytes=data, receipt_bytes=receipt, received_at_ms=now_ms,
+                enrolled_certificate=None if lookup.record is None else lookup.record.certificate_der)
+            try:
+                stored = self.store.store_packet(record)
+            except (CertificateRevoked, UnknownDevice) as exc:
+                self._devices.forget(header.device_id)  # revoked or renewed: read it afresh
+                if isinstance(exc, CertificateChanged) and attempt == 1:
+                    continue  # verify again under the certificate enrolled now
+                raise
+            self._devices.committed(header.device_id, header.counter)
+            return stored.receipt_bytes  # the transaction has committed
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _stored_receipt(self, data: bytes, refusal: PolicyError, *, peer: str | None,
+                        mtls: bool) -> bytes:
+        """The first receipt if exactly ``data`` is stored; else ``refusal`` is raised."""
+        header = inspect_packet(data, self.config.limits)  # it parsed once already: cannot fail
         _check_peer(peer, header.device_id, mtls=mtls)
-        if self.released_models is not None:
-            # A packet must update a model this cloud released to this device or its fleet;
-            # otherwise it is charged and stored and then blocks the merge (issue 14 finding 7).
-            models = self.released_models()
-            if header.base_model_version not in models:
-                raise PolicyViolation(
-                    f"base model {header.base_model_version[:16]} was never released here",
-                    reason="unknown_base_model")
-            target = models[header.base_model_version]
-            if target is not None and target != header.device_id:
-                raise PolicyViolation(
-                    f"base model {header.base_model_version[:16]} was released to another device",
-                    reason="unknown_base_model")
         existing = self.store.existing_receipt(header.packet_id, data)
-        if existing is not None:
-            return existing
-        now_ms = self.clock()
-        opened = open_packet(
-            data,
-            inbox_key=self.keys.inbox_key,
-            device_ca=self.keys.device_ca_der,
-            devices=self.store,
-            replay=self.store,
-            now_ms=now_ms,
-            policy=self.policy,
-            limits=limits,
-            ciphertext_digest=ciphertext_digest,
-        )
-        receipt = make_receipt(self.keys.receipt_key, opened, stored_at_ms=now_ms)
-        stored = self.store.store_packet(
-            PacketRecord.from_opened(opened, packet_bytes=data, receipt_bytes=receipt, received_at_ms=now_ms)
-        )
-        return stored.receipt_bytes  # the transaction has committed
+        if existing is None:
+            raise refusal
+        return existing
+
+    def _check_base_model(self, base_model_version: str, device_id: str) -> None:
+        if self.released_models is None:
+            return
+        # A packet must update a model this cloud released to this device or its fleet;
+        # otherwise it is charged and stored and then blocks the merge (issue 14 finding 7).
+        models = self.released_models()
+        if base_model_version not in models:
+            raise PolicyViolation(
+                f"base model {base_model_version[:16]} was never released here",
+                reason="unknown_base_model")
+        target = models[base_model_version]
+        if target is not None and target != device_id:
+            raise PolicyViolation(
+                f"base model {base_model_version[:16]} was released to another device",
+                reason="unknown_base_model")
 
     def assemble(self, chunks: Iterable[bytes], *, hasher: CiphertextHasher | None = None) -> bytes:
         """Reassemble a streamed packet from serialised ``Chunk`` messages, enforcing order and caps.
@@ -384,8 +505,12 @@ class RevocationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     The TLS layer only checks the chain to the device CA, so a revoked certificate still completes
     the handshake; this looks the verified peer's device id up in the store on every call and
     answers PERMISSION_DENIED (``certificate_revoked``) before the handler runs. A peer without a
-    device certificate (no mTLS) is left to the handlers. One indexed read per call.
+    device certificate (no mTLS) is left to the handlers. One indexed read per call, except for
+    ``KnowledgeService/Submit``: there the store's write transaction that would store the packet
+    reads the device row anyway and refuses a revoked device (one pass per packet, issue 15).
     """
+
+    _CHECKED_BY_THE_STORE = frozenset({f"/{KNOWLEDGE_SERVICE}/Submit"})
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -403,8 +528,8 @@ class RevocationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler_call_details.method in self._CHECKED_BY_THE_STORE:
+            return handler
         check = self._refuse_revoked
 
         def wrap(behavior: Any, streaming_response: bool) -> Any:
