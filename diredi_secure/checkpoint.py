@@ -12,8 +12,10 @@ import json
 import os
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 from safetensors.numpy import load as _st_load
@@ -23,7 +25,9 @@ from .errors import KeyFileError, ModelFormatError, TooLarge
 
 __all__ = [
     "DEFAULT_MAX_CHECKPOINT_BYTES",
+    "CheckpointHeader",
     "atomic_write_bytes",
+    "check_checkpoint_header",
     "checkpoint_bytes",
     "load_checkpoint",
     "load_checkpoint_bytes",
@@ -153,3 +157,127 @@ def load_checkpoint(
     except OSError as exc:
         raise ModelFormatError(f"cannot read checkpoint {path}: {exc.strerror}") from exc
     return load_checkpoint_bytes(data, max_bytes=max_bytes)
+
+
+# Bytes per element of every dtype the numpy loader of safetensors accepts (safetensors.numpy's
+# _TYPES): a header naming any other dtype would not load, so it is refused at install.
+_DTYPE_BYTES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+_MAX_TENSOR_NAME = 1024
+_MAX_TENSOR_DIMS = 16
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """A safetensors header that is consistent with its file: ``tensors`` maps each name to
+    ``(dtype, shape)``; ``metadata`` is the ``__metadata__`` string map."""
+
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    metadata: dict[str, str]
+    header_bytes: int
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            # json.loads keeps the last of two equal keys; the Rust parser may not agree.
+            raise ModelFormatError(f"safetensors header names {key[:64]!r} twice")
+        out[key] = value
+    return out
+
+
+def check_checkpoint_header(
+    handle: BinaryIO,
+    size: int,
+    *,
+    expected_names: Collection[str] | None = None,
+    max_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES,
+) -> CheckpointHeader:
+    """Check a safetensors file's header against its size without reading any tensor.
+
+    ``handle`` is positioned anywhere (it is read from offset 0); ``size`` is the file's length.
+    Checks: the size cap; the 8-byte header length is in bounds; the header is one JSON object
+    without duplicate keys; ``__metadata__`` maps strings to strings; every tensor has a known
+    dtype, a shape of at most 16 non-negative dimensions, and ``data_offsets`` whose span is
+    exactly ``prod(shape) * itemsize``; the spans tile the data section from 0 to its end with
+    no hole and no overlap (what the safetensors parser requires); with ``expected_names``, the
+    tensor names are exactly those. Pickle and zip files are named as such. Raises
+    :class:`TooLarge` or :class:`ModelFormatError`; reads at most 8 + 16 MiB.
+    """
+    if size > max_bytes:
+        raise TooLarge("checkpoint", size, max_bytes)
+    try:
+        handle.seek(0)
+        head = handle.read(9)
+        if len(head) < 8:
+            raise ModelFormatError(f"not safetensors: {size} bytes is shorter than the header")
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len > _MAX_HEADER_BYTES or header_len > size - 8 or head[8:9] != b"{":
+            if head.startswith(_ZIP_MAGIC):
+                raise ModelFormatError("refusing a zip/torch.save file: only safetensors")
+            if head[:1] == _PICKLE_PROTO and head[1:2] in _PICKLE_PROTOCOLS:
+                raise ModelFormatError("refusing pickle bytes: only safetensors is accepted")
+            raise ModelFormatError(f"not safetensors: header length {header_len} is out of bounds")
+        handle.seek(8)
+        raw = handle.read(header_len)
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read the checkpoint header: {exc.strerror}") from exc
+    if len(raw) != header_len:
+        raise ModelFormatError("not safetensors: the file is shorter than its header")
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError("not safetensors: header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise ModelFormatError("not safetensors: header is not a JSON object")
+    raw_meta = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+    ):
+        raise ModelFormatError("safetensors metadata must map strings to strings")
+    data_len = size - 8 - header_len
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if not name or len(name) > _MAX_TENSOR_NAME:
+            raise ModelFormatError(f"safetensors tensor name of length {len(name)} refused")
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ModelFormatError(f"tensor {name[:64]!r}: entry is not dtype, shape, offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise ModelFormatError(f"tensor {name[:64]!r}: unsupported dtype {str(dtype)[:16]!r}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > _MAX_TENSOR_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise ModelFormatError(f"tensor {name[:64]!r}: shape must be non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise ModelFormatError(f"tensor {name[:64]!r}: data_offsets out of the file")
+        count = 1
+        for dim in shape:
+            count *= dim
+        if count * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+            raise ModelFormatError(f"tensor {name[:64]!r}: {dtype}{shape} does not fill its span")
+        tensors[name] = (dtype, tuple(shape))
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise ModelFormatError(f"tensor {name[:64]!r}: data overlaps or leaves a hole")
+        position = end
+    if position != data_len:
+        raise ModelFormatError(f"safetensors data section has {data_len - position} stray bytes")
+    if expected_names is not None and set(tensors) != set(expected_names):
+        missing = sorted(set(expected_names) - set(tensors))[:4]
+        extra = sorted(set(tensors) - set(expected_names))[:4]
+        raise ModelFormatError(f"checkpoint tensors differ: missing {missing}, unexpected {extra}")
+    return CheckpointHeader(tensors, dict(raw_meta), header_len)

@@ -478,7 +478,7 @@ def edge_update(
 
         update_from_folder(from_dir=from_dir, state=state, root=trusted_root, allow_unaudited=allow_unaudited)
         return
-    from .jobs import update_device
+    from .edge import update_device  # not .jobs: the update path stays free of torch
 
     assert workspace is not None
     with _agent(workspace, insecure, server) as agent:

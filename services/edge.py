@@ -8,17 +8,22 @@ writes the sealed bytes to the outbox; :meth:`EdgeAgent.submit` sends exactly th
 receipt that verifies under the cloud's receipt key arrives, retrying transport failures with
 exponential backoff and full jitter (safe: the cloud answers a resent packet with its first
 receipt). The clock, sleep and random source are injectable, so tests run without waiting.
+
+:func:`update_device` is the device's whole update path (``diredi edge update``): TUF over gRPC,
+streamed into the inactive slot. Nothing imported here loads torch (a test pins it): a device
+that only verifies and installs does not pay torch's start-up time and memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -36,7 +41,17 @@ from .status import ServiceUnavailable, error_from_rpc
 from .transport import TransportConfig, open_channel
 from .workspace import DeviceWorkspace
 
-__all__ = ["DeviceStatusInfo", "EdgeAgent", "RetryPolicy"]
+if TYPE_CHECKING:
+    from diredi_secure.release.updater import UpdateResult
+
+__all__ = [
+    "DeviceStatusInfo",
+    "EdgeAgent",
+    "RetryPolicy",
+    "device_prefix",
+    "device_role",
+    "update_device",
+]
 
 _DEVICE_DP_POLICY = replace(DEFAULT_DP_POLICY, allow_seeded_noise=True)
 
@@ -289,3 +304,42 @@ class EdgeAgent:
             trusted_root=trusted_root,
             policy=policy,
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# The device's update path (no torch: see the module docstring)
+# ------------------------------------------------------------------------------------------------
+def device_prefix(device_id: str) -> str:
+    """Where a device's own release lives in the repository: ``devices/<id>/``."""
+    return f"devices/{device_id}/"
+
+
+def device_role(device_id: str) -> str:
+    """The delegated TUF role that signs a device's release.
+
+    Device ids allow upper case and dots, role names do not; a hash keeps the mapping one-to-one.
+    """
+    return "device-" + hashlib.sha256(device_id.encode()).hexdigest()[:24]
+
+
+def update_device(agent: EdgeAgent, *, trusted_root: bytes | None = None) -> UpdateResult:
+    """Install the newest release for this device: its own (``devices/<id>/``, its delegated
+    role) if the cloud published one, else the fleet release. Then adopt the release's inbox key.
+
+    Raises what :meth:`DeviceUpdater.update` raises (rollback, freeze, bad attestation, parent mismatch...).
+    The running model is kept on any error.
+    """
+    from diredi_secure.release.errors import ReleaseUnavailable
+    from diredi_secure.release.repository import INBOX_KEY_TARGET
+    from diredi_secure.release.updater import UpdatePolicy
+
+    device_id = agent.workspace.device_id
+    own = UpdatePolicy(prefix=device_prefix(device_id), role=device_role(device_id))
+    try:
+        result: UpdateResult = agent.updater(trusted_root=trusted_root, policy=own).update()
+    except ReleaseUnavailable:
+        result = agent.updater(trusted_root=trusted_root).update()
+    inbox = agent.workspace.release_dir / "slots" / result.release.slot / INBOX_KEY_TARGET
+    if inbox.is_file():
+        agent.workspace.set_inbox_public_key(inbox.read_bytes())
+    return result

@@ -7,6 +7,13 @@ against the keys the verified metadata names, refuses pickle or malformed models
 the files atomically into the inactive slot of an A/B pair. Until the final rename of
 ``active.json`` nothing the device runs has changed; the previous model stays in the other slot.
 
+Targets are streamed: each chunk the fetcher yields is hashed and written at once into a staging
+folder beside the slots (0600 files, O_EXCL), so a 256 MB model is received, hashed and written
+once and never held in memory; its safetensors header is then checked against the file size
+without reading a tensor. Length and hashes are checked against the ``TargetFile`` of the verified
+metadata (python-tuf's own check, done in-stream) before anything is installed; a failed check
+removes the staging folder and leaves both slots as they were.
+
 Every failure is a typed :class:`~diredi_secure.errors.DirediError` (see ``errors.py`` in this
 package for the ``ReleaseError`` subclasses); python-tuf exceptions never escape.
 
@@ -14,8 +21,8 @@ State folder layout::
 
     tuf/                 python-tuf's metadata cache (root_history/, timestamp.json ...)
     trusted_root.json    the root the device was provisioned with (its trust anchor)
-    download/            verified downloads before install (emptied after each run)
     slots/a/, slots/b/   the two install slots (model.safetensors, architecture.json, ...)
+    slots/.incoming-*/   a release being received (removed on failure, renamed into its slot)
     active.json          which slot runs, and the release record of both slots
 """
 
@@ -24,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,8 +51,9 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from diredi_secure.checkpoint import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
+    CheckpointHeader,
+    check_checkpoint_header,
     load_checkpoint,
-    load_checkpoint_bytes,
 )
 from diredi_secure.errors import (
     AttestationInvalid,
@@ -81,6 +91,7 @@ __all__ = [
     "DeviceUpdater",
     "InstalledModel",
     "InstalledRelease",
+    "SlotStaging",
     "SlotStore",
     "UpdatePolicy",
     "UpdateResult",
@@ -90,6 +101,8 @@ __all__ = [
 Clock = Callable[[], datetime]
 _SLOTS: Final = ("a", "b")
 _STATE_FORMAT: Final = 1
+_STAGING_PREFIX: Final = ".incoming-"
+_CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
 @dataclass(frozen=True)
@@ -302,8 +315,35 @@ class SlotStore:
         ``before_commit`` runs after every file is durable and before the commit rename (tests
         use it to simulate a crash there). Raises :class:`InstallFailed` on I/O errors.
         """
+        with self.staging() as staged:
+            for name, data in files.items():
+                staged.receive(name, (data,), max_bytes=len(data))
+            return staged.commit(release, before_commit=before_commit)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[SlotStaging]:
+        """Hold the install lock and a fresh staging folder; remove it unless it was committed.
+
+        Files are received into the staging folder (:meth:`SlotStaging.receive`), checked, then
+        :meth:`SlotStaging.commit` renames the folder into the inactive slot and switches
+        ``active.json``. Leftovers of a crashed install are removed first.
+        """
         with self._exclusive():
-            return self._install(files, release, before_commit=before_commit)
+            slots = self.folder / "slots"
+            try:
+                slots.mkdir(parents=True, exist_ok=True)
+                for stale in slots.glob(_STAGING_PREFIX + "*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                folder = slots / f"{_STAGING_PREFIX}{secrets.token_hex(8)}"
+                folder.mkdir(mode=0o700)
+            except OSError as exc:
+                raise InstallFailed(f"cannot stage a release in {slots}: {exc}") from exc
+            staged = SlotStaging(self, folder)
+            try:
+                yield staged
+            finally:
+                if not staged.committed:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -320,42 +360,10 @@ class SlotStore:
         finally:
             os.close(fd)  # releases the lock
 
-    def _install(
-        self,
-        files: Mapping[str, bytes],
-        release: InstalledRelease,
-        *,
-        before_commit: Callable[[], None] | None = None,
-    ) -> InstalledRelease:
-        if release.slot != self.inactive_slot():
-            raise InstallFailed(f"slot {release.slot!r} is the running one")
-        target = self.slot_dir(release.slot)
-        state = self._state()
-        try:
-            if target.exists():
-                shutil.rmtree(target)  # the old fallback: it is replaced by the running release
-            target.mkdir(parents=True)
-            for name, data in files.items():
-                if "/" in name or name.startswith("."):
-                    raise InstallFailed(f"refusing slot file name {name!r}")
-                tmp = target / f".{name}.tmp"
-                _write_synced(tmp, data)
-                os.replace(tmp, target / name)
-            _fsync_dir(target)
-            new_state = {
-                "format": _STATE_FORMAT,
-                "active": asdict(release),
-                "previous": state.get("active"),
-            }
-            tmp_state = self.folder / ".active.json.tmp"
-            _write_synced(tmp_state, json.dumps(new_state, sort_keys=True, indent=1).encode())
-            if before_commit is not None:
-                before_commit()
-            os.replace(tmp_state, self._active_path)
-            _fsync_dir(self.folder)
-        except OSError as exc:
-            raise InstallFailed(f"installing v{release.version} failed: {exc}") from exc
-        return release
+    def _write_state(self, state: Mapping[str, Any]) -> Path:
+        tmp_state = self.folder / ".active.json.tmp"
+        _write_synced(tmp_state, json.dumps(state, sort_keys=True, indent=1).encode())
+        return tmp_state
 
     def revert(self) -> InstalledRelease:
         """Make the previous release active again (a local decision: the new model misbehaves)."""
@@ -363,14 +371,139 @@ class SlotStore:
         if state.get("previous") is None:
             raise StoreError("there is no previous release to revert to")
         new_state = {**state, "active": state["previous"], "previous": state["active"]}
-        tmp_state = self.folder / ".active.json.tmp"
         try:
-            _write_synced(tmp_state, json.dumps(new_state, sort_keys=True, indent=1).encode())
-            os.replace(tmp_state, self._active_path)
+            os.replace(self._write_state(new_state), self._active_path)
             _fsync_dir(self.folder)
         except OSError as exc:
             raise InstallFailed(f"revert failed: {exc}") from exc
         return InstalledRelease.from_dict(new_state["active"])
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file received into the staging folder: its length, its hex digests, and (``keep``) its
+    bytes."""
+
+    path: Path
+    length: int
+    digests: dict[str, str]
+    data: bytes | None = None
+
+
+class SlotStaging:
+    """A release being received (see :meth:`SlotStore.staging`); holds the install lock."""
+
+    def __init__(self, store: SlotStore, folder: Path) -> None:
+        self.store = store
+        self.folder = folder
+        self.committed = False
+
+    def path(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith(".") or name == "..":
+            raise InstallFailed(f"refusing slot file name {name!r}")
+        return self.folder / name
+
+    def receive(
+        self,
+        name: str,
+        chunks: Iterable[bytes],
+        *,
+        max_bytes: int,
+        hash_algorithms: Iterable[str] = (),
+        keep: bool = False,
+    ) -> StagedFile:
+        """Write ``chunks`` to the new file ``name`` as they arrive, hashing them on the way.
+
+        The file is created 0600 with ``O_EXCL | O_NOFOLLOW`` and fsynced. More than
+        ``max_bytes`` stops the stream with python-tuf's ``DownloadLengthMismatchError``;
+        an unknown hash algorithm is python-tuf's ``LengthOrHashMismatchError`` (both as
+        ``download_file`` / ``verify_length_and_hashes`` raise them). Exceptions the chunk
+        iterator raises propagate. ``keep``: also return the bytes (small files only).
+        """
+        path = self.path(name)
+        try:
+            hashers = {algo: hashlib.new(algo) for algo in hash_algorithms}
+        except ValueError as exc:
+            raise tuf_exc.LengthOrHashMismatchError(f"unsupported hash algorithm: {exc}") from exc
+        kept: list[bytes] = []
+        received = 0
+        try:
+            fd = os.open(path, _CREATE_FLAGS, 0o600)
+            with os.fdopen(fd, "wb", buffering=0) as handle:
+                for chunk in chunks:
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise tuf_exc.DownloadLengthMismatchError(
+                            f"Downloaded {received} bytes exceeding the maximum allowed length "
+                            f"of {max_bytes}"
+                        )
+                    for hasher in hashers.values():
+                        hasher.update(chunk)
+                    view = memoryview(chunk)
+                    while view:  # a raw file may write less than asked
+                        view = view[handle.write(view) or 0 :]
+                    if keep:
+                        kept.append(chunk)
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise InstallFailed(f"cannot write {name} into the staging folder: {exc}") from exc
+        digests = {algo: hasher.hexdigest() for algo, hasher in hashers.items()}
+        return StagedFile(path, received, digests, b"".join(kept) if keep else None)
+
+    def check_model(self, name: str, *, max_bytes: int) -> CheckpointHeader:
+        """Check the staged safetensors file's header against its size (no tensor is read)."""
+        path = self.path(name)
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                return check_checkpoint_header(handle, size, max_bytes=max_bytes)
+        except OSError as exc:
+            raise InstallFailed(f"cannot read the staged {name}: {exc.strerror}") from exc
+
+    def commit(
+        self, release: InstalledRelease, *, before_commit: Callable[[], None] | None = None
+    ) -> InstalledRelease:
+        """Move the staged files into ``release.slot`` (the inactive one) and make it active.
+
+        Order: the staged files are durable (each fsynced, then the folder); if the inactive
+        slot still holds the fallback, ``active.json`` first forgets it (a crash while it is
+        replaced leaves no pointer to a half-removed slot); the old slot is removed, the staging
+        folder renamed into its place; then ``before_commit`` and the atomic rename of
+        ``active.json``. Raises :class:`InstallFailed`.
+        """
+        store = self.store
+        if self.committed:
+            raise InstallFailed("this staging folder was already committed")
+        if release.slot != store.inactive_slot():
+            raise InstallFailed(f"slot {release.slot!r} is the running one")
+        for name in release.files:
+            if not self.path(name).is_file():
+                raise InstallFailed(f"release file {name!r} was not received")
+        target = store.slot_dir(release.slot)
+        state = store._state()
+        try:
+            _fsync_dir(self.folder)
+            if target.exists():
+                if state.get("previous") is not None:
+                    os.replace(store._write_state({**state, "previous": None}), store._active_path)
+                    _fsync_dir(store.folder)
+                shutil.rmtree(target)  # the old fallback: it is replaced by the running release
+            os.rename(self.folder, target)
+            self.committed = True
+            _fsync_dir(target.parent)
+            new_state = {
+                "format": _STATE_FORMAT,
+                "active": asdict(release),
+                "previous": state.get("active"),
+            }
+            tmp_state = store._write_state(new_state)
+            if before_commit is not None:
+                before_commit()
+            os.replace(tmp_state, store._active_path)
+            _fsync_dir(store.folder)
+        except OSError as exc:
+            raise InstallFailed(f"installing v{release.version} failed: {exc}") from exc
+        return release
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,7 +541,6 @@ class DeviceUpdater:
         self.policy = policy or UpdatePolicy()
         self.slots = SlotStore(self.state_dir)
         self._tuf_dir = self.state_dir / "tuf"
-        self._download_dir = self.state_dir / "download"
         self._root_path = self.state_dir / "trusted_root.json"
         self._provision(trusted_root)
 
@@ -466,7 +598,7 @@ class DeviceUpdater:
             updater = Updater(
                 metadata_dir=str(self._tuf_dir),
                 metadata_base_url=METADATA_BASE_URL,
-                target_dir=str(self._download_dir),
+                target_dir=str(self.state_dir / "slots"),  # unused: targets stream via _receive
                 target_base_url=TARGETS_BASE_URL,
                 fetcher=self.fetcher,
                 config=self.policy.tuf,
@@ -547,68 +679,100 @@ class DeviceUpdater:
             if info is not None and info.length > cap:
                 raise TooLarge(f"release file {name}", info.length, cap)
 
-        files = self._download({n: i for n, i in infos.items() if i is not None}, updater)
-
-        keys, threshold = self._attestation_keys()
-        attestation = verify_attestation(
-            files[ATTESTATION_TARGET],
-            keys,
-            model_sha256,
-            threshold=threshold,
-            expected_name=MODEL_TARGET,
-            accept_forced=policy.accept_forced_audit,
-            accept_unaudited=policy.accept_unaudited,
-            max_bytes=policy.max_attestation_bytes,
-        )
-        predicate = attestation.predicate
-        if predicate.release_version != version:
-            raise AttestationInvalid(
-                f"attestation is for v{predicate.release_version}, the targets say v{version}"
+        wanted = {n: i for n, i in infos.items() if i is not None}
+        with self.slots.staging() as staged:
+            # The small files first: a release whose attestation fails is refused before its
+            # model is fetched.
+            small = {
+                name: self._receive(staged, name, wanted[name], updater, keep=True)
+                for name in (ATTESTATION_TARGET, ARCHITECTURE_TARGET)
+            }
+            keys, threshold = self._attestation_keys()
+            attestation = verify_attestation(
+                small[ATTESTATION_TARGET],
+                keys,
+                model_sha256,
+                threshold=threshold,
+                expected_name=MODEL_TARGET,
+                accept_forced=policy.accept_forced_audit,
+                accept_unaudited=policy.accept_unaudited,
+                max_bytes=policy.max_attestation_bytes,
             )
-        self._check_parent(installed, predicate.parent_digest)
+            predicate = attestation.predicate
+            if predicate.release_version != version:
+                raise AttestationInvalid(
+                    f"attestation is for v{predicate.release_version}, the targets say v{version}"
+                )
+            self._check_parent(installed, predicate.parent_digest)
+            try:
+                architecture = json.loads(small[ARCHITECTURE_TARGET])
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ModelFormatError(f"architecture of v{version} is not JSON") from exc
+            if not isinstance(architecture, dict):
+                raise ModelFormatError(f"architecture of v{version} is not a JSON object")
 
-        load_checkpoint_bytes(files[MODEL_TARGET], max_bytes=policy.max_model_bytes)
-        try:
-            architecture = json.loads(files[ARCHITECTURE_TARGET])
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ModelFormatError(f"architecture of v{version} is not JSON") from exc
-        if not isinstance(architecture, dict):
-            raise ModelFormatError(f"architecture of v{version} is not a JSON object")
+            for name, info in wanted.items():
+                if name not in small:
+                    self._receive(staged, name, info, updater)
+            staged.check_model(MODEL_TARGET, max_bytes=policy.max_model_bytes)
 
-        release = InstalledRelease(
-            version=version,
-            model_sha256=model_sha256,
-            role=policy.role,
-            prefix=policy.prefix,
-            slot=self.slots.inactive_slot(),
-            files=tuple(sorted(files)),
-            parent_sha256=predicate.parent_digest,
-            audit_verdict=predicate.audit_verdict.value,
-            audit_forced=predicate.audit_forced,
-            installed_at=self.clock().astimezone(UTC).isoformat(),
-        )
-        self.slots.install(files, release, before_commit=before_commit)
+            release = InstalledRelease(
+                version=version,
+                model_sha256=model_sha256,
+                role=policy.role,
+                prefix=policy.prefix,
+                slot=self.slots.inactive_slot(),
+                files=tuple(sorted(wanted)),
+                parent_sha256=predicate.parent_digest,
+                audit_verdict=predicate.audit_verdict.value,
+                audit_forced=predicate.audit_forced,
+                installed_at=self.clock().astimezone(UTC).isoformat(),
+            )
+            staged.commit(release, before_commit=before_commit)
         return UpdateResult("installed", release, attestation)
 
-    def _download(self, infos: Mapping[str, TargetFile], updater: Updater) -> dict[str, bytes]:
-        """Download each target (length-capped while streaming, hash-checked), return the bytes."""
-        files: dict[str, bytes] = {}
-        try:
-            self._download_dir.mkdir(parents=True, exist_ok=True)
-            for name, info in infos.items():
-                path = self._download_dir / name
-                with _tuf_errors("target"):
-                    updater.download_target(info, filepath=str(path))
-                    data = path.read_bytes()
-                    # python-tuf checked the file it wrote; check the bytes we install, too, so
-                    # nothing can swap the file between its check and our read.
-                    info.verify_length_and_hashes(data)
-                files[name] = data
-        except OSError as exc:
-            raise StoreError(f"download folder: {exc}") from exc
-        finally:
-            shutil.rmtree(self._download_dir, ignore_errors=True)
-        return files
+    def _receive(
+        self,
+        staged: SlotStaging,
+        name: str,
+        info: TargetFile,
+        updater: Updater,
+        *,
+        keep: bool = False,
+    ) -> bytes:
+        """Stream one target into the staging folder and check it against verified metadata.
+
+        This is python-tuf's ``Updater.download_target`` without its two extra passes (a
+        temporary file that ``verify_length_and_hashes`` reads again, then a copy): the same
+        URL, the same length cap while streaming (``DownloadLengthMismatchError``), and the same
+        length-and-every-hash check against ``info`` (``LengthOrHashMismatchError``), computed on
+        the chunks as they are written. Returns the bytes with ``keep`` (small files), else b"".
+        """
+        path = info.path
+        if (
+            updater._trusted_set.root.consistent_snapshot
+            and self.policy.tuf.prefix_targets_with_hash
+        ):
+            dirname, sep, basename = path.rpartition("/")
+            path = f"{dirname}{sep}{next(iter(info.hashes.values()))}.{basename}"
+        with _tuf_errors("target"):
+            got = staged.receive(
+                name,
+                self.fetcher.fetch(TARGETS_BASE_URL + path),
+                max_bytes=info.length,
+                hash_algorithms=info.hashes,
+                keep=keep,
+            )
+            if got.length != info.length:
+                raise tuf_exc.LengthOrHashMismatchError(
+                    f"Length mismatch, observed: {got.length}, expected: {info.length}"
+                )
+            for algo, expected in info.hashes.items():
+                if not hmac.compare_digest(got.digests[algo], expected):
+                    raise tuf_exc.LengthOrHashMismatchError(
+                        f"Observed hash {got.digests[algo]} does not match expected hash {expected}"
+                    )
+        return got.data or b""
 
     def _attestation_keys(self) -> tuple[list[Key], int]:
         """Keys (and threshold) of the role that publishes our releases, from verified metadata.
