@@ -277,7 +277,7 @@ def summarise(runs: Sequence[VariantRun], reference: str = VARIANTS[0].name) -> 
     names = list(dict.fromkeys(r.variant for r in runs))
     lines = ["| payload | bytes/device | U (vs FedAvg f32) | U deflated | eps spent | user-test acc, "
              f"seed {' / '.join(map(str, seeds))} | mean | d user vs full (pts) | presumed-test "
-             "acc | d presumed vs full (pts) | A / B / C |",
+             f"acc | d presumed vs full (pts) | {' / '.join(runs[0].user_acc) if runs else ''} |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         rs = [by[(name, s, d)] for s in seeds for d in draws]
@@ -316,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--scenario", choices=("digits", "mnist"), default="digits",
                         help="mnist: the MNIST scenario, its models and MNIST_VARIANTS")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every epoch count (CPU-bound studies; variants stay paired)")
     args = parser.parse_args(argv)
     loop: LoopConfig | None = None
     scenario_config: ScenarioConfig | None = None
@@ -324,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diredi_secure.ml.mnist import mnist_loop_config, mnist_scenario_config
 
         loop, scenario_config, variants = mnist_loop_config(), mnist_scenario_config(), MNIST_VARIANTS
+    if args.scale != 1.0:
+        from .reproduce import scaled_loop_config
+
+        loop = scaled_loop_config(args.scale, base=loop)
     known = {v.name: v for v in variants}
     names = args.variants or list(known)
     unknown = [n for n in names if n not in known]
