@@ -261,6 +261,21 @@ def ceilings_cmd(
         typer.echo(f"readme: {write_readme}", err=True)
 
 
+@app.command("update")
+def update_cmd(
+    model_mb: Annotated[int, typer.Option(help="model size in MiB (at most 256: the device cap)")]
+    = 256,
+    quick: Annotated[bool, typer.Option("--quick", help="a 4 MiB smoke run")] = False,
+) -> None:
+    """``diredi edge update`` of one release against SHA-256 of the same bytes (benchmarks/bench_update.py).
+
+    Ends with one line: update: mb_per_s=X vs_sha256=R peak_rss_mb=P rss_over_model_mb=M startup_s=S.
+    """
+    from . import bench_update
+
+    bench_update.run(4 if quick else model_mb, out=typer.echo)
+
+
 @app.command("fleet")
 def fleet_cmd(
     devices: Annotated[int, typer.Option(help="fleet size N")] = 200,
