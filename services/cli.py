@@ -115,6 +115,7 @@ def cloud_serve(
     log_file: Annotated[Path | None, typer.Option(help="Append logs to this file (default: server.log_file, else stderr)")] = None,
     passphrase_env: Annotated[str | None, typer.Option(help="Name of an env var holding the key passphrase")] = None,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once serving (for --listen HOST:0)")] = None,
+    workers: Annotated[int, typer.Option(help="Server processes sharing the port (SO_REUSEPORT); SQLite: one writer process fed by them")] = 1,
 ) -> None:
     """Serve Knowledge, Update and Enrollment services (with health and reflection) until SIGTERM.
 
@@ -129,6 +130,12 @@ def cloud_serve(
     mtls = server_cfg.mtls if mtls is None else mtls
     log_path = log_file or (ws.path(server_cfg.log_file) if server_cfg.log_file else None)
     configure_logging(log_level or server_cfg.log_level, log_format or server_cfg.log_format, log_path)
+    if workers != 1:
+        _serve_workers(ws, workers, listen=listen, mtls=mtls, insecure=insecure, ops_listen=(ops_listen or server_cfg.ops_listen) or None,
+                       max_workers=max_workers or server_cfg.max_workers, log_level=log_level or server_cfg.log_level,
+                       log_format=log_format or server_cfg.log_format, log_path=log_path, passphrase_env=passphrase_env,
+                       port_file=port_file)
+        return
     keys = ws.keys(_passphrase(passphrase_env))
     tls = None if insecure else ws.server_tls(mtls=mtls)
     store = ws.open_store()
@@ -155,6 +162,25 @@ def cloud_serve(
         server.stop(grace_s=5)
     finally:
         store.close()
+
+
+def _serve_workers(ws: CloudWorkspace, workers: int, *, listen: str, mtls: bool, insecure: bool, ops_listen: str | None,
+                   max_workers: int, log_level: str, log_format: str, log_path: Path | None,
+                   passphrase_env: str | None, port_file: Path | None) -> None:
+    from .workers import WorkerOptions, serve_workers
+
+    ws.keys(_passphrase(passphrase_env))  # refuse a wrong passphrase here, once, before spawning
+    options = WorkerOptions(workspace=str(ws.root), listen=listen, mtls=mtls, insecure=insecure,
+                            max_workers=max_workers, ops_listen=ops_listen, log_level=log_level,
+                            log_format=log_format, log_file=None if log_path is None else str(log_path),
+                            passphrase_env=passphrase_env)
+
+    def ready(port: int) -> None:
+        if port_file is not None:
+            atomic_write_bytes(port_file, f"{port}\n".encode())  # written once every worker serves
+        typer.echo(f"serving on {listen.rsplit(':', 1)[0]}:{port} with {workers} workers", err=True)
+
+    serve_workers(options, workers, on_ready=ready)
 
 
 @cloud_app.command("revoke")

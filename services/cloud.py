@@ -760,10 +760,13 @@ class CloudServer:
         max_workers: int = 16,
         released_models: Callable[[], Mapping[str, str | None]] | None = None,
         ops_listen: str | None = None,
+        reuse_port: bool = False,
     ) -> None:
         """``ops_listen``: host:port of the plain-HTTP ops endpoint (``/healthz``, ``/metrics``;
         no device certificate needed), or ``None`` for none. Metrics are collected either way
-        (``self.metrics``)."""
+        (``self.metrics``). ``reuse_port``: bind with ``SO_REUSEPORT`` so that several server
+        processes share ``listen`` (``cloud serve --workers N``; the kernel spreads connections)."""
+        self.reuse_port = reuse_port
         self.config = config or TransportConfig()
         self.store = store
         self.listen = listen
@@ -777,7 +780,8 @@ class CloudServer:
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="diredi-rpc"),
-            options=server_options(self.config),
+            options=[*(o for o in server_options(self.config) if o[0] != "grpc.so_reuseport"),
+                     ("grpc.so_reuseport", 1 if reuse_port else 0)],
             maximum_concurrent_rpcs=max_workers * 4,
             interceptors=(RevocationInterceptor(store),) if mtls else (),
         )
@@ -797,7 +801,8 @@ class CloudServer:
         self.port: int | None = None
 
     def start(self) -> int:
-        self.port = add_port(self._server, self.listen, self.tls, insecure=self.insecure)
+        self.port = add_port(self._server, self.listen, self.tls, insecure=self.insecure,
+                             reuse_port=self.reuse_port)
         self._server.start()
         for name in ("", *_SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

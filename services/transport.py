@@ -165,7 +165,7 @@ def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
     )
 
 
-def _check_bindable(listen: str) -> None:
+def _check_bindable(listen: str, *, reuse_port: bool = False) -> None:
     """Refuse an address gRPC could not bind, with the reason, before gRPC tries (its C core
     prints its own error lines to stderr and then raises a bare RuntimeError)."""
     import socket
@@ -181,6 +181,8 @@ def _check_bindable(listen: str) -> None:
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # the port is shared by the server processes of one `cloud serve`
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind(address)
         except OSError as exc:
@@ -188,14 +190,16 @@ def _check_bindable(listen: str) -> None:
 
 
 def add_port(
-    server: grpc.Server, listen: str, tls: ServerTls | None, *, insecure: bool = False
+    server: grpc.Server, listen: str, tls: ServerTls | None, *, insecure: bool = False,
+    reuse_port: bool = False,
 ) -> int:
-    """Bind ``listen`` with TLS (or plaintext only if ``insecure``); returns the bound port."""
+    """Bind ``listen`` with TLS (or plaintext only if ``insecure``); returns the bound port.
+    ``reuse_port``: the server was built with ``grpc.so_reuseport=1`` and shares the port."""
     if tls is None:
         if not insecure:
             raise ConfigError("no TLS identity for the server: pass one, or --insecure explicitly")
         log.warning("serving WITHOUT TLS on %s (--insecure): packets travel sealed, metadata in clear", listen)
-    _check_bindable(listen)
+    _check_bindable(listen, reuse_port=reuse_port)
     try:
         if tls is None:
             port = server.add_insecure_port(listen)

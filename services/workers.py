@@ -1,0 +1,327 @@
+"""``diredi cloud serve --workers N``: N server processes on one port, one store writer.
+
+Why processes: the server is mostly Python, so one process never uses more than one core; the
+kernel spreads connections over N processes that bind the same port with ``SO_REUSEPORT``.
+
+* **PostgreSQL**: each worker opens its own store and group-commits on its own; the device row
+  locks of ``store_packet`` keep replay checks, receipts and the ledger exact across processes.
+* **SQLite**: one writer. The parent process holds the only store that commits packets; each
+  worker verifies and opens packets itself and sends the resulting row (``PacketRow.to_bytes``,
+  no pickle) over its ``multiprocessing`` pipe; the parent feeds every worker's rows into one
+  group commit and answers with the receipt or the typed refusal, so a worker sends a receipt only
+  after the parent's commit that holds its packet. Workers read the database directly (WAL lets
+  readers run beside the writer) and enrol devices directly (rare, under SQLite's file lock).
+
+Lifetimes: a worker whose pipe closes (the parent died, even by SIGKILL) exits at once; the
+parent stops the workers on SIGTERM, then closes the store. Only worker 0 serves the ops endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from diredi_secure.errors import (
+    BudgetExceeded,
+    CertificateRevoked,
+    ConfigError,
+    DirediError,
+    PolicyViolation,
+    ReplayDetected,
+    StoreError,
+    UnknownDevice,
+)
+from diredi_secure.store import (
+    CertificateChanged,
+    DeviceConflict,
+    PacketRow,
+    SQLiteStore,
+    Store,
+    StoredReceipt,
+    is_postgres_url,
+)
+
+__all__ = ["RemoteWriter", "WorkerOptions", "serve_workers"]
+
+log = logging.getLogger("diredi.services")
+
+_READY, _ROW, _OK, _ERR = b"P", b"R", b"K", b"E"
+_ID = struct.Struct(">Q")
+# The refusals a writer may answer with, by name: anything else arrives as a StoreError.
+_ERRORS: dict[str, type[DirediError]] = {
+    cls.__name__: cls
+    for cls in (ReplayDetected, BudgetExceeded, UnknownDevice, CertificateChanged,
+                CertificateRevoked, PolicyViolation, DeviceConflict, StoreError)
+}
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What every worker needs to build its server (plain values: they cross a process spawn)."""
+
+    workspace: str
+    listen: str
+    mtls: bool
+    insecure: bool
+    max_workers: int
+    ops_listen: str | None
+    log_level: str
+    log_format: str
+    log_file: str | None
+    passphrase_env: str | None
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side
+# ------------------------------------------------------------------------------------------------
+class RemoteWriter:
+    """``Store._submit_row`` of a worker: the row goes to the writer process, the call returns
+    once the writer's commit holding it is done (or raises the writer's typed refusal)."""
+
+    def __init__(self, conn: Connection, on_lost: Callable[[], None]) -> None:
+        self._conn = conn
+        self._on_lost = on_lost
+        self._send = threading.Lock()
+        self._pending: dict[int, tuple[threading.Event, list[bytes]]] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        self._lost = False
+        threading.Thread(target=self._read, name="diredi-writer-link", daemon=True).start()
+
+    def send_ready(self, port: int) -> None:
+        with self._send:
+            self._conn.send_bytes(_READY + _ID.pack(port))
+
+    def submit(self, row: PacketRow) -> StoredReceipt:
+        done, box = threading.Event(), list[bytes]()
+        with self._lock:
+            if self._lost:
+                raise StoreError("the store writer process is gone")
+            self._next += 1
+            ident = self._next
+            self._pending[ident] = (done, box)
+        try:
+            with self._send:
+                self._conn.send_bytes(_ROW + _ID.pack(ident) + row.to_bytes())
+        except (OSError, ValueError) as exc:
+            self._fail_all()
+            raise StoreError("the store writer process is gone") from exc
+        done.wait()
+        if not box:
+            raise StoreError("the store writer process is gone")
+        return _decode_outcome(box[0])
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv_bytes()
+                (ident,) = _ID.unpack_from(message)
+                with self._lock:
+                    waiter = self._pending.pop(ident, None)
+                if waiter is not None:
+                    waiter[1].append(message[_ID.size:])
+                    waiter[0].set()
+        except (EOFError, OSError):
+            pass
+        self._fail_all()
+        self._on_lost()
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            self._lost = True
+            pending, self._pending = self._pending, {}
+        for done, _ in pending.values():
+            done.set()
+
+
+def _encode_outcome(outcome: StoredReceipt | BaseException) -> bytes:
+    if isinstance(outcome, StoredReceipt):
+        return _OK + (b"\x01" if outcome.duplicate else b"\x00") + outcome.receipt_bytes
+    if isinstance(outcome, DirediError) and type(outcome).__name__ in _ERRORS:
+        kind, reason, message = type(outcome).__name__, outcome.reason, outcome.message
+    else:  # logged here in full; the worker (and the device) get the generic store fault
+        log.error("store writer failed: %r", outcome)
+        kind, reason, message = "StoreError", StoreError.reason, "the store failed"
+    return _ERR + json.dumps({"kind": kind, "reason": reason, "message": message}).encode()
+
+
+def _decode_outcome(data: bytes) -> StoredReceipt:
+    if data[:1] == _OK:
+        return StoredReceipt(data[2:], duplicate=data[1:2] == b"\x01")
+    try:
+        info = json.loads(data[1:])
+        cls = _ERRORS[info["kind"]]
+        raise cls(str(info["message"]), reason=str(info["reason"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreError("the store writer sent an answer this build does not know") from exc
+
+
+def _worker_main(options: WorkerOptions, index: int, port: int, conn: Connection) -> None:
+    """One server process (spawned): its own store handle and gRPC server on the shared port."""
+    from .observe import configure_logging
+    from .workspace import CloudWorkspace
+
+    configure_logging(options.log_level, options.log_format,
+                      Path(options.log_file) if options.log_file else None)
+    ws = CloudWorkspace.open(Path(options.workspace))
+    cfg = ws.settings()
+    store = ws.open_store()
+    # The pipe also tells the worker when the parent is gone (EOF): it exits at once.
+    writer = RemoteWriter(conn, on_lost=lambda: os._exit(3))
+    if not is_postgres_url(ws.store_url()):
+        store._submit_row = writer.submit  # packets go to the one writer process
+    server = _build_server(ws, cfg, options, store, index=index,
+                           listen=f"{options.listen.rsplit(':', 1)[0]}:{port}")
+    server.start()
+    writer.send_ready(port)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(grace_s=5))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
+    server.wait()
+    store.close()
+
+
+def _build_server(ws: Any, cfg: Any, options: WorkerOptions, store: Store, *, index: int,
+                  listen: str) -> Any:
+    from diredi_secure._secrets import passphrase_from_env
+
+    from .cloud import CloudServer
+
+    keys = ws.keys(passphrase_from_env(options.passphrase_env))
+    tls = None if options.insecure else ws.server_tls(mtls=options.mtls)
+    return CloudServer(
+        store=store, keys=keys, tls=tls, insecure=options.insecure, listen=listen,
+        repository_dir=ws.repository_dir, released_models=ws.released_models(),
+        policy=cfg.policy, config=cfg.transport_config(), max_workers=options.max_workers,
+        ops_listen=options.ops_listen if index == 0 else None, reuse_port=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent side
+# ------------------------------------------------------------------------------------------------
+def _reserve_port(listen: str) -> tuple[socket.socket, int]:
+    """Bind (not listen) ``listen`` with SO_REUSEPORT, so port 0 becomes one port every worker
+    can bind; the kernel only hands connections to listening sockets, so this one gets none."""
+    host, _, port = listen.rpartition(":")
+    infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    holder = socket.socket(family, kind, proto)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind(address)
+    except OSError as exc:
+        holder.close()
+        raise ConfigError(f"cannot listen on {listen!r}: {exc.strerror}", reason="listen") from exc
+    return holder, int(holder.getsockname()[1])
+
+
+def _serve_link(conn: Connection, store: SQLiteStore | None, pool: futures.Executor,
+                ready: Callable[[int], None]) -> None:
+    """Answer one worker's rows through the writer's group commit, until its pipe closes."""
+    send = threading.Lock()
+
+    def commit(ident: bytes, payload: bytes) -> None:
+        assert store is not None
+        outcome: StoredReceipt | BaseException
+        try:
+            outcome = store._submit_row(PacketRow.from_bytes(payload))
+        except BaseException as exc:  # every outcome goes back to the waiting worker
+            outcome = exc
+        with send, contextlib.suppress(OSError, ValueError):  # the worker is gone: nobody waits
+            conn.send_bytes(ident + _encode_outcome(outcome))
+
+    try:
+        while True:
+            message = conn.recv_bytes()
+            kind, ident, payload = message[:1], message[1:1 + _ID.size], message[1 + _ID.size:]
+            if kind == _READY:
+                ready(_ID.unpack(ident)[0])
+            elif kind == _ROW and store is not None:
+                pool.submit(commit, ident, payload)
+    except (EOFError, OSError):
+        return
+
+
+def serve_workers(options: WorkerOptions, workers: int, *,
+                  on_ready: Callable[[int], None]) -> None:
+    """Run ``workers`` server processes on ``options.listen`` until SIGTERM (or Ctrl-C).
+
+    ``on_ready(port)`` is called once every worker serves. Raises :class:`ConfigError` if the
+    address cannot be bound or a worker fails to start.
+    """
+    from .workspace import CloudWorkspace
+
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    ws = CloudWorkspace.open(Path(options.workspace))
+    store = ws.open_store()  # migrates once, before any worker opens it
+    writer: SQLiteStore | None = store if isinstance(store, SQLiteStore) else None
+    if writer is None:
+        store.close()  # each PostgreSQL worker opens its own
+    holder, port = _reserve_port(options.listen)
+    context = multiprocessing.get_context("spawn")
+    pool = futures.ThreadPoolExecutor(max_workers=max(32, 16 * workers),
+                                      thread_name_prefix="diredi-writer")
+    processes: list[Any] = []
+    serving: list[int] = []
+    all_ready = threading.Event()
+    lock = threading.Lock()
+
+    def ready(_: int) -> None:
+        with lock:
+            serving.append(1)
+            if len(serving) == workers:
+                all_ready.set()
+
+    try:
+        for index in range(workers):
+            parent_end, child_end = context.Pipe()
+            proc = context.Process(target=_worker_main, args=(options, index, port, child_end),
+                                   name=f"diredi-serve-{index}", daemon=False)
+            proc.start()
+            child_end.close()
+            processes.append(proc)
+            threading.Thread(target=_serve_link, args=(parent_end, writer, pool, ready),
+                             daemon=True).start()
+        while not all_ready.wait(0.1):
+            if any(p.exitcode is not None for p in processes):
+                raise ConfigError("a server worker exited while starting (see the log)",
+                                  reason="workers")
+        holder.close()
+        on_ready(port)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.5):
+                if any(p.exitcode is not None for p in processes):
+                    log.error("a server worker exited; stopping the others")
+                    break
+        except KeyboardInterrupt:
+            pass
+    finally:
+        holder.close()
+        for proc in processes:
+            if proc.exitcode is None:
+                proc.terminate()  # SIGTERM: each stops its server with a grace period
+        for proc in processes:
+            proc.join(15)
+            if proc.exitcode is None:
+                proc.kill()
+        pool.shutdown(wait=True)
+        if writer is not None:
+            writer.close()
