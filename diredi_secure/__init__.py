@@ -9,17 +9,33 @@ The public surface of the protocol core is re-exported here; the learning loop l
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, keys
 from ._crypto import (
     HpkeSuite,
     InboxKey,
     InboxPublicKey,
     SigningKey,
+    TlsKey,
     VerifyKey,
     generate_inbox_key,
     generate_signing_key,
 )
 from .envelope import PacketHeader
+from .keys import (
+    generate_tls_key,
+    load_certificate,
+    load_inbox_key,
+    load_inbox_public_key,
+    load_signing_key,
+    load_tls_key,
+    load_verify_key,
+    save_certificate,
+    save_inbox_key,
+    save_inbox_public_key,
+    save_signing_key,
+    save_tls_key,
+    save_verify_key,
+)
 from .knowledge import DPParameters, KnowledgePayload, PayloadKind, PayloadTensor
 from .packet import (
     MemoryDeviceDirectory,
@@ -50,14 +66,29 @@ __all__ = [
     "PayloadKind",
     "PayloadTensor",
     "SigningKey",
+    "TlsKey",
     "VerifyKey",
     "__version__",
     "errors",
     "generate_inbox_key",
     "generate_signing_key",
+    "generate_tls_key",
     "inspect_packet",
+    "keys",
+    "load_certificate",
+    "load_inbox_key",
+    "load_inbox_public_key",
+    "load_signing_key",
+    "load_tls_key",
+    "load_verify_key",
     "make_receipt",
     "open_packet",
+    "save_certificate",
+    "save_inbox_key",
+    "save_inbox_public_key",
+    "save_signing_key",
+    "save_tls_key",
+    "save_verify_key",
     "seal_packet",
     "verify_receipt",
 ]
