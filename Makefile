@@ -78,8 +78,14 @@ proto-check: $(NODE_STAMP)
 proto-baseline: $(NODE_STAMP)
 	$(BUF) build --exclude-source-info -o tools/buf/released-wire-v1.json
 
-# Node packages the tests need (buf today; the Node client example adds its own here).
-node-deps: $(NODE_STAMP)
+# Node packages the tests need: buf, and the Node client example's (grpc-js, protobufjs; pinned by
+# examples/node/package-lock.json), which tests/integration/test_node_client.py runs.
+NODE_CLIENT_STAMP := examples/node/node_modules/.installed
+$(NODE_CLIENT_STAMP): examples/node/package-lock.json $(NODE_STAMP)
+	cd examples/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(NODE_CLIENT_STAMP)
+
+node-deps: $(NODE_STAMP) $(NODE_CLIENT_STAMP)
 
 # Long fuzz runs with atheris (the default suite replays tests/fuzz/corpus and fixed mutations).
 # FUZZ_TARGET: open_packet, signed_header, decode_payload, account_packet; FUZZ_SECONDS per run.
