@@ -13,6 +13,7 @@ node. CI has node (tools/ensure_node.sh).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -176,3 +177,23 @@ def test_bad_usage_is_one_line_and_exit_2(served: Served, tmp_path: Path) -> Non
     result = _node(served, tmp_path / "missing.bin")
     assert result.returncode == 2
     assert _one_line(result.stderr).startswith("diredi-node: cannot read packet ")
+
+
+def test_node_computes_the_packet_digest_of_every_known_answer_vector() -> None:
+    """wire.js alone (no server): the transcript and digest of wire v1 and v2, all three suites."""
+    assert NODE is not None
+    files = sorted((REPO / "tests" / "vectors").glob("packet_v*_suite*.bin"))
+    assert len(files) == 6
+    result = subprocess.run([NODE, str(REPO / "examples" / "node" / "digest.js"), *map(str, files)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    vectors = {v["file"]: v for v in json.loads((REPO / "tests" / "vectors" / "packets.json").read_text())["vectors"]}
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(files)
+    for line, file in zip(lines, files, strict=True):
+        digest, version, name = line.split(" ")
+        data = file.read_bytes()
+        assert name == str(file) and int(version) == envelope_from_bytes(data).envelope_version
+        assert digest == packet_digest(data).hex()
+        if "packet_digest" in vectors[file.name]:  # the version-2 entries pin it
+            assert digest == vectors[file.name]["packet_digest"]
