@@ -1,4 +1,4 @@
-"""``diredi bench ...``: the learning loop's figures and the reproduction benchmark.
+"""``diredi bench ...``: the reproduction, performance and fleet benchmarks.
 
 Mounted by the lead's CLI as ``diredi bench`` (``diredi_secure.benchmarks.cli:app``). Progress goes
 to stderr (silenced by ``--quiet``); tables and the final summary line go to stdout, the summary
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -35,53 +34,12 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _eps_text(e: float) -> str:
-    return "inf" if math.isinf(e) else f"{e:.2f}"
-
-
-@app.command("loop")
-def loop_cmd(
-    epsilon: Annotated[float, typer.Option(help="total epsilon per device packet; inf: no DP")]
-    = 8.0,
-    seed: Annotated[int, typer.Option(help="scenario and training seed")] = 0,
-    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress or log output")] = False,
-) -> None:
-    """Run the DiReDi loop once on the default scenario and print its figures.
-
-    KD, DP reverse distillation per user, merge, re-KD; prints the per-user table, the seconds
-    per phase, and ends with one summary line.
-    """
-    from diredi_secure.ml import LoopConfig, make_scenario, run_loop
-
-    if not epsilon > 0:
-        raise ConfigError(f"epsilon must be > 0 (inf: no DP), got {epsilon}")
-    _set_threads(threads)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO)
-    err = Console(stderr=True, quiet=quiet)
-    out = Console()
-    with err.status(f"running the DiReDi loop (seed {seed}, epsilon {epsilon:g})..."):
-        result = run_loop(make_scenario(seed), LoopConfig(), seed, epsilon=epsilon)
-
-    table = Table(title=f"DiReDi loop, seed {seed}, target epsilon {epsilon:g}")
-    for col in ("user", "user test before", "user test after", "presumed test before",
-                "presumed test after", "epsilon spent", "payload bytes"):
-        table.add_column(col, justify="left" if col == "user" else "right")
-    for u in result.users:
-        table.add_row(u.name + (" (shifted)" if u.shifted else ""), f"{u.before:.3f}",
-                      f"{u.after:.3f}", f"{result.presumed_before:.3f}",
-                      f"{u.presumed_after:.3f}", _eps_text(u.spent_epsilon),
-                      f"{u.payload_bytes:,}")
-    out.print(table)
-    phases = Table(title="seconds per phase")
-    for name in result.seconds:
-        phases.add_column(name, justify="right")
-    phases.add_row(*(f"{v:.1f}" for v in result.seconds.values()))
-    out.print(phases)
-    out.print(f"teacher on presumed test: {result.teacher_presumed_before:.3f} -> "
-              f"{result.teacher_presumed_after:.3f}; fleet student on presumed test: "
-              f"{result.presumed_after_fleet:.3f}", highlight=False)
-    typer.echo(result.summary_line())
+@app.command("loop", hidden=True,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def loop_moved(ctx: typer.Context) -> None:
+    """Removed: run `diredi ml loop` (the one command that runs the loop once)."""
+    raise ConfigError("`diredi bench loop` was removed: run `diredi ml loop --epsilon E --seed S`",
+                      reason="moved")
 
 
 def _parse_seeds(first: str | None, extra: list[str]) -> tuple[int, ...] | None:

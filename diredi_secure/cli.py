@@ -87,7 +87,7 @@ def keys_device_ca(
         "device-ca"
     ),
     name: Annotated[str, typer.Option(help="CA common name")] = "DiReDi device CA",
-    valid_days: int = 3650,
+    valid_days: Annotated[int, typer.Option(help="Certificate validity in days")] = 3650,
     passphrase_env: PassEnv = None,
 ) -> None:
     """Create the manufacturer's device CA (Ed25519 key and self-signed certificate)."""
@@ -113,11 +113,14 @@ def keys_device(
     out_dir: Annotated[
         Path, typer.Option("--out", help="Folder for device.key and device.crt")
     ] = Path("device"),
-    valid_days: int = 3650,
+    valid_days: Annotated[int, typer.Option(help="Certificate validity in days")] = 3650,
     ca_passphrase_env: PassEnv = None,
     passphrase_env: PassEnv = None,
 ) -> None:
-    """Create a device key and its certificate from the device CA (provisioning)."""
+    """Create a device signing key and certificate, for `packet seal` and the library.
+
+    A device that runs `diredi edge` needs a whole kit instead: `diredi provision kit`.
+    """
     _crypto.validate_device_id(device_id)
     ca_key = _crypto.load_signing_key(ca_dir / "ca.key", _passphrase(ca_passphrase_env))
     ca_cert = _read(ca_dir / "ca.crt", "CA certificate")
@@ -271,7 +274,9 @@ def _header_dict(header: Any) -> dict[str, Any]:
 
 
 @packet_app.command("inspect")
-def packet_inspect(file: Path) -> None:
+def packet_inspect(
+    file: Annotated[Path, typer.Argument(help="Sealed packet file")],
+) -> None:
     """Print a packet's header as JSON. Verifies NOTHING and needs no key."""
     header = inspect_packet(_read(file, "packet"))
     out.print_json(json.dumps({"verified": False, "header": _header_dict(header)}))
@@ -279,7 +284,7 @@ def packet_inspect(file: Path) -> None:
 
 @packet_app.command("open")
 def packet_open(
-    file: Path,
+    file: Annotated[Path, typer.Argument(help="Sealed packet file")],
     inbox_dir: Annotated[Path, typer.Option("--inbox", help="Folder with inbox.key")],
     ca_cert: Annotated[Path, typer.Option("--ca-cert", help="Device CA certificate (ca.crt)")],
     device_cert: Annotated[
@@ -329,22 +334,25 @@ def demo_protocol() -> None:
     run_protocol_demo(out)
 
 
-scenario_app = typer.Typer(help="Build and save the digits scenario.", no_args_is_help=True)
-app.add_typer(scenario_app, name="scenario")
+#: Commands that were twins of another and were removed, each pointing to the one kept (a script
+#: that still calls the old name stops with one line saying what to run instead, exit 2).
+MOVED_COMMANDS: dict[str, str] = {
+    "scenario make": "ml scenario --out DIR [--seed N]",
+}
 
 
-@scenario_app.command("make")
-def scenario_make(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for scenario.npz + scenario.json")] = Path("scenario"),
-    seed: Annotated[int, typer.Option(help="Seed of the split")] = 0,
-) -> None:
-    """The default scenario from a seed: presumed data, reference set, three users (one shifted)."""
-    from .ml.data import make_scenario, save_scenario
+def _moved(old: str, new: str) -> Any:
+    def command(ctx: typer.Context) -> None:
+        raise ConfigError(f"`diredi {old}` was removed: run `diredi {new}`", reason="moved")
 
-    scenario = make_scenario(seed)
-    save_scenario(scenario, out_dir)
-    users = ", ".join(f"{u.name} ({len(u.train)} train)" for u in scenario.users)
-    out.print(f"scenario (seed {seed}) written to {out_dir}: users {users}", markup=False)
+    command.__doc__ = f"Removed: run `diredi {new}`."
+    return command
+
+
+_MOVED_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+app.command("scenario", hidden=True, context_settings=_MOVED_SETTINGS)(
+    _moved("scenario make", MOVED_COMMANDS["scenario make"])
+)
 
 
 _SUBAPPS = (

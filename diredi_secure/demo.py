@@ -89,6 +89,52 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+class _Steps:
+    """Each step of the demo as it happens: a live spinner on a terminal; on a pipe, a log file or
+    CI, one line when a step starts and one when it ends, flushed at once (a rich live display
+    that is not on a terminal prints nothing until it stops, minutes later)."""
+
+    def __init__(self, console: Console, *, quiet: bool) -> None:
+        self._quiet = quiet
+        self._live = console.is_terminal and not quiet
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                  TimeElapsedColumn(), console=console, transient=False,
+                                  disable=not self._live)
+        self._started = time.perf_counter()
+        self._steps: dict[int, tuple[str, float, TaskID | None]] = {}
+
+    def __enter__(self) -> _Steps:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def _line(self, text: str) -> None:
+        if not self._quiet:
+            print(f"[{time.perf_counter() - self._started:5.0f} s] {text}", flush=True)
+
+    def start(self, text: str) -> int:
+        number = len(self._steps) + 1
+        task = self._progress.add_task(text, total=1) if self._live else None
+        self._steps[number] = (text, time.perf_counter(), task)
+        if not self._live:
+            self._line(f"step {number}/{STEP_COUNT}: {text}")
+        return number
+
+    def done(self, number: int, text: str | None = None) -> None:
+        old, began, task = self._steps[number]
+        if task is not None:
+            self._progress.update(task, completed=1, description=text or old)
+        else:
+            extra = f": {text}" if text else ""
+            self._line(f"step {number}/{STEP_COUNT} done in {time.perf_counter() - began:.1f} s{extra}")
+
+
+#: The demo's steps (cloud set-up, server, device round, merge, device update, evaluation).
+STEP_COUNT = 6
+
+
 def _start_all(
     step: str, jobs: dict[str, list[str]], logs: dict[str, Path], timeout: float = 900
 ) -> None:
@@ -156,15 +202,19 @@ def demo_command(
     workspace: Annotated[
         Path, typer.Option(help="Fresh folder for everything the demo writes (wiped first)")
     ] = Path("demo-workspace"),
-    epsilon: Annotated[float, typer.Option(help="Total epsilon each device's packet spends (DP-SGD, histogram and prototypes composed, delta 1e-5)")] = 8.0,
+    epsilon: Annotated[float, typer.Option(help="Total epsilon each device's packet spends (DP-SGD, histogram and prototypes composed, at the cloud policy's delta, 1e-5 by default)")] = 8.0,
     seed: Annotated[int, typer.Option(help="Seed of the scenario and of the cloud's training runs (devices' private noise always comes from the OS CSPRNG)")] = 0,
     audit_profile: Annotated[
         str,
         typer.Option(help="Audit gate profile run before v2 is released: fast, full or accounting"),
     ] = "fast",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress display")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No step lines or progress display (the table and the summary line only)")] = False,
 ) -> None:
-    """Run the whole DiReDi loop: a cloud and three devices as separate processes over gRPC."""
+    """Run the whole DiReDi loop: a cloud and three devices as separate processes over gRPC.
+
+    On a terminal each step shows as a live line; on a pipe or in a log each step prints one line
+    when it starts and one when it ends, as it happens.
+    """
     console = Console(quiet=quiet)
     if not math.isfinite(epsilon) or epsilon <= 0:
         raise ConfigError(
@@ -181,21 +231,9 @@ def demo_command(
     (paths.root / ".diredi-demo").write_text("created by diredi demo\n")
     started = time.perf_counter()
     server: subprocess.Popen[bytes] | None = None
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        disable=quiet,
-    )
     try:
-        with progress:
-
-            def step(text: str) -> TaskID:
-                return progress.add_task(text, total=1)
-
-            t = step("cloud: keys, release repository, KD on presumed data, release v1")
+        with _Steps(console, quiet=quiet) as steps:
+            t = steps.start("cloud: keys, release repository, KD on presumed data, release v1")
             _run("cloud init", ["cloud", "init", str(paths.cloud)], paths.logs / "cloud-init.log")
             _run(
                 "cloud distill",
@@ -206,12 +244,13 @@ def demo_command(
             from .services.workspace import CloudWorkspace
 
             cloud_ws = CloudWorkspace.open(paths.cloud)
+            delta = cloud_ws.settings().policy.dp.delta
             for user in USERS:  # each device's private data: only that device process reads it
                 for part in ("train", "test"):
                     export_user_data(cloud_ws, user, paths.data(user, part), part=part)
-            progress.update(t, completed=1)
+            steps.done(t)
 
-            t = step("cloud: gRPC server on loopback (its own process, TLS + mTLS)")
+            t = steps.start("cloud: gRPC server on loopback (its own process, TLS + mTLS)")
             port_file = paths.cloud / "port"
             server_log = paths.logs / "cloud-server.log"
             server = subprocess.Popen(
@@ -244,14 +283,11 @@ def demo_command(
                     f"the cloud server did not start within 60 s; see {server_log}"
                 )
             target = f"127.0.0.1:{port_file.read_text().strip()}"
-            progress.update(
-                t,
-                completed=1,
-                description=f"cloud: gRPC server on {target} (its own process, TLS + mTLS)",
-            )
+            steps.done(t, f"cloud: gRPC server on {target} (its own process, TLS + mTLS)")
 
-            t = step(
-                f"devices A, B, C (own processes): enrol, verify + install v1, RD with DP (eps {epsilon:g}), submit"
+            t = steps.start(
+                f"devices A, B, C (own processes): enrol, verify + install v1, RD with DP "
+                f"(epsilon {epsilon:g} at delta {delta:.0e}), submit"
             )
             _start_all(
                 "device round",
@@ -278,9 +314,9 @@ def demo_command(
                 },
                 {u: paths.logs / f"device-{u}.log" for u in USERS},
             )
-            progress.update(t, completed=1)
+            steps.done(t)
 
-            t = step(
+            t = steps.start(
                 f"cloud: merge packets, distil up, per-user re-KD, audit gate ({audit_profile}), release v2"
             )
             _run(
@@ -298,9 +334,9 @@ def demo_command(
                 paths.logs / "cloud-merge.log",
                 timeout=1200,
             )
-            progress.update(t, completed=1)
+            steps.done(t)
 
-            t = step("devices A, B, C: verify + install their own v2")
+            t = steps.start("devices A, B, C: verify + install their own v2")
             _start_all(
                 "device update",
                 {
@@ -318,11 +354,11 @@ def demo_command(
                 },
                 {u: paths.logs / f"device-{u}.log" for u in USERS},
             )
-            progress.update(t, completed=1)
+            steps.done(t)
 
-            t = step("evaluating each device's models on its own test data")
+            t = steps.start("evaluating each device's models on its own test data")
             scores = _evaluate(paths)
-            progress.update(t, completed=1)
+            steps.done(t)
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -332,16 +368,17 @@ def demo_command(
                 server.kill()
 
     audit = _audit_summary(paths)
-    table = Table(title=f"DiReDi demo: 3 devices, total epsilon {epsilon:g} per packet "
-                        f"(delta 1e-5), seed {seed}")
+    table = Table(title=f"DiReDi demo: 3 devices, total epsilon {epsilon:g} at delta {delta:.0e} "
+                        f"per packet, seed {seed}")
     for col in (
         "device",
         "user test before",
         "user test after",
         "presumed before",
         "presumed after",
-        "epsilon spent (delta 1e-5)",
-        "packet bytes uploaded",
+        f"epsilon spent at delta {delta:.0e}",
+        "payload bytes",
+        "packet bytes",
         "release",
         "audit",
     ):
@@ -357,7 +394,8 @@ def demo_command(
             f"{r['user_after']:.3f}",
             f"{r['presumed_before']:.3f}",
             f"{r['presumed_after']:.3f}",
-            f"{sent['epsilon']:.2f}",
+            f"{sent['epsilon']:.2f} at delta {sent['delta']:.0e}",
+            f"{sent['payload_bytes']:,}",
             f"{sent['packet_bytes']:,}",
             f"v{r['version_before']} -> v{r['version_after']}",
             audit["verdict"],
@@ -408,7 +446,7 @@ def demo_device_command(
     data: Annotated[
         Path | None, typer.Option(help="The user's private training data, npz (round)")
     ] = None,
-    epsilon: Annotated[float, typer.Option()] = 8.0,
+    epsilon: Annotated[float, typer.Option(help="Total epsilon of the packet (round)")] = 8.0,
 ) -> None:
     """One device of the demo, as its own process (hidden; `diredi demo` runs it)."""
     from .ml.data import load_npz_dataset

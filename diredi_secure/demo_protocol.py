@@ -91,7 +91,7 @@ def run_protocol_demo(console: Console) -> None:
             return f"[red]refused[/red] {exc.one_line()}"
         replay.record(opened.header.device_id, opened.header.packet_id, opened.header.counter)
         shape = opened.payload.tensors[0].values.shape
-        return f"[green]accepted[/green] counter={opened.header.counter} payload={shape} epsilon={opened.epsilon:.2f}"
+        return f"[green]accepted[/green] counter={opened.header.counter} payload={shape} epsilon {opened.epsilon:.2f} at delta {opened.header.dp.delta:.0e}"
 
     good = seal("device-a", 1)
     tampered = bytearray(seal("device-a", 2))
@@ -105,7 +105,7 @@ def run_protocol_demo(console: Console) -> None:
     devices.revoke("device-b")
     rows.append(("device-b after its revocation", cloud_open(revoked)))
     table = Table(
-        title=f"DiReDi packet protocol ({len(good)} bytes per packet, HPKE X25519/AES-128-GCM, Ed25519)"
+        title=f"DiReDi packet protocol ({len(good):,} packet bytes each, HPKE X25519/AES-128-GCM, Ed25519)"
     )
     table.add_column("what happens")
     table.add_column("cloud's verdict")

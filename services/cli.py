@@ -69,8 +69,10 @@ def cloud_init(
     store_schema: Annotated[str | None, typer.Option(help="PostgreSQL schema for the tables")] = None,
     passphrase_env: Annotated[str | None, typer.Option(help="Name of an env var holding a passphrase to encrypt the private keys with")] = None,
 ) -> None:
-    """Create a cloud workspace: device CA, inbox key, receipt key, TLS identity, store, TUF
-    repository and cloud.toml. All or nothing: a failed init leaves no folder behind."""
+    """Create a cloud workspace: device CA, keys, TLS identity, store, TUF repository, cloud.toml.
+
+    The inbox key, receipt key and server TLS identity are made here. All or nothing: a failed
+    init leaves no folder behind."""
     ws = CloudWorkspace.init(
         workspace, now_ms=_now_ms(), hostnames=tuple(hostname or ("localhost", "127.0.0.1")),
         store=store, store_schema=store_schema, passphrase=_passphrase(passphrase_env),
@@ -239,8 +241,9 @@ def cloud_ledger(
     device: Annotated[str | None, typer.Argument(help="One device: its ledger and every packet charged to it")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of text")] = False,
 ) -> None:
-    """The composed epsilon ledger (spent and budget at the policy's one delta): every device, or
-    one device with each packet it was charged for."""
+    """The composed epsilon ledger (spent and budget at the policy's delta), per device.
+
+    Every device, or one device with each packet it was charged for."""
     import json as _json
 
     from diredi_secure.errors import UnknownDevice
@@ -400,9 +403,10 @@ def edge_init(
     target: Annotated[str | None, typer.Option(help="Cloud address host:port (default: the kit's; with --cloud 127.0.0.1:50051)")] = None,
     allow_unaudited: Annotated[bool, typer.Option("--allow-unaudited", help="Device policy: install releases attested not_audited (default: refuse them)")] = False,
 ) -> None:
-    """Make a device workspace from a device kit (checked: manifest digests, certificates against
-    the CA, each key against its certificate; nothing is left behind when it is refused), or in a
-    lab straight from a cloud workspace's CA."""
+    """Make a device workspace from a device kit (or, in a lab, from a cloud workspace's CA).
+
+    The kit is checked first: manifest digests, certificates against the CA, each key against
+    its certificate; nothing is left behind when it is refused."""
     from .provision import install_kit
 
     if (kit is None) == (cloud_workspace is None):
@@ -431,6 +435,9 @@ cloud_app.command("export-public")(export_public_command)
 ServerOpt = Annotated[
     str | None, typer.Option("--server", help="Cloud address host:port (saved in the device config)")
 ]
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure", help="Plaintext gRPC, NO TLS (a cloud served with --insecure; tests only)")
+]
 
 
 def _agent(workspace: Path, insecure: bool, server: str | None = None) -> EdgeAgent:
@@ -446,7 +453,7 @@ def _remember_server(workspace: Path, server: str | None) -> None:
 
 
 @edge_app.command("enroll")
-def edge_enroll(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: bool = False) -> None:
+def edge_enroll(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: InsecureOpt = False) -> None:
     """Register the device with the cloud (proof of possession of its key)."""
     with _agent(workspace, insecure, server) as agent:
         typer.echo(f"enrolled as {agent.enroll()}")
@@ -454,7 +461,7 @@ def edge_enroll(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: boo
 
 
 @edge_app.command("status")
-def edge_status(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: bool = False) -> None:
+def edge_status(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: InsecureOpt = False) -> None:
     """Ask the cloud for this device's status and epsilon ledger."""
     with _agent(workspace, insecure, server) as agent:
         s = agent.status()
@@ -468,7 +475,7 @@ def edge_submit(
     workspace: WorkspaceOpt,
     packet: Annotated[Path | None, typer.Option(help="A sealed packet file (default: resend the outbox)")] = None,
     server: ServerOpt = None,
-    insecure: bool = False,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Submit a packet (or every unacknowledged one) with retries; verify each receipt."""
     with _agent(workspace, insecure, server) as agent:
@@ -485,7 +492,7 @@ def edge_update(
     state: Annotated[Path, typer.Option(help="With --from: the device state folder")] = Path("device"),
     trusted_root: Annotated[Path | None, typer.Option("--trusted-root", "--root", help="Root metadata to trust first (default: the one from provisioning)")] = None,
     server: ServerOpt = None,
-    insecure: bool = False,
+    insecure: InsecureOpt = False,
     allow_unaudited: Annotated[bool, typer.Option("--allow-unaudited", help="With --from: accept a release attested not_audited (a device workspace follows its own policy, set at edge init)")] = False,
 ) -> None:
     """Fetch, verify (TUF + attestation) and install the newest release for this device.
@@ -525,7 +532,7 @@ def edge_reverse(
     research_seed: Annotated[int | None, typer.Option(help="RESEARCH ONLY: fix every private random draw (the header says so; the cloud refuses such packets by default). Default: fresh OS randomness")] = None,
     submit: Annotated[bool, typer.Option("--submit", help="Send the packet and verify the receipt")] = False,
     server: ServerOpt = None,
-    insecure: bool = False,
+    insecure: InsecureOpt = False,
     log_file: Annotated[Path | None, typer.Option(help="Append logs to this file")] = None,
 ) -> None:
     """Reverse distillation on the INSTALLED model with DP; seal the packet (and submit it)."""

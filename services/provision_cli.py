@@ -49,8 +49,10 @@ def provision_kit(
     ca_passphrase_env: CaPassEnv = None,
     valid_days: ValidDays = 3650,
 ) -> None:
-    """Write a device kit: signing key + certificate, TLS identity, CA chain, TUF root, inbox
-    key, cloud address, and kit.json listing every file's SHA-256 (private files 0600)."""
+    """Write a self-contained device kit from the device CA, for `diredi edge init --kit`.
+
+    Signing key + certificate, TLS identity, CA chain, TUF root, inbox key, cloud address, and
+    kit.json listing every file's SHA-256 (private files 0600)."""
     ca_key, ca_cert = load_ca(ca, _passphrase(ca_passphrase_env))
     build_kit(out, ca_key=ca_key, ca_cert=ca_cert, device_id=device_id,
               public=CloudPublic.load(public), target=target, now_ms=_now_ms(),
@@ -75,9 +77,10 @@ def provision_renew(
     ca_passphrase_env: CaPassEnv = None,
     valid_days: ValidDays = 3650,
 ) -> None:
-    """Reissue an enrolled device's certificates for the keys it already has (new serial and
-    validity, same id). Install with `diredi edge renew`, then `diredi edge enroll`: the cloud
-    keeps the device's epsilon ledger."""
+    """Reissue an enrolled device's certificates for the keys it already has.
+
+    New serial and validity, same id. Install with `diredi edge renew`, then `diredi edge
+    enroll`: the cloud keeps the device's epsilon ledger."""
     ca_key, ca_cert = load_ca(ca, _passphrase(ca_passphrase_env))
     device_id, _ = build_renewal(out, ca_key=ca_key, ca_cert=ca_cert, device_certs=device_certs,
                                  now_ms=_now_ms(), valid_days=valid_days)  # fmt: skip
@@ -88,8 +91,10 @@ def export_public_command(
     workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Cloud workspace")],
     out: Annotated[Path, typer.Option("--out", help="Folder to create (must not exist)")],
 ) -> None:
-    """Write what a factory needs from the cloud, nothing private: the device CA certificate (the
-    devices' TLS trust root), the TUF root v1, the inbox public key, the server name."""
+    """Write what a factory needs from the cloud, nothing private (for `diredi provision kit`).
+
+    The device CA certificate (the devices' TLS trust root), the TUF root v1, the inbox public
+    key, the server name."""
     export_public(CloudWorkspace.open(workspace), out)
     typer.echo(f"public provisioning files written to {out} (give them to the factory)")
 
@@ -100,7 +105,9 @@ def edge_renew(
         Path, typer.Option("--kit", help="Renewal folder from `diredi provision renew`")
     ],
 ) -> None:
-    """Install renewed certificates (checked against this device's CA and keys first); then run
-    `diredi edge enroll` so the cloud stores them."""
+    """Install renewed certificates from `diredi provision renew` (checked first).
+
+    They are checked against this device's CA and keys; then run `diredi edge enroll` so the
+    cloud stores them."""
     device_id = apply_renewal(DeviceWorkspace.open(workspace), renewal, now_ms=_now_ms())
     typer.echo(f"certificates of {device_id} renewed: run `diredi edge enroll` to register them")
