@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import stat
 import threading
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -53,6 +54,7 @@ from diredi_secure.errors import (
     CertificateRevoked,
     DirediError,
     MalformedPacket,
+    PeerError,
     PolicyError,
     PolicyViolation,
     SignatureInvalid,
@@ -65,6 +67,7 @@ from diredi_secure.serde import CiphertextHasher
 from diredi_secure.store import CertificateChanged, DeviceStatus, PacketRecord, Store
 
 from .observe import IngestObserver, Metrics, OpsServer
+from .ratelimit import RefusalLimiter
 from .status import NotFound, ServiceUnavailable, abort_internal, abort_with
 from .transport import ServerTls, TransportConfig, add_port, peer_device_id, server_options
 
@@ -225,16 +228,25 @@ class Ingest(_CloudLogic):
         policy: PacketPolicy = DEFAULT_POLICY,
         config: TransportConfig | None = None,
         clock: Callable[[], int] = wall_clock_ms,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``monotonic``: seconds, for the refusal limit's windows (a fake clock in tests)."""
         super().__init__(store, keys, policy=policy, config=config, clock=clock)
+        self.refusals = RefusalLimiter(self.config.refusals, clock=monotonic)
         self.identities = VerifiedIdentities(keys.device_ca_der)
         self._devices = _EnrolledDevices(store, self.identities)
         self._inbox_key_id = keys.inbox_key.key_id
         self._receipt_key_id = keys.receipt_key.key_id
 
     def submit(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False,
-               ciphertext_digest: CiphertextDigest | None = None) -> bytes:
+               ciphertext_digest: CiphertextDigest | None = None,
+               origin: Callable[[], str | None] | None = None) -> bytes:
         """The signed receipt for ``data`` once it is durably stored (or was stored before).
+
+        A device refused too often is answered :class:`ServiceUnavailable` (``rate_limited``)
+        before any other work (:mod:`.ratelimit`): the device is the mTLS ``peer``, or without
+        mTLS the declared device id at ``origin()`` (the caller's host, when known; asked only
+        when needed).
 
         ``ciphertext_digest``: the SHA-256 of the ciphertext field that :meth:`assemble` took while
         the stream arrived (trusted: our own code), so a wire-version-2 packet is not hashed again
@@ -244,6 +256,32 @@ class Ingest(_CloudLogic):
         ``SignatureInvalid``, ``UnknownDevice``, ``CertificateRevoked``, ``ReplayDetected`` (same
         id, other bytes; or a stale counter), ``BudgetExceeded``, ``StoreError``...
         """
+        device = peer if mtls else None
+        if device is None and self.refusals.cooling_down():
+            device = self._declared_device(data, origin)  # only while someone is cooled down
+        self.refusals.check(device)
+        try:
+            return self._submit(data, peer=peer, mtls=mtls, streamed=streamed,
+                                ciphertext_digest=ciphertext_digest)
+        except (PeerError, PolicyError):
+            # The peer's fault (not ours: a LocalError such as StoreError is never counted).
+            if device is None and not mtls:
+                device = self._declared_device(data, origin)
+            self.refusals.refused(device)
+            raise
+
+    def _declared_device(self, data: bytes, origin: Callable[[], str | None] | None) -> str | None:
+        """The device id ``data`` declares (unverified; ``None`` if it does not parse), at
+        ``origin()``: the key of the refusal limit without mTLS."""
+        try:
+            device_id = inspect_packet(data, self.config.limits).device_id
+        except DirediError:
+            return None
+        host = None if origin is None else origin()
+        return device_id if host is None else f"{device_id}@{host}"
+
+    def _submit(self, data: bytes, *, peer: str | None, mtls: bool, streamed: bool,
+                ciphertext_digest: CiphertextDigest | None) -> bytes:
         limits = self.config.limits
         cap = limits.max_packet_bytes if streamed else limits.max_unary_bytes
         if len(data) > cap:
@@ -366,6 +404,59 @@ def _parse_chunk(raw: bytes) -> Any:
         return spb.Chunk.FromString(raw)
     except Exception as exc:
         raise MalformedPacket("a stream chunk does not decode") from exc
+
+
+def _peer_host(context: grpc.ServicerContext) -> str | None:
+    """The caller's host from gRPC's peer string (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``)."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6") or not rest:
+        return None
+    host = rest.rpartition(":")[0]
+    return host.strip("[]")[:64] or None
+
+
+class _StreamWatch:
+    """Cancels a SubmitStream at the server's deadline, or when no chunk arrived for ``idle_s``.
+
+    One thread per open stream (their number is bounded by ``max_ingest_streams``): a stalled
+    client blocks the handler inside the request iterator, where only cancelling the call frees
+    it. ``fired`` names the limit that cancelled it (``None`` while none did)."""
+
+    def __init__(self, context: grpc.ServicerContext, *, deadline_s: float, idle_s: float) -> None:
+        self._context = context
+        self._deadline_s = deadline_s
+        self._deadline = time.monotonic() + deadline_s
+        self._idle_s = idle_s
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self.fired: str | None = None
+        self._thread = threading.Thread(target=self._run, name="diredi-stream-watch", daemon=True)
+        self._thread.start()
+
+    def chunks(self, requests: Iterable[bytes]) -> Iterator[bytes]:
+        """``requests``, noting when each chunk arrives (the idle limit ends with the stream)."""
+        for raw in requests:
+            self._last = time.monotonic()
+            yield raw
+        self._last = math.inf  # received in full: the work on it is bounded by the deadline only
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            idle_left = self._last + self._idle_s - now
+            deadline_left = self._deadline - now
+            if deadline_left <= 0 or idle_left <= 0:
+                self.fired = (f"over the server's deadline of {self._deadline_s:g} s"
+                              if deadline_left <= 0 else f"no chunk for {self._idle_s:g} s")
+                log.info("cancelling a packet stream: %s", self.fired)
+                self._context.cancel()
+                return
+            if self._done.wait(min(idle_left, deadline_left)):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 @dataclass(frozen=True)
@@ -591,48 +682,67 @@ class _Knowledge:
                 self._per_peer.pop(peer, None)
             self._streams.release()
 
+    def _refuse(self, context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+        if isinstance(exc, ServiceUnavailable):
+            # Overloaded or rate limited: sent as is (not through abort_with, which would replace
+            # a LocalError's text by the generic "internal error" line and log it as our fault;
+            # neither is, and the client needs the reason to back off).
+            context.abort(grpc.StatusCode.UNAVAILABLE, exc.one_line())
+        if isinstance(exc, DirediError):
+            abort_with(context, exc, quiet=True)
+        abort_internal(context, exc)  # the catch-all: nothing untyped reaches a peer
+
     def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         started, peer = time.monotonic(), peer_device_id(context)
         try:
-            receipt = self.ingest.submit(request, peer=peer, mtls=self.mtls)
+            receipt = self.ingest.submit(request, peer=peer, mtls=self.mtls,
+                                         origin=lambda: _peer_host(context))
         except Exception as exc:
             self.observer.refused(method="Submit", error=exc, packet=request, peer=peer, started=started)
-            if isinstance(exc, DirediError):
-                abort_with(context, exc, quiet=True)
-            abort_internal(context, exc)  # the catch-all: nothing untyped reaches a peer
+            self._refuse(context, exc)
         self.observer.accepted(method="Submit", packet=request, receipt=receipt, peer=peer, started=started)
         return receipt
 
     def submit_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         started, peer = time.monotonic(), peer_device_id(context)
-        if not self._take_stream(peer):
-            self.observer.refused(method="SubmitStream", error=ServiceUnavailable("stream slots taken", reason="overloaded"),
-                                  packet=None, peer=peer, started=started)
-            # Sent as is (not through abort_with: a LocalError's text would be replaced by the
-            # generic "internal error" line, and this is no internal fault).
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          "overloaded: too many packet streams at once (or one already open for "
-                          "this device); retry later")
+        refusals = self.ingest.refusals
+        device = peer if self.mtls else None
+        try:
+            refusals.check(device)  # a cooled-down device takes no slot and sends no byte
+            if not self._take_stream(peer):
+                raise ServiceUnavailable(
+                    "too many packet streams at once (or one already open for this device); "
+                    "retry later", reason="overloaded")
+        except ServiceUnavailable as exc:
+            self.observer.refused(method="SubmitStream", error=exc, packet=None, peer=peer, started=started)
+            self._refuse(context, exc)
         # A stalled stream blocks in the request iterator: only cancelling the call frees it.
-        timer = threading.Timer(self.ingest.config.ingest_stream_deadline_s, context.cancel)
-        timer.daemon = True
-        timer.start()
+        config = self.ingest.config
+        watch = _StreamWatch(context, deadline_s=config.ingest_stream_deadline_s,
+                             idle_s=config.ingest_stream_idle_s)
+        data: bytes | None = None
         try:
             if self.mtls and peer is not None:
                 # Who may stream at all is settled before a byte is buffered.
                 self.ingest.store.require_active_device(peer)
-            data = None
             hasher = CiphertextHasher()  # the ciphertext is hashed as it arrives (wire version 2)
-            data = self.ingest.assemble(requests, hasher=hasher)
+            try:
+                data = self.ingest.assemble(watch.chunks(requests), hasher=hasher)
+            except (PeerError, PolicyError):
+                refusals.refused(device)  # Ingest.submit counts the refusals after this point
+                raise
             receipt = self.ingest.submit(data, peer=peer, mtls=self.mtls, streamed=True,
-                                         ciphertext_digest=hasher.result())
+                                         ciphertext_digest=hasher.result(),
+                                         origin=lambda: _peer_host(context))
         except Exception as exc:
-            self.observer.refused(method="SubmitStream", error=exc, packet=data, peer=peer, started=started)
-            if isinstance(exc, DirediError):
-                abort_with(context, exc, quiet=True)
-            abort_internal(context, exc)  # the catch-all: nothing untyped reaches a peer
+            error: Exception = exc
+            if watch.fired is not None:  # what the iterator raised once the call was cancelled
+                error = MalformedPacket(f"stream cancelled: {watch.fired}")
+                refusals.refused(device)
+            self.observer.refused(method="SubmitStream", error=error, packet=data, peer=peer, started=started)
+            self._refuse(context, error)
         finally:
-            timer.cancel()
+            watch.stop()
             self._give_stream(peer)
         self.observer.accepted(method="SubmitStream", packet=data, receipt=receipt, peer=peer, started=started)
         return receipt
@@ -761,11 +871,13 @@ class CloudServer:
         released_models: Callable[[], Mapping[str, str | None]] | None = None,
         ops_listen: str | None = None,
         reuse_port: bool = False,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``ops_listen``: host:port of the plain-HTTP ops endpoint (``/healthz``, ``/metrics``;
         no device certificate needed), or ``None`` for none. Metrics are collected either way
         (``self.metrics``). ``reuse_port``: bind with ``SO_REUSEPORT`` so that several server
-        processes share ``listen`` (``cloud serve --workers N``; the kernel spreads connections)."""
+        processes share ``listen`` (``cloud serve --workers N``; the kernel spreads connections).
+        ``monotonic``: the refusal limit's clock (seconds; tests pass a fake one)."""
         self.reuse_port = reuse_port
         self.config = config or TransportConfig()
         self.store = store
@@ -774,7 +886,8 @@ class CloudServer:
         self.insecure = insecure
         mtls = bool(tls and tls.require_client_auth)
         self.mtls = mtls
-        self.ingest = Ingest(store, keys, policy=policy, config=self.config, clock=clock)
+        self.ingest = Ingest(store, keys, policy=policy, config=self.config, clock=clock,
+                             monotonic=monotonic)
         self.ingest.released_models = released_models
         self.enrollment = Enrollment(store, keys, policy=policy, config=self.config, clock=clock)
         self.health = health.HealthServicer()

@@ -2,7 +2,8 @@
 the privacy policy, validated at start with an error that names the key.
 
 Every section maps onto the dataclass that already holds those settings in code (so a default
-has one home): ``[limits]`` is :class:`~diredi_secure.policy.Limits`, ``[transport]``
+has one home): ``[limits]`` is :class:`~diredi_secure.policy.Limits` (the size caps) and
+:class:`~.ratelimit.RefusalLimits` (the per-device refusal limit, keys ``refusal*``), ``[transport]``
 :class:`~.transport.TransportConfig`, ``[policy]`` :class:`~diredi_secure.policy.PacketPolicy`,
 ``[privacy]`` :class:`~diredi_secure.privacy.DPPolicy` and ``[privacy.bounds]`` its
 ``DPBounds``. A key not in the dataclass, a value of the wrong type, or a value its
@@ -32,6 +33,7 @@ from diredi_secure.policy import DEFAULT_POLICY, Limits, PacketPolicy
 from diredi_secure.store import is_postgres_url
 
 from .observe import LOG_FORMATS, LOG_LEVELS
+from .ratelimit import RefusalLimits
 from .transport import TransportConfig
 
 __all__ = [
@@ -105,6 +107,8 @@ class CloudConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     limits: Limits = field(default_factory=Limits)
+    refusals: RefusalLimits = field(default_factory=RefusalLimits)
+    """Also in ``[limits]``: its keys (``refusals_per_window``...) are disjoint from ``Limits``'."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     policy: PacketPolicy = DEFAULT_POLICY
 
@@ -120,7 +124,7 @@ class CloudConfig:
             "store": _fields_of(self.store),
             "server": _fields_of(self.server),
             "tls": _fields_of(self.tls),
-            "limits": _fields_of(self.limits),
+            "limits": {**_fields_of(self.limits), **_fields_of(self.refusals)},
             "transport": _fields_of(self.transport, skip=("limits", "deadlines")),
             "policy": _fields_of(self.policy, skip=("dp",)),
             "privacy": privacy,
@@ -128,7 +132,7 @@ class CloudConfig:
 
     def transport_config(self) -> TransportConfig:
         """The transport settings with the ``[limits]`` section inside (as the server takes them)."""
-        return dataclasses.replace(self.transport, limits=self.limits)
+        return dataclasses.replace(self.transport, limits=self.limits, refusals=self.refusals)
 
 
 # Scalar fields a section may set, per dataclass; nested dataclasses are sections of their own.
@@ -232,9 +236,15 @@ def parse_config(text: str, *, source: str = CONFIG_FILE) -> CloudConfig:
         store = _section(defaults.store, "store", doc.get("store", {}))
         server = _section(defaults.server, "server", doc.get("server", {}))
         tls = _section(defaults.tls, "tls", doc.get("tls", {}))
-        limits = _section(defaults.limits, "limits", doc.get("limits", {}))
-        transport = _section(dataclasses.replace(defaults.transport, limits=limits), "transport",
-                             doc.get("transport", {}))
+        limits_table = doc.get("limits", {})
+        refusal_keys = tuple(_settable(RefusalLimits))
+        limits = _section(defaults.limits, "limits", limits_table, nested=refusal_keys)
+        refusals = defaults.refusals
+        if isinstance(limits_table, dict):
+            refusals = _section(refusals, "limits",
+                                {k: v for k, v in limits_table.items() if k in refusal_keys})
+        transport = _section(dataclasses.replace(defaults.transport, limits=limits, refusals=refusals),
+                             "transport", doc.get("transport", {}))
         privacy_table = doc.get("privacy", {})
         dp = defaults.policy.dp
         if isinstance(privacy_table, dict) and "bounds" in privacy_table:
@@ -243,7 +253,8 @@ def parse_config(text: str, *, source: str = CONFIG_FILE) -> CloudConfig:
         policy = _section(dataclasses.replace(defaults.policy, dp=dp), "policy", doc.get("policy", {}))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc.message}") from exc
-    return CloudConfig(store=store, server=server, tls=tls, limits=limits, transport=transport, policy=policy)
+    return CloudConfig(store=store, server=server, tls=tls, limits=limits, refusals=refusals,
+                       transport=transport, policy=policy)
 
 
 def load_config(path: Path) -> CloudConfig:

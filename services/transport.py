@@ -25,6 +25,8 @@ from diredi_secure._crypto import DEVICE_URI_PREFIX
 from diredi_secure.errors import ConfigError
 from diredi_secure.policy import DEFAULT_LIMITS, Limits
 
+from .ratelimit import RefusalLimits
+
 __all__ = [
     "ClientTls",
     "ServerTls",
@@ -63,6 +65,9 @@ class TransportConfig:
     or stalled streams can never hold every worker thread (Health and unary calls keep answering)."""
     ingest_stream_deadline_s: float = 60.0
     """Server-side limit on one SubmitStream, whatever deadline the client set: then cancelled."""
+    ingest_stream_idle_s: float = 10.0
+    """A SubmitStream that sends no chunk for this long is cancelled (a stall frees its slot well
+    before ``ingest_stream_deadline_s``)."""
     min_stream_bytes_per_s: int = 64 * 1024
     """After the first 5 s, a stream slower than this on average is refused (slow-loris)."""
     max_connection_idle_ms: int = 5 * 60 * 1000
@@ -70,6 +75,8 @@ class TransportConfig:
     max_connection_age_grace_ms: int = 60 * 1000
     deadlines: dict[str, float] = field(default_factory=dict)
     """Per-method overrides of the deadline, by method name (``Submit``, ``FetchTarget``...)."""
+    refusals: RefusalLimits = field(default_factory=RefusalLimits)
+    """The per-device refusal limit (set in ``cloud.toml``'s ``[limits]``, like ``limits``)."""
 
     def __post_init__(self) -> None:
         if self.chunk_bytes <= 0 or self.chunk_bytes > self.limits.max_unary_bytes:
@@ -77,7 +84,7 @@ class TransportConfig:
                 f"chunk_bytes must lie in (0, max_unary_bytes={self.limits.max_unary_bytes}]"
             )
         for name in ("unary_deadline_s", "stream_deadline_s", "ingest_stream_deadline_s",
-                     "max_ingest_streams", "min_stream_bytes_per_s", "max_connection_idle_ms",
+                     "ingest_stream_idle_s", "max_ingest_streams", "min_stream_bytes_per_s", "max_connection_idle_ms",
                      "max_connection_age_ms", "max_connection_age_grace_ms"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
