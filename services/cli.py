@@ -171,6 +171,8 @@ def _serve_workers(ws: CloudWorkspace, workers: int, *, listen: str, mtls: bool,
                    passphrase_env: str | None, port_file: Path | None) -> None:
     from .workers import WorkerOptions, serve_workers
 
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, not {workers}", reason="workers")
     ws.keys(_passphrase(passphrase_env))  # refuse a wrong passphrase here, once, before spawning
     options = WorkerOptions(workspace=str(ws.root), listen=listen, mtls=mtls, insecure=insecure,
                             max_workers=max_workers, ops_listen=ops_listen, log_level=log_level,

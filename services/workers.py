@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -171,11 +172,14 @@ def _decode_outcome(data: bytes) -> StoredReceipt:
 
 def _worker_main(options: WorkerOptions, index: int, port: int, conn: Connection) -> None:
     """One server process (spawned): its own store handle and gRPC server on the shared port."""
+    stopping = _on_stop_signals(ignore_sigint=True)  # the parent decides on Ctrl-C
     from .observe import configure_logging
     from .workspace import CloudWorkspace
 
     configure_logging(options.log_level, options.log_format,
                       Path(options.log_file) if options.log_file else None)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerField(index))
     ws = CloudWorkspace.open(Path(options.workspace))
     cfg = ws.settings()
     store = ws.open_store()
@@ -187,10 +191,35 @@ def _worker_main(options: WorkerOptions, index: int, port: int, conn: Connection
                            listen=f"{options.listen.rsplit(':', 1)[0]}:{port}")
     server.start()
     writer.send_ready(port)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(grace_s=5))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
-    server.wait()
-    store.close()
+    try:
+        while not stopping:
+            time.sleep(0.2)
+    finally:
+        server.stop(grace_s=5)
+        store.close()
+
+
+class _WorkerField(logging.Filter):
+    """Adds ``worker=<index>`` to every log line of a worker (which process served a packet)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def _on_stop_signals(*, ignore_sigint: bool) -> list[int]:
+    """Record SIGTERM (and SIGINT unless ignored) in the returned list, which the main thread
+    polls. The handler only appends: a handler that stops a server or sets a ``threading.Event``
+    can deadlock on a lock the interrupted main thread holds (seen: a worker that never stopped)."""
+    received: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
+    signal.signal(signal.SIGINT,
+                  signal.SIG_IGN if ignore_sigint else lambda signum, _: received.append(signum))
+    return received
 
 
 def _build_server(ws: Any, cfg: Any, options: WorkerOptions, store: Store, *, index: int,
@@ -214,20 +243,35 @@ def _build_server(ws: Any, cfg: Any, options: WorkerOptions, store: Store, *, in
 # ------------------------------------------------------------------------------------------------
 def _reserve_port(listen: str) -> tuple[socket.socket, int]:
     """Bind (not listen) ``listen`` with SO_REUSEPORT, so port 0 becomes one port every worker
-    can bind; the kernel only hands connections to listening sockets, so this one gets none."""
+    can bind; the kernel only hands connections to listening sockets, so this one gets none.
+
+    Raises :class:`ConfigError` (reason ``listen``) for an address that is not ``host:port``, a
+    host that does not resolve, a bind that fails, or a port some server already listens on
+    (another ``--workers`` server of this user could otherwise join the same port silently)."""
+    from .transport import _check_bindable
+
+    _check_bindable(listen, reuse_port=True)  # the same refusals, worded as a single server's
     host, _, port = listen.rpartition(":")
-    infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = infos[0]
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     holder = socket.socket(family, kind, proto)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind(address)
+        bound = holder.getsockname()
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(1.0)
+            if probe.connect_ex(bound) == 0:
+                raise ConfigError(f"cannot listen on {listen!r}: a server already listens on port "
+                                  f"{bound[1]}", reason="listen")
     except OSError as exc:
         holder.close()
         raise ConfigError(f"cannot listen on {listen!r}: {exc.strerror}", reason="listen") from exc
-    return holder, int(holder.getsockname()[1])
+    except BaseException:
+        holder.close()
+        raise
+    return holder, int(bound[1])
 
 
 def _serve_link(conn: Connection, store: SQLiteStore | None, pool: futures.Executor,
@@ -261,32 +305,33 @@ def serve_workers(options: WorkerOptions, workers: int, *,
                   on_ready: Callable[[int], None]) -> None:
     """Run ``workers`` server processes on ``options.listen`` until SIGTERM (or Ctrl-C).
 
-    ``on_ready(port)`` is called once every worker serves. Raises :class:`ConfigError` if the
-    address cannot be bound or a worker fails to start.
+    ``on_ready(port)`` is called once every worker serves. Raises :class:`ConfigError` if
+    ``workers`` is below 1, the address cannot be bound or a worker fails to start. When it
+    returns (or raises) every worker has exited: each gets SIGTERM and 15 s, then SIGKILL.
     """
     from .workspace import CloudWorkspace
 
     if workers < 1:
-        raise ConfigError("--workers must be at least 1")
+        raise ConfigError(f"--workers must be at least 1, not {workers}", reason="workers")
     ws = CloudWorkspace.open(Path(options.workspace))
-    store = ws.open_store()  # migrates once, before any worker opens it
+    holder, port = _reserve_port(options.listen)
+    try:
+        store = ws.open_store()  # migrates once, before any worker opens it
+    except BaseException:
+        holder.close()
+        raise
     writer: SQLiteStore | None = store if isinstance(store, SQLiteStore) else None
     if writer is None:
         store.close()  # each PostgreSQL worker opens its own
-    holder, port = _reserve_port(options.listen)
+    stopping = _on_stop_signals(ignore_sigint=False)
     context = multiprocessing.get_context("spawn")
     pool = futures.ThreadPoolExecutor(max_workers=max(32, 16 * workers),
                                       thread_name_prefix="diredi-writer")
     processes: list[Any] = []
-    serving: list[int] = []
-    all_ready = threading.Event()
-    lock = threading.Lock()
+    serving: set[int] = set()
 
-    def ready(_: int) -> None:
-        with lock:
-            serving.append(1)
-            if len(serving) == workers:
-                all_ready.set()
+    def exited() -> bool:
+        return any(p.exitcode is not None for p in processes)
 
     try:
         for index in range(workers):
@@ -296,23 +341,23 @@ def serve_workers(options: WorkerOptions, workers: int, *,
             proc.start()
             child_end.close()
             processes.append(proc)
-            threading.Thread(target=_serve_link, args=(parent_end, writer, pool, ready),
-                             daemon=True).start()
-        while not all_ready.wait(0.1):
-            if any(p.exitcode is not None for p in processes):
+            threading.Thread(target=_serve_link,
+                             args=(parent_end, writer, pool, lambda _port, i=index: serving.add(i)),
+                             name=f"diredi-link-{index}", daemon=True).start()
+        while len(serving) < workers:  # set.add from the link threads: atomic under the GIL
+            if stopping:
+                return
+            if exited():
                 raise ConfigError("a server worker exited while starting (see the log)",
                                   reason="workers")
+            time.sleep(0.05)
         holder.close()
         on_ready(port)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(0.5):
-                if any(p.exitcode is not None for p in processes):
-                    log.error("a server worker exited; stopping the others")
-                    break
-        except KeyboardInterrupt:
-            pass
+        while not stopping:
+            if exited():
+                log.error("a server worker exited; stopping the others")
+                break
+            time.sleep(0.2)
     finally:
         holder.close()
         for proc in processes:
@@ -322,6 +367,7 @@ def serve_workers(options: WorkerOptions, workers: int, *,
             proc.join(15)
             if proc.exitcode is None:
                 proc.kill()
+                proc.join()
         pool.shutdown(wait=True)
         if writer is not None:
             writer.close()
