@@ -222,21 +222,47 @@ def charge(
     return new, eps
 
 
+def _curve_prefix() -> str:
+    head = json.dumps({"accountant": ACCOUNTANT, "orders": list(RDP_ORDERS), "rdp_f64le": ""})
+    return head[: -len('""}')]
+
+
+# Every curve's text starts with the same accountant and order grid, encoded once. The values are
+# the float64 bytes (little-endian) in hex: exact like repr, and some 30x cheaper than JSON floats
+# (json.dumps of 72 floats twice per packet was a tenth of the ingest server's Python time).
+_CURVE_PREFIX = _curve_prefix()
+
+
 def curve_to_json(curve: np.ndarray) -> str:
-    """Storage form of a ledger curve: the accountant, its orders and the values."""
-    return json.dumps({"accountant": ACCOUNTANT, "orders": list(RDP_ORDERS),
-                       "rdp": [float(v) for v in np.asarray(curve, dtype=np.float64)]})
+    """Storage form of a ledger curve: a JSON object with the accountant, its orders and the
+    values as hex of their float64 little-endian bytes (``rdp_f64le``)."""
+    values = np.ascontiguousarray(curve, dtype="<f8")
+    return f'{_CURVE_PREFIX}"{values.tobytes().hex()}"}}'
 
 
 def curve_from_json(text: str | None) -> np.ndarray:
-    """Inverse of :func:`curve_to_json`; ``None`` or empty is an empty ledger. Raises ValueError
-    on a curve stored with other orders (stored state is ours: this is corruption, not input)."""
+    """Inverse of :func:`curve_to_json` (and of the earlier form, values as a JSON list under
+    ``rdp``); ``None`` or empty is an empty ledger. Raises ValueError on a curve stored with other
+    orders (stored state is ours: this is corruption, not input)."""
     if not text:
         return zero_curve()
-    obj = json.loads(text)
-    if obj.get("accountant") != ACCOUNTANT or tuple(obj.get("orders", ())) != RDP_ORDERS:
-        raise ValueError("stored ledger curve uses another accountant or order grid")
-    values = np.asarray(obj["rdp"], dtype=np.float64)
+    rest = text[len(_CURVE_PREFIX):] if text.startswith(_CURVE_PREFIX) else ""
+    hexed: object
+    raw: object = None
+    if rest.startswith('"') and rest.endswith('"}'):
+        hexed = rest[1:-2]  # the common case: our own prefix verbatim (accountant, orders)
+    else:
+        obj = json.loads(text)
+        if not isinstance(obj, dict) or obj.get("accountant") != ACCOUNTANT or tuple(
+                obj.get("orders", ())) != RDP_ORDERS:
+            raise ValueError("stored ledger curve uses another accountant or order grid")
+        hexed, raw = obj.get("rdp_f64le"), obj.get("rdp")
+    if isinstance(hexed, str):
+        if len(hexed) != 16 * len(RDP_ORDERS):
+            raise ValueError("stored ledger curve is malformed")
+        values = np.frombuffer(bytes.fromhex(hexed), dtype="<f8").astype(np.float64)
+    else:
+        values = np.asarray(raw, dtype=np.float64)
     if values.shape != (len(RDP_ORDERS),) or not np.all(np.isfinite(values)) or np.any(values < 0):
         raise ValueError("stored ledger curve is malformed")
     return values

@@ -171,3 +171,19 @@ def test_non_finite_entry_epsilon_and_non_integer_steps_are_refused_before_decry
         bad = SimpleNamespace(**{**honest_dp().__dict__, "steps": steps})
         with pytest.raises(PolicyViolation):
             privacy.account_packet(bad, [])
+
+
+def test_curve_storage_is_exact_and_reads_the_earlier_form() -> None:
+    import json
+
+    c = np.abs(np.random.default_rng(3).normal(size=len(privacy.RDP_ORDERS))) * 1e-3
+    text = privacy.curve_to_json(c)
+    assert json.loads(text)["orders"] == list(privacy.RDP_ORDERS)
+    assert privacy.curve_from_json(text).tobytes() == c.tobytes()  # bit-exact
+    earlier = json.dumps({"accountant": "rdp", "orders": list(privacy.RDP_ORDERS),
+                          "rdp": [float(v) for v in c]})
+    assert privacy.curve_from_json(earlier).tobytes() == c.tobytes()
+    for bad in (text[:-10] + '"}', text.replace('"}', '00"}'), text[:-4] + 'zz"}',
+                text.replace(text[len(text) - 18:-2], "000000000000f0ff")):  # -inf
+        with pytest.raises(ValueError):
+            privacy.curve_from_json(bad)
