@@ -8,13 +8,15 @@ the receipt Node kept. A tampered packet is refused with the server's typed reas
 prints as its one line.
 
 Needs ``node`` and ``make node-deps`` (``npm ci`` in examples/node); skipped, saying so, without
-node. CI has node (tools/ensure_node.sh).
+node. CI has node (tools/ensure_node.sh). The last test, which needs no node, checks that
+docs/WIRE.md names every reason string the code defines with its status code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +49,7 @@ def _node_missing() -> str | None:
     return None
 
 
-pytestmark = [pytestmark, pytest.mark.skipif(_node_missing() is not None, reason=str(_node_missing()))]
+needs_node = pytest.mark.skipif(_node_missing() is not None, reason=str(_node_missing()))
 
 
 def _now_ms() -> int:
@@ -116,6 +118,7 @@ def _one_line(text: str) -> str:
     return lines[0]
 
 
+@needs_node
 @pytest.mark.parametrize("wire_version", [1, 2])  # in counter order
 def test_node_enrols_submits_a_python_sealed_packet_and_verifies_its_receipt(
         served: Served, tmp_path: Path, wire_version: int) -> None:
@@ -151,6 +154,7 @@ def test_node_enrols_submits_a_python_sealed_packet_and_verifies_its_receipt(
     assert (tmp_path / "again.bin").read_bytes() == receipt
 
 
+@needs_node
 def test_a_tampered_packet_gets_the_servers_typed_reason_as_one_line(served: Served, tmp_path: Path) -> None:
     data = bytearray(_seal(served.device, 40))
     offset, length = ciphertext_span(envelope_from_bytes(bytes(data)))
@@ -164,6 +168,7 @@ def test_a_tampered_packet_gets_the_servers_typed_reason_as_one_line(served: Ser
     assert line.startswith("diredi-node: Submit refused: UNAUTHENTICATED signature_invalid: "), line
 
 
+@needs_node
 def test_a_packet_from_another_device_is_refused_before_any_call(served: Served, tmp_path: Path) -> None:
     other = served.cloud.provision_device(tmp_path / "other", "node-dev-2", target=served.target, now_ms=_now_ms())
     packet = tmp_path / "other.bin"
@@ -173,12 +178,14 @@ def test_a_packet_from_another_device_is_refused_before_any_call(served: Served,
     assert _one_line(result.stderr) == "diredi-node: packet is device node-dev-2's, the workspace is node-dev-1's"
 
 
+@needs_node
 def test_bad_usage_is_one_line_and_exit_2(served: Served, tmp_path: Path) -> None:
     result = _node(served, tmp_path / "missing.bin")
     assert result.returncode == 2
     assert _one_line(result.stderr).startswith("diredi-node: cannot read packet ")
 
 
+@needs_node
 def test_node_computes_the_packet_digest_of_every_known_answer_vector() -> None:
     """wire.js alone (no server): the transcript and digest of wire v1 and v2, all three suites."""
     assert NODE is not None
@@ -197,3 +204,44 @@ def test_node_computes_the_packet_digest_of_every_known_answer_vector() -> None:
         assert digest == packet_digest(data).hex()
         if "packet_digest" in vectors[file.name]:  # the version-2 entries pin it
             assert digest == vectors[file.name]["packet_digest"]
+
+
+_REASON_LITERAL = re.compile(r'(?:\breason\s*(?::\s*str\s*)?=\s*|RATE_LIMITED\s*=\s*)"([a-z_]+)"')
+
+
+def test_wire_md_names_every_reason_with_its_status_code() -> None:
+    """docs/WIRE.md section 14 against the code: every reason literal (class attributes and
+    ``reason="..."`` at raise sites, in diredi_secure/ and services/) is named there, and each row
+    of its table gives the status ``services/status.py`` maps that row's class to."""
+    import grpc
+    from diredi_secure.services import ratelimit, status  # noqa: F401 - defines error classes
+    from diredi_secure.services.status import status_for
+
+    from diredi_secure import errors, privacy, store  # noqa: F401 - define error classes
+    from diredi_secure.release import errors as release_errors  # noqa: F401
+
+    doc = (REPO / "docs" / "WIRE.md").read_text()
+    section = doc[doc.index("## 14. Errors"):]
+    sources = [p for root in ("diredi_secure", "services") for p in (REPO / root).rglob("*.py")
+               if "_proto" not in p.parts]
+    literals = {m.group(1) for p in sources for m in _REASON_LITERAL.finditer(p.read_text())}
+    assert {"malformed", "unknown_base_model", "rate_limited", "wire_version_retired"} <= literals
+    missing = sorted(r for r in literals if f"`{r}`" not in section)
+    assert not missing, f"docs/WIRE.md section 14 does not name {missing}"
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for s in cls.__subclasses__() for c in (s, *subclasses(s))]
+
+    by_name = {c.__name__: c for c in subclasses(errors.DirediError)}
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 30
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        code = cells[1].strip("`")
+        assert code in grpc.StatusCode.__members__, row
+        names = re.findall(r"`(\w+)`", cells[2])
+        if not names:  # "(none)": `internal`, an exception nobody typed
+            assert code == "INTERNAL"
+            continue
+        cls = by_name[names[0]]
+        assert status_for(cls.__new__(cls)).name == code, row
