@@ -11,9 +11,10 @@ Measured in the same run, on loopback only, every loop bounded by a count and a 
   project's server;
 * raw SQLite (WAL, ``synchronous=FULL``) at 1 and 32 rows per commit; raw PostgreSQL the same with
   ``--postgres``; SHA-256 of update-sized bytes;
-* the project's ingest (``CloudServer`` in its own process, real mTLS clients, one per device):
-  SQLite and, with ``--postgres``, PostgreSQL (a fresh schema, dropped afterwards); 1/8/32 devices;
-  1 KiB/64 KiB/1 MiB payloads; then p50/p99 latency at half the measured 8-device rate;
+* the project's ingest (``diredi cloud serve --workers N`` with N = ``--workers``, in child
+  processes, real mTLS clients, one per device): SQLite and, with ``--postgres``, PostgreSQL (a
+  fresh schema, dropped afterwards); 1/8/32 devices; 1 KiB/64 KiB/1 MiB payloads; then p50/p99
+  latency at half the measured 8-device rate;
 * the update channel (a 256 MB model through ``diredi edge update`` in a child process, its wall
   time and peak RSS) and DP RD per epoch against plain training.
 
@@ -420,52 +421,62 @@ def drive(
 # ------------------------------------------------------------------------------------------------
 # The project's ingest server, in its own process
 # ------------------------------------------------------------------------------------------------
-def _project_server(
-    cloud_root: str, store_url: str, schema: str | None, ready: Any, stop: Any
-) -> None:
-    from diredi_secure.services.cloud import CloudServer
-    from diredi_secure.services.transport import TransportConfig
-    from diredi_secure.services.workspace import CloudWorkspace
-
-    from diredi_secure.policy import Limits, PacketPolicy
-    from diredi_secure.privacy import DPPolicy
-    from diredi_secure.store import open_store
-
-    ws = CloudWorkspace.open(Path(cloud_root))
-    store = open_store(store_url, default_epsilon_budget=1e9, schema=schema)
-    server = CloudServer(
-        store=store,
-        keys=ws.keys(),
-        tls=ws.server_tls(mtls=True),
-        policy=PacketPolicy(dp=DPPolicy(lifetime_epsilon_budget=1e9)),
-        config=TransportConfig(limits=Limits(max_unary_bytes=4 * MIB)),
-    )
-    ready.put(server.start())
-    stop.wait()
-    server.stop(grace_s=1.0)
-    store.close()
-
-
 class ProjectServer:
-    """``CloudServer`` over a store, in a child process (so clients and server do not share a
-    GIL, as with the bare servers); devices enrolled through it."""
+    """The project's server as an operator runs it: ``diredi cloud serve --workers N`` over the
+    fleet's workspace, in child processes (so clients and server do not share a GIL, as with the
+    bare servers); devices enrolled through it. ``N = 1`` is the single-process server; above, N
+    processes on one ``SO_REUSEPORT`` port (services/workers.py). The workspace's cloud.toml gets
+    the store, an effectively unlimited lifetime budget and warning-level logs (no line per
+    packet, as the in-process server of earlier runs); releases.json names base model "v1"."""
 
-    def __init__(self, fleet: Fleet, store_url: str, schema: str | None) -> None:
-        ctx = mp.get_context("spawn")
+    def __init__(self, fleet: Fleet, store_url: str, schema: str | None, workers: int) -> None:
         self.fleet = fleet
-        self._ready, self._stop = ctx.Queue(), ctx.Event()
-        self._proc = ctx.Process(
-            target=_project_server,
-            daemon=True,
-            args=(str(fleet.cloud.root), store_url, schema, self._ready, self._stop),
-        )
+        self.workers = workers
         self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._env = dict(os.environ)
+        self._configure(store_url, schema)
+
+    def _configure(self, store_url: str, schema: str | None) -> None:
+        import tomllib
+
+        import tomli_w
+        from diredi_secure.services.workspace import STORE_PASSWORD_ENV, _split_password
+
+        from diredi_secure.store import is_postgres_url
+
+        ws = self.fleet.cloud
+        doc = tomllib.loads(ws.config_path.read_text())
+        if is_postgres_url(store_url):
+            store_url, password = _split_password(store_url)
+            if password is not None:  # never into cloud.toml: the child reads it from the env
+                self._env[STORE_PASSWORD_ENV] = password
+        doc["store"] = {"url": store_url, "schema": schema or ""}
+        doc.setdefault("privacy", {})["lifetime_epsilon_budget"] = 1e9
+        doc.setdefault("server", {})["log_level"] = "warning"
+        ws.config_path.write_text(tomli_w.dumps(doc))
+        (ws.root / "releases.json").write_text(
+            '{"format": 1, "models": {"v1": {"version": 1, "prefix": "", "device": null}}, '
+            '"fleet": []}'
+        )
 
     def __enter__(self) -> ProjectServer:
         from diredi_secure.services.edge import EdgeAgent
 
-        self._proc.start()
-        self.port = int(self._ready.get(timeout=120))
+        port_file = self.fleet.root / f"serve-{os.getpid()}-{time.monotonic_ns()}.port"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "diredi_secure.cli", "cloud", "serve",
+             "-w", str(self.fleet.cloud.root), "--workers", str(self.workers),
+             "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
+            env=self._env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise ConfigError("diredi cloud serve did not start (its stderr is above)")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
         for ws in self.fleet.devices:
             ws.update_config(target=f"127.0.0.1:{self.port}")
             agent = EdgeAgent(ws)
@@ -474,10 +485,15 @@ class ProjectServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._proc.join(timeout=20)
-        if self._proc.is_alive():
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()  # SIGTERM: the server (and its workers) stop
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             self._proc.kill()
+            self._proc.wait()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -740,12 +756,13 @@ def _ingest(
     store_url: str,
     schema: str | None,
     half_load: bool,
+    workers: int,
 ) -> dict[str, float]:
     from diredi_secure.services.cloud import KNOWLEDGE_SERVICE
 
     method = f"/{KNOWLEDGE_SERVICE}/Submit"
     got: dict[str, float] = {}
-    with ProjectServer(fleet, store_url, schema) as server:
+    with ProjectServer(fleet, store_url, schema, workers) as server:
         target = f"127.0.0.1:{server.port}"
         for nbytes, total in plan.ingest.items():
             for devices in plan.devices:
@@ -845,14 +862,16 @@ def run(
         report.add("sha256", sha256_rate(plan.sha_mb), "MB/s")
         # Counters continue across runs; the SQLite store lives in the cloud workspace.
         sqlite = _ingest(
-            report, fleet, plan, "sqlite", fleet.cloud.store_url(), None, half_load=True
+            report, fleet, plan, "sqlite", fleet.cloud.store_url(), None, half_load=True,
+            workers=workers,
         )
         headline = sqlite
         if postgres:
             schema = f"bench_ceil_ingest_{os.getpid()}"
             try:
                 headline = _ingest(
-                    report, fleet, plan, "postgres", postgres, schema, half_load=True
+                    report, fleet, plan, "postgres", postgres, schema, half_load=True,
+                    workers=workers,
                 )
             finally:
                 import psycopg

@@ -40,6 +40,7 @@ from diredi_secure.errors import (
     CertificateRevoked,
     ConfigError,
     DirediError,
+    LocalError,
     PolicyViolation,
     ReplayDetected,
     StoreError,
@@ -307,7 +308,9 @@ def serve_workers(options: WorkerOptions, workers: int, *,
 
     ``on_ready(port)`` is called once every worker serves. Raises :class:`ConfigError` if
     ``workers`` is below 1, the address cannot be bound or a worker fails to start. When it
-    returns (or raises) every worker has exited: each gets SIGTERM and 15 s, then SIGKILL.
+    returns (or raises) every worker has exited: each gets SIGTERM and 15 s, then SIGKILL. A
+    worker that exits on its own stops the others and raises :class:`LocalError`
+    (``worker_exited``), so a supervisor sees a failure, not a clean stop.
     """
     from .workspace import CloudWorkspace
 
@@ -329,6 +332,7 @@ def serve_workers(options: WorkerOptions, workers: int, *,
                                       thread_name_prefix="diredi-writer")
     processes: list[Any] = []
     serving: set[int] = set()
+    lost: LocalError | None = None
 
     def exited() -> bool:
         return any(p.exitcode is not None for p in processes)
@@ -354,8 +358,12 @@ def serve_workers(options: WorkerOptions, workers: int, *,
         holder.close()
         on_ready(port)
         while not stopping:
-            if exited():
-                log.error("a server worker exited; stopping the others")
+            dead = [p for p in processes if p.exitcode is not None]
+            if dead:
+                lost = LocalError(f"server worker {dead[0].name} exited with code "
+                                  f"{dead[0].exitcode}; the others were stopped",
+                                  reason="worker_exited")
+                log.error("%s", lost.message)
                 break
             time.sleep(0.2)
     finally:
@@ -371,3 +379,5 @@ def serve_workers(options: WorkerOptions, workers: int, *,
         pool.shutdown(wait=True)
         if writer is not None:
             writer.close()
+    if lost is not None:  # the server did not stop because it was asked to
+        raise lost

@@ -257,7 +257,10 @@ def test_many_devices_every_packet_once_with_a_receipt_and_an_exact_ledger(serve
             agent.close()
     finally:
         store.close()
-    served_by = {e.get("worker") for a in agents for e in served.events(a.workspace.device_id)}
+    events = [e for a in agents for e in served.events(a.workspace.device_id)]
+    assert len(events) == len(agents) * per_device  # one log line per packet, from its worker
+    assert all(e["event"] == "packet_accepted" and e["packet_id"] for e in events)
+    served_by = {e.get("worker") for e in events}
     assert served_by == {0, 1}, served_by  # 8 connections: both workers took some
 
 
