@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import stat
 import threading
@@ -47,6 +48,7 @@ from diredi_secure._crypto import (
 )
 from diredi_secure._proto.diredi.v1 import services_pb2 as spb
 from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
+from diredi_secure.checkpoint import CheckpointHeader, check_checkpoint_header
 from diredi_secure.device_identities import VerifiedIdentities
 from diredi_secure.envelope import CiphertextDigest
 from diredi_secure.errors import (
@@ -61,6 +63,8 @@ from diredi_secure.errors import (
     TooLarge,
     UnknownDevice,
 )
+from diredi_secure.knowledge import KnowledgePayload
+from diredi_secure.ml.payload_fit import ModelShapes, check_entries_fit
 from diredi_secure.packet import DeviceRecord, inspect_packet, make_receipt, open_packet
 from diredi_secure.policy import DEFAULT_POLICY, PacketPolicy
 from diredi_secure.serde import CiphertextHasher
@@ -78,6 +82,7 @@ __all__ = [
     "Enrollment",
     "Ingest",
     "ReleaseFolder",
+    "ReleasedModelShapes",
     "enroll_proof_message",
 ]
 
@@ -203,6 +208,103 @@ class _Lookup:
         return self.record
 
 
+class ReleasedModelShapes:
+    """The shapes a packet's entries must have, per released model, from the release repository.
+
+    Trusted: the repository folder (the cloud's own). For a model SHA-256 the index says was
+    released (to the fleet, or to one device), the TUF metadata of that release's role names
+    the model file and the reference set that shipped with it; their safetensors *headers* give
+    the parameter count, the reference rows and the input shape (no tensor is read, torch is not
+    imported). Cached per model (a released file never changes); a model the repository does
+    not hold (yet) gives ``None``: ingest then leaves the check to the merge, which skips a
+    packet that does not fit.
+    """
+
+    _MAX_CACHED = 4096
+    _MAX_METADATA_BYTES = 16 * 1024 * 1024
+
+    def __init__(self, repository: Path, *, max_file_bytes: int = 1 << 32) -> None:
+        self._repository = Path(repository)
+        self._max_file_bytes = max_file_bytes
+        self._cache: dict[tuple[str, str | None], ModelShapes] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, model_sha: str, device_id: str | None) -> ModelShapes | None:
+        """The shapes of model ``model_sha`` released to ``device_id`` (``None``: the fleet)."""
+        key = (model_sha, device_id)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        if not re.fullmatch(r"[0-9a-f]{64}", model_sha):
+            return None
+        shapes = self._read(model_sha, device_id)
+        if shapes is not None:
+            with self._lock:
+                if len(self._cache) < self._MAX_CACHED:
+                    self._cache[key] = shapes
+        return shapes
+
+    def _read(self, model_sha: str, device_id: str | None) -> ModelShapes | None:
+        from diredi_secure.release.repository import MODEL_TARGET, REFERENCE_SET_TARGET
+
+        from .edge import device_prefix, device_role  # edge imports this module
+
+        prefix, role = ("", "targets") if device_id is None else (device_prefix(device_id),
+                                                                   device_role(device_id))
+        reference_sha = self._reference_of(model_sha, prefix + MODEL_TARGET,
+                                           prefix + REFERENCE_SET_TARGET, role)
+        if reference_sha is None:
+            log.warning("model %s is in the release index but not in the repository's %s role: "
+                        "its packets' shapes are left to the merge", model_sha[:16], role)
+            return None
+        folder = self._repository / "targets" / prefix
+        model = self._header(folder / f"{model_sha}.{MODEL_TARGET}")
+        reference = self._header(folder / f"{reference_sha}.{REFERENCE_SET_TARGET}")
+        if model is None or reference is None or len(reference.tensors) != 1:
+            return None
+        (_, ref_shape), = reference.tensors.values()
+        if len(ref_shape) < 2:
+            return None
+        parameters = sum(math.prod(shape) for _, shape in model.tensors.values())
+        return ModelShapes(parameters=parameters, reference_rows=ref_shape[0],
+                           image_shape=tuple(ref_shape[1:]))
+
+    def _reference_of(self, model_sha: str, model_path: str, reference_path: str,
+                      role: str) -> str | None:
+        """The SHA-256 of the reference set published in the same version of ``role`` as the
+        model (newest version first: a model is usually the role's current release)."""
+        folder = self._repository / "metadata"
+        versions = []
+        for file in folder.glob(f"*.{role}.json"):
+            version = file.name.split(".", 1)[0]
+            if version.isdigit():
+                versions.append((int(version), file))
+        for _, file in sorted(versions, reverse=True):
+            try:
+                if file.stat().st_size > self._MAX_METADATA_BYTES:
+                    continue
+                targets = json.loads(file.read_bytes()).get("signed", {}).get("targets", {})
+                model = targets.get(model_path, {}).get("hashes", {}).get("sha256")
+                if model != model_sha:
+                    continue
+                reference = targets.get(reference_path, {}).get("hashes", {}).get("sha256")
+            except (OSError, ValueError, AttributeError):
+                continue
+            return reference if isinstance(reference, str) and re.fullmatch(r"[0-9a-f]{64}", reference) \
+                else None
+        return None
+
+    def _header(self, path: Path) -> CheckpointHeader | None:
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                return check_checkpoint_header(handle, size, max_bytes=self._max_file_bytes)
+        except (OSError, DirediError) as exc:
+            log.warning("cannot read the header of %s: %s", path.name, exc)
+            return None
+
+
 class Ingest(_CloudLogic):
     """Accept knowledge packets: open with the core, store in one transaction, return the receipt.
 
@@ -219,6 +321,9 @@ class Ingest(_CloudLogic):
     """
 
     released_models: Callable[[], Mapping[str, str | None]] | None = None
+    model_shapes: Callable[[str, str | None], ModelShapes | None] | None = None
+    """With ``released_models``: the shapes a released model implies for a packet's entries
+    (:class:`ReleasedModelShapes`); ``None``: entries are checked by the merge only."""
 
     def __init__(
         self,
@@ -314,6 +419,7 @@ class Ingest(_CloudLogic):
             header = opened.header
             _check_peer(peer, header.device_id, mtls=mtls)
             self._check_base_model(header.base_model_version, header.device_id)
+            self._check_entries(opened.payload, header.base_model_version)
             receipt = make_receipt(self.keys.receipt_key, opened, stored_at_ms=now_ms,
                                    receipt_key_id=self._receipt_key_id)
             record = PacketRecord.from_opened(
@@ -355,6 +461,16 @@ class Ingest(_CloudLogic):
             raise PolicyViolation(
                 f"base model {base_model_version[:16]} was released to another device",
                 reason="unknown_base_model")
+
+    def _check_entries(self, payload: KnowledgePayload, base_model_version: str) -> None:
+        if self.released_models is None or self.model_shapes is None:
+            return
+        # Every entry must fit the model and the reference set it was computed against; one that
+        # does not is refused here (naming the entry), before it is charged and stored, instead
+        # of being skipped by every merge after (issue 14 finding 7).
+        shapes = self.model_shapes(base_model_version, self.released_models().get(base_model_version))
+        if shapes is not None:
+            check_entries_fit(payload, shapes)
 
     def assemble(self, chunks: Iterable[bytes], *, hasher: CiphertextHasher | None = None) -> bytes:
         """Reassemble a streamed packet from serialised ``Chunk`` messages, enforcing order and caps.
@@ -889,6 +1005,9 @@ class CloudServer:
         self.ingest = Ingest(store, keys, policy=policy, config=self.config, clock=clock,
                              monotonic=monotonic)
         self.ingest.released_models = released_models
+        if released_models is not None and repository_dir is not None:
+            self.ingest.model_shapes = ReleasedModelShapes(repository_dir,
+                                                           max_file_bytes=self.config.max_target_bytes)
         self.enrollment = Enrollment(store, keys, policy=policy, config=self.config, clock=clock)
         self.health = health.HealthServicer()
         self._server = grpc.server(

@@ -49,6 +49,7 @@ from ..knowledge import KnowledgePayload, PayloadKind, PayloadTensor
 from .data import NUM_CLASSES, Dataset
 from .evaluate import predict_logits
 from .models import flat_parameters, set_flat_parameters
+from .payload_fit import ModelShapes, check_entries_fit
 from .sensor import estimate_sensor_kernel
 
 if TYPE_CHECKING:
@@ -254,15 +255,10 @@ def check_payload_fits(
 ) -> None:
     """Raise :class:`PayloadInvalid` unless every entry fits the model it claims to update and
     its reference set (what :func:`merge_into_teacher` will index with) of ``image_shape`` images.
-    Cheap: shapes only, plus building the adapted model once."""
-    device_support(payload)
-    _dense_reference_diff(payload, n_ref)
-    adapted_model(shipped, payload)
-    protos = payload.get(PayloadKind.DP_PROTOTYPES)
-    pixels = int(np.prod(image_shape))
-    if protos is not None and protos.values.size != NUM_CLASSES * pixels:
-        raise PayloadInvalid(
-            f"dp_prototypes must be [{NUM_CLASSES}, {pixels}], got {protos.values.shape}")
+    Shapes only: the rule is :func:`~.payload_fit.check_entries_fit`, which ingest applies too
+    (with the shapes from the release's headers, without torch)."""
+    check_entries_fit(payload, ModelShapes(parameters=int(flat_parameters(shipped).size),
+                                           reference_rows=n_ref, image_shape=tuple(image_shape)))
 
 
 def adapted_model(shipped: nn.Module, payload: KnowledgePayload) -> nn.Module | None:
