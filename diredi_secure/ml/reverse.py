@@ -164,44 +164,70 @@ class RDResult:
     info: dict[str, float] = field(default_factory=dict)
 
 
+#: Opacus's ways of computing per-sample gradients ("ghost" clipping needs a wrapped criterion and
+#: is not offered). :data:`GRAD_SAMPLE_MODE` is the default, chosen by ``diredi bench rd``
+#: (benchmarks/bench_rd.py) on the project's student models; see there for the figures.
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch")
+GRAD_SAMPLE_MODE = "ew"
+
+
 def _train_private(
     model: nn.Module, shipped: nn.Module, data: Dataset, config: RDConfig, *,
     noise_multiplier: float, lr: float, noise: NoiseSource,
+    grad_sample_mode: str | None = None,
 ) -> nn.Module:
     """DP-SGD through Opacus with the schedule's Poisson rate and step count (not N's): the
-    sampling masks and the gradient noise both come from ``noise`` (CSPRNG-seeded by default)."""
+    sampling masks and the gradient noise both come from ``noise`` (CSPRNG-seeded by default).
+
+    The batches come from Opacus's own Poisson sampler (``UniformWithReplacementSampler``: one
+    independent Bernoulli(``q``) mask over the N examples per step, ``config.steps`` masks) indexing
+    the tensors directly: the same draws a ``DPDataLoader`` makes, without its per-example fetch and
+    collate (a third of a small model's DP step)."""
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+    mode = GRAD_SAMPLE_MODE if grad_sample_mode is None else grad_sample_mode
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
     policy = config.policy
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
-    # A Poisson loader of rate 1/k has len k: one "epoch" is k steps whatever N is.
-    loader = DPDataLoader(dataset, sample_rate=policy.sample_rate,
-                          generator=noise.torch_generator())
+    x_all, y_all = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    # Opacus reads the Poisson rate (1/len) and the dataset size from a loader; it never iterates it.
+    shape_only = DPDataLoader(torch.utils.data.TensorDataset(x_all, y_all),
+                              sample_rate=policy.sample_rate)
+    sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=policy.sample_rate,
+                                            generator=noise.torch_generator(), steps=config.steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "secure RNG off": docs/PRIVACY.md, floating point
         engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: privacy/ is
         wrapped = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
+            module=model, optimizer=optimizer, data_loader=shape_only,
             noise_multiplier=noise_multiplier, max_grad_norm=policy.clip_norm,
             poisson_sampling=False, noise_generator=noise.torch_generator(),
+            grad_sample_mode=mode,
         )
     dp_model, dp_opt = wrapped[0], wrapped[1]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # Opacus truncates q N to an int; the unbiased average divides by q N itself.
     dp_opt.expected_batch_size = max(policy.sample_rate * len(data), 1.0)
     dp_model.train()
-    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-    steps = 0
-    while steps < config.steps:
-        for x, y in loader:
-            if steps >= config.steps:
-                break
+    with warnings.catch_warnings():
+        # Once per backward with "hooks": the input needs no gradient, which is the case here.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                                category=UserWarning)
+        for indices in sampler:
             dp_opt.zero_grad()
-            loss = _rd_loss(dp_model, shipped, x, y, config)
-            loss.backward()  # type: ignore[no-untyped-call]
+            if indices:
+                idx = torch.as_tensor(indices, dtype=torch.long)
+                loss = _rd_loss(dp_model, shipped, x_all[idx], y_all[idx], config)
+                loss.backward()  # type: ignore[no-untyped-call]
+            else:
+                # An empty Poisson batch has no per-sample gradients (ExpandedWeights refuses a
+                # batch of 0): say so, and the step below adds noise only, as for any batch.
+                for p in trainable:
+                    p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
             dp_opt.step()  # also on an empty Poisson batch: noise only, and the step is counted
-            steps += 1
     inner: nn.Module = dp_model._module
     dp_model.remove_hooks()
     inner.eval()
@@ -320,23 +346,32 @@ def extract_payload(
     return KnowledgePayload(tuple(entries))
 
 
-def dp_parameters_for(config: RDConfig, *, seeded: bool) -> DPParameters:
+def dp_parameters_for(
+    config: RDConfig, *, seeded: bool, schedule: RDSchedule | None = None
+) -> DPParameters:
     """The header's DP block for ``config``: a function of the policy and the target alone
-    (``privacy.account_packet`` recomputes exactly these figures on the cloud)."""
-    sched = config.schedule()
+    (``privacy.account_packet`` recomputes exactly these figures on the cloud).
+
+    ``schedule`` is ``config.schedule()`` when the caller has it already. Its epsilons are the
+    accountant's figures for the schedule's own noise; only a ``noise_multiplier`` override is
+    accounted afresh (the same accountant, the same mechanisms, the same floats)."""
+    sched = config.schedule() if schedule is None else schedule
     policy = config.policy
-    sigma = config.noise_multiplier if config.noise_multiplier is not None else sched.noise_multiplier
-    mechs = [Mechanism(MechanismKind.DP_SGD, sigma, policy.sample_rate, config.steps)]
-    if sched.histogram_noise_multiplier is not None:
-        mechs.append(Mechanism(MechanismKind.LABEL_HISTOGRAM, sched.histogram_noise_multiplier))
-    if sched.prototype_noise_multiplier is not None:
-        mechs.append(Mechanism(MechanismKind.DP_PROTOTYPES, sched.prototype_noise_multiplier))
+    if config.noise_multiplier is None:
+        sigma, eps, total = sched.noise_multiplier, sched.training_epsilon, sched.total_epsilon
+    else:
+        sigma = config.noise_multiplier
+        mechs = [Mechanism(MechanismKind.DP_SGD, sigma, policy.sample_rate, config.steps)]
+        if sched.histogram_noise_multiplier is not None:
+            mechs.append(Mechanism(MechanismKind.LABEL_HISTOGRAM, sched.histogram_noise_multiplier))
+        if sched.prototype_noise_multiplier is not None:
+            mechs.append(Mechanism(MechanismKind.DP_PROTOTYPES, sched.prototype_noise_multiplier))
+        eps = mechanisms_epsilon(mechs[:1], policy.delta)
+        total = mechanisms_epsilon(mechs, policy.delta)
     return DPParameters(
         noise_multiplier=sigma, clip_norm=policy.clip_norm, sample_rate=policy.sample_rate,
-        steps=config.steps, accountant=ACCOUNTANT,
-        epsilon=mechanisms_epsilon(mechs[:1], policy.delta), delta=policy.delta,
-        poisson_sampling=True, total_epsilon=mechanisms_epsilon(mechs, policy.delta),
-        noise_seeded=seeded,
+        steps=config.steps, accountant=ACCOUNTANT, epsilon=eps, delta=policy.delta,
+        poisson_sampling=True, total_epsilon=total, noise_seeded=seeded,
     )
 
 
@@ -365,8 +400,8 @@ def reverse_distill(
     for p in model.parameters():
         p.requires_grad_(True)
     if config.private:
-        dp = dp_parameters_for(config, seeded=noise.is_seeded)
         schedule: RDSchedule | None = config.schedule()
+        dp = dp_parameters_for(config, seeded=noise.is_seeded, schedule=schedule)
         lr = config.lr if config.lr is not None else default_learning_rate(dp.noise_multiplier)
         adapted = _train_private(model, frozen, data, config, noise_multiplier=dp.noise_multiplier,
                                  lr=lr, noise=noise)

@@ -12,6 +12,7 @@ Every declared parameter is bounded by :class:`DPBounds` *before* the accountant
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,10 +105,22 @@ def check_mechanism(m: Mechanism, bounds: DPBounds) -> None:
 
 
 def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
-    """Epsilon of one (unsampled) Gaussian release with this noise multiplier at ``delta``."""
+    """Epsilon of one (unsampled) Gaussian release with this noise multiplier at ``delta``.
+    Cached per parameter set (pure; bounded)."""
+    return _gaussian_epsilon(float(noise_multiplier), float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
     return epsilon_from_curve(gaussian_curve(noise_multiplier, 1.0, 1), delta)[0]
 
 
 def mechanisms_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
-    """Epsilon of the composition of ``mechanisms`` at ``delta``."""
+    """Epsilon of the composition of ``mechanisms`` at ``delta``. Cached per (mechanisms, delta):
+    ingest and the device ask for the same few compositions again and again."""
+    return _mechanisms_epsilon(tuple(mechanisms), float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _mechanisms_epsilon(mechanisms: tuple[Mechanism, ...], delta: float) -> float:
     return epsilon_from_curve(compose(m.curve() for m in mechanisms), delta)[0]

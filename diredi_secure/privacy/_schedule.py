@@ -11,14 +11,18 @@ methods compared at one ``total_epsilon`` spend the same.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ._accountant import compose, epsilon_from_curve, gaussian_curve
+from ._noise_cache import NoiseSearchCache, noise_search_cache, search_key
 from ._policy import DEFAULT_DP_POLICY, DPPolicy
 
-__all__ = ["RDSchedule", "noise_for_epsilon", "schedule_for"]
+__all__ = ["SEARCH_TOLERANCE", "RDSchedule", "noise_for_epsilon", "schedule_for", "search_noise"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,73 @@ class RDSchedule:
     total_epsilon: float
 
 
+#: The bisection stops when its bracket is this narrow in log space: the answer spends within
+#: about 1e-9 relative of the target. Part of the on-disk cache key.
+SEARCH_TOLERANCE = 1e-10
+
+
 def _eps(sigma: float, q: float, steps: int, delta: float, extra: tuple[float, ...]) -> float:
     curves = [gaussian_curve(sigma, q, steps), *(gaussian_curve(s, 1.0, 1) for s in extra)]
     return epsilon_from_curve(compose(curves), delta)[0]
+
+
+def _is_search_answer(
+    sigma: float, epsilon: float, *, delta: float, sample_rate: float, steps: int,
+    extra: tuple[float, ...], lo: float, hi: float,
+) -> bool:
+    """Whether ``sigma`` (read from the cache: untrusted) is what the search returns, to within its
+    tolerance: it spends at most ``epsilon`` (the privacy check) and ``sigma`` shrunk by twice the
+    tolerance spends more (the same noise every device of this policy declares, hence the same
+    header and the same utility). Two accountant curves; the first is the one the caller uses next,
+    already in the curve cache when it does."""
+    if not (isinstance(sigma, float) and math.isfinite(sigma) and lo <= sigma <= hi):
+        return False
+    if _eps(sigma, sample_rate, steps, delta, extra) > epsilon:
+        return False
+    below = sigma * math.exp(-2.0 * SEARCH_TOLERANCE)
+    return below >= lo and _eps(below, sample_rate, steps, delta, extra) > epsilon
+
+
+def search_noise(
+    epsilon: float, *, delta: float, sample_rate: float, steps: int,
+    extra: tuple[float, ...] = (), lo: float = 0.3, hi: float = 1e4,
+    cache: NoiseSearchCache | None = None,
+) -> float:
+    """:func:`noise_for_epsilon` without its in-memory cache, with the on-disk ``cache`` given
+    explicitly (``None``: none). A stored answer is used only if it passes
+    :func:`_is_search_answer`; otherwise it counts as ``refused``, the search runs and the answer
+    is stored over it. Raises :class:`ConfigError` as :func:`noise_for_epsilon` does."""
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ConfigError(f"target epsilon must be finite and > 0, got {epsilon!r}")
+    extra = tuple(float(s) for s in extra)
+    key = None
+    if cache is not None and cache.enabled:
+        key = search_key(epsilon, delta=delta, sample_rate=sample_rate, steps=steps, extra=extra,
+                         lo=lo, hi=hi, tolerance=SEARCH_TOLERANCE)
+        stored = cache.get(key)
+        if stored is not None:
+            if _is_search_answer(stored, epsilon, delta=delta, sample_rate=sample_rate,
+                                 steps=steps, extra=extra, lo=lo, hi=hi):
+                return stored
+            cache.refused += 1
+            log.warning("noise-search cache entry failed its check (edited or stale): searching")
+    if _eps(hi, sample_rate, steps, delta, extra) > epsilon:
+        raise ConfigError(f"epsilon {epsilon:g} cannot be met at delta {delta:g}: the other "
+                          "releases already spend it")
+    if _eps(lo, sample_rate, steps, delta, extra) <= epsilon:
+        raise ConfigError(f"epsilon {epsilon:g} is above what noise multiplier {lo:g} spends; "
+                          "ask for less")
+    a, b = math.log(lo), math.log(hi)
+    while b - a > SEARCH_TOLERANCE:  # spend within ~1e-9 relative of the target
+        mid = 0.5 * (a + b)
+        if _eps(math.exp(mid), sample_rate, steps, delta, extra) > epsilon:
+            a = mid
+        else:
+            b = mid
+    sigma = math.exp(b)
+    if cache is not None and key is not None:
+        cache.put(key, sigma)
+    return sigma
 
 
 @functools.lru_cache(maxsize=512)
@@ -51,24 +119,14 @@ def noise_for_epsilon(
     """Smallest noise multiplier (to 1e-10 relative) whose mechanism, composed with the single
     Gaussian releases of multipliers ``extra``, spends at most ``epsilon`` at ``delta``.
 
+    Cached in memory per parameter set, and on disk between processes (the process's
+    :func:`~diredi_secure.privacy.noise_search_cache`; every stored answer is re-checked with the
+    accountant before use, see :func:`search_noise`).
+
     Raises :class:`ConfigError` when even ``hi`` overspends (the extras alone take the budget) or
     ``lo`` already underspends (the target is above what the bounds let a device use)."""
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ConfigError(f"target epsilon must be finite and > 0, got {epsilon!r}")
-    if _eps(hi, sample_rate, steps, delta, extra) > epsilon:
-        raise ConfigError(f"epsilon {epsilon:g} cannot be met at delta {delta:g}: the other "
-                          "releases already spend it")
-    if _eps(lo, sample_rate, steps, delta, extra) <= epsilon:
-        raise ConfigError(f"epsilon {epsilon:g} is above what noise multiplier {lo:g} spends; "
-                          "ask for less")
-    a, b = math.log(lo), math.log(hi)
-    while b - a > 1e-10:  # spend within ~1e-9 relative of the target
-        mid = 0.5 * (a + b)
-        if _eps(math.exp(mid), sample_rate, steps, delta, extra) > epsilon:
-            a = mid
-        else:
-            b = mid
-    return math.exp(b)
+    return search_noise(epsilon, delta=delta, sample_rate=sample_rate, steps=steps, extra=extra,
+                        lo=lo, hi=hi, cache=noise_search_cache())
 
 
 @functools.lru_cache(maxsize=128)
