@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from diredi_secure.ml.reverse import RDConfig
 
     from .mechanisms import LyingDevice
+    from .report import ReportScope
 
 __all__ = ["GATE_FORMAT", "GateOutcome", "run_release_gate"]
 
@@ -87,6 +88,7 @@ def run_release_gate(
     progress: Callable[[str], None] | None = None,
     rd: RDConfig | None = None,
     implementation: LyingDevice | str = "honest",
+    scope: ReportScope | None = None,
 ) -> GateOutcome:
     """Audit RD at the claimed ``epsilon`` and write the report into ``out_dir``.
 
@@ -98,7 +100,8 @@ def run_release_gate(
     implementation under attack: ``"honest"``, or a positive control. Verdicts: ``pass``,
     ``fail``, ``inconclusive`` (a claim above its attack's ceiling; never ``pass``).
     ``scenario`` defaults to the one built from ``seed``; ``user`` picks the device whose data the
-    audit trains on. Never raises on a failing verdict. Raises :class:`ConfigError` for an
+    audit trains on. ``scope`` (release, devices, packets, date) heads the report; default: now,
+    no release named. Never raises on a failing verdict. Raises :class:`ConfigError` for an
     epsilon that is not > 0 or an unknown profile, :class:`~diredi_secure.errors.LocalError`
     if the report cannot be written (checked for the directory before the audit runs).
     """
@@ -140,7 +143,8 @@ def run_release_gate(
         "force_requested": force,
         "forced": forced,
     }
-    json_path, html_path, digest = write_report(result, out_dir, release_gate=section)
+    json_path, html_path, digest = write_report(result, out_dir, release_gate=section,
+                                                scope=scope)
     return GateOutcome(
         verdict=verdict,
         report_sha256=digest,

@@ -1,5 +1,10 @@
 """The audit report: JSON (machine-readable, digest goes into the release attestation) and one
-self-contained HTML page (plots embedded as base64 PNG, no external resource)."""
+self-contained HTML page (plots embedded as base64 PNG, no external resource).
+
+The page is for people: it opens with what the report covers (release, devices, packets, date,
+software version), shows numbers rounded to three significant digits, and keeps the exact JSON
+(the same bytes as ``audit.json``) in a collapsed ``<details>`` section at its end.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import html
 import io
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +28,8 @@ from diredi_secure.errors import LocalError
 if TYPE_CHECKING:
     from .suite import AuditResult
 
-__all__ = ["REPORT_FORMAT", "THREAT_MODEL", "report_html", "report_json", "write_report"]
+__all__ = ["REPORT_FORMAT", "THREAT_MODEL", "ReportScope", "report_html", "report_json",
+           "write_report"]
 
 REPORT_FORMAT = "diredi-audit-report/2"
 
@@ -32,6 +41,37 @@ THREAT_MODEL = (
     "(add/remove one example, DP-SGD's neighbouring relation). The white-box channel attacks the "
     "DP-adapted model itself, which never leaves the device: an upper bound on any packet."
 )
+
+
+@dataclass(frozen=True)
+class ReportScope:
+    """What a report covers, beyond the audit itself: the release it gates, the devices whose
+    packets that release merges and how many packets (``None``: a standalone audit, which trains
+    and seals its own packets on a scenario user), and when it was written."""
+
+    created_at: datetime
+    release: str | None = None
+    devices: Sequence[str] | None = None
+    packets: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "release": self.release,
+            "devices": None if self.devices is None else sorted(self.devices),
+            "packets": self.packets,
+            "created_at": self.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "software_version": software_version(),
+        }
+
+
+def software_version() -> str:
+    """``diredi-secure X.Y.Z`` as installed (a source tree that was never installed says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"diredi-secure {version('diredi-secure')}"
+    except PackageNotFoundError:
+        return "diredi-secure (source tree, not installed)"
 
 
 def _num(x: float) -> float | str:
@@ -51,10 +91,12 @@ def _clean(obj: object) -> object:
 
 
 def report_json(
-    result: AuditResult, *, release_gate: Mapping[str, object] | None = None
+    result: AuditResult, *, release_gate: Mapping[str, object] | None = None,
+    scope: ReportScope | None = None,
 ) -> dict[str, object]:
     """The report as JSON-ready data (non-finite floats as strings). ``release_gate``, when the
-    release gate wrote the report, records its decision (profile, claimed epsilon, forced)."""
+    release gate wrote the report, records its decision (profile, claimed epsilon, forced);
+    ``scope`` what the report covers (absent: nothing beyond the audit's own runs)."""
     dp = result.dp
     out: dict[str, object] = {
         "format": REPORT_FORMAT,
@@ -96,6 +138,8 @@ def report_json(
     }
     if release_gate is not None:
         out["release_gate"] = dict(release_gate)
+    if scope is not None:
+        out["scope"] = scope.to_json()
     return _clean(out)  # type: ignore[return-value]
 
 
@@ -156,14 +200,99 @@ def _img(png: bytes, alt: str) -> str:
             f'{base64.b64encode(png).decode("ascii")}">')
 
 
+def human(value: object) -> str:
+    """A value as a person reads it: floats to three significant digits (1e-05 stays 1e-05),
+    integers with thousands separators, booleans as yes/no. The JSON keeps the exact values."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return _num(value)  # type: ignore[return-value]  # a str for non-finite values
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+_LONG_NUMBER = re.compile(r"(?<![\w.])\d+\.\d{4,}(?![\d.])")
+
+
+def rounded_text(text: str) -> str:
+    """Free text from the suite (criteria details, its text lines) with every number of four or
+    more decimals rounded as :func:`human` rounds it."""
+    return _LONG_NUMBER.sub(lambda m: human(float(m.group(0))), text)
+
+
+_MAX_LIST = 12  # longer lists of numbers are cut in the page (the raw JSON has them all)
+
+
+def _table_html(value: object) -> str:
+    """Nested data as nested tables, every number through :func:`human`."""
+    e = html.escape
+    if isinstance(value, dict):
+        if not value:
+            return "-"
+        rows = "".join(f"<tr><th>{e(str(k))}</th><td>{_table_html(v)}</td></tr>"
+                       for k, v in value.items())
+        return f"<table class=kv>{rows}</table>"
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            cols = list(dict.fromkeys(k for v in value for k in v))
+            head = "".join(f"<th>{e(str(c))}</th>" for c in cols)
+            body = "".join("<tr>" + "".join(f"<td>{_table_html(v.get(c))}</td>" for c in cols)
+                           + "</tr>" for v in value)
+            return f"<table><tr>{head}</tr>{body}</table>"
+        shown = ", ".join(e(human(v)) for v in value[:_MAX_LIST])
+        more = f", ... ({len(value) - _MAX_LIST} more)" if len(value) > _MAX_LIST else ""
+        return f"[{shown}{more}]"
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return value
+    return e(human(value))
+
+
+def _scope_html(result: AuditResult, data: dict[str, object]) -> str:
+    """The opening table: what this report covers."""
+    e = html.escape
+    scope = data.get("scope")
+    scope = scope if isinstance(scope, dict) else {}
+    settings = data.get("settings")
+    user = settings.get("user", "?") if isinstance(settings, dict) else "?"
+    release = scope.get("release")
+    devices = scope.get("devices")
+    packets = scope.get("packets")
+    rows = [
+        ("Release", e(str(release)) if release is not None
+         else "none: a standalone audit (<code>diredi audit run</code>), no release gated"),
+        ("Devices", (e(", ".join(str(d) for d in devices)) + f" ({len(devices)})")
+         if isinstance(devices, list) else
+         f"none enrolled: a simulated device trained on scenario user {e(str(user))}"),
+        ("Packets", (f"{human(packets)} packet(s) merged into this release; the audit attacks "
+                     "the configuration of the costliest one") if isinstance(packets, int)
+         else "none stored: the audit seals its own packets"),
+        ("Claim audited", f"epsilon {e(human(result.claimed_epsilon))} at delta "
+                          f"{e(human(result.delta))} (total per packet)"),
+        ("Date", e(str(scope.get("created_at", "-")))),
+        ("Software", e(str(scope.get("software_version", software_version())))),
+        ("Report format", e(str(data.get("format")))),
+    ]
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<h2>What this report covers</h2><table class=kv id=scope>{body}</table>"
+
+
 def _gate_html(data: dict[str, object]) -> str:
     gate = data.get("release_gate")
     if not isinstance(gate, dict):
         return ""
     forced = bool(gate.get("forced"))
     note = ("<p class=bad>Release FORCED despite the failing verdict.</p>" if forced else "")
-    return (f"<h2>Release gate</h2>{note}<pre>"
-            f"{html.escape(json.dumps(gate, indent=1, sort_keys=True))}</pre>")
+    return f"<h2>Release gate</h2>{note}{_table_html(gate)}"
+
+
+def report_bytes(data: dict[str, object]) -> bytes:
+    """The exact bytes of ``audit.json`` (what the attestation's digest covers)."""
+    return json.dumps(data, indent=2, sort_keys=True).encode()
 
 
 def report_html(result: AuditResult, data: dict[str, object] | None = None) -> str:
@@ -181,12 +310,12 @@ def report_html(result: AuditResult, data: dict[str, object] | None = None) -> s
     recon_png = _png_recon(result)
     mrows = "".join(
         f"<tr><td>{e(m.mechanism)}</td><td class={'ok' if m.verdict == 'pass' else 'bad'}>"
-        f"{e(m.verdict)}</td><td>{m.claimed_epsilon:.4g}</td><td>{m.eps_lower_bound:.3f}</td>"
-        f"<td>{m.roc_epsilon:.3f}</td><td>{m.ceiling:.3f}</td><td>{e(m.detail)}</td></tr>"
+        f"{e(m.verdict)}</td><td>{e(human(m.claimed_epsilon))}</td><td>{m.eps_lower_bound:.3f}</td>"
+        f"<td>{m.roc_epsilon:.3f}</td><td>{m.ceiling:.3f}</td><td>{e(rounded_text(m.detail))}</td></tr>"
         for m in result.mechanisms)
     rows = "".join(
         f"<tr><td>{e(n)}</td><td class={'ok' if ok else 'bad'}>{'pass' if ok else 'FAIL'}</td>"
-        f"<td>{e(d)}</td></tr>" for n, ok, d in result.criteria)
+        f"<td>{e(rounded_text(d))}</td></tr>" for n, ok, d in result.criteria)
     arows = "".join(
         f"<tr><td>{e(a.channel)}</td><td>{e(a.attack)}</td><td>{a.metrics.auc:.3f} "
         f"[{a.metrics.auc_interval[0]:.3f}, {a.metrics.auc_interval[1]:.3f}]</td>"
@@ -198,19 +327,17 @@ def report_html(result: AuditResult, data: dict[str, object] | None = None) -> s
         f"{a.canary_audit.guesses})</td>"
         f"<td>{'' if a.metrics.consistency is None else f'{a.metrics.consistency.empirical_epsilon:.3f}'}</td></tr>"
         for a in result.attacks)
-    dp = json.dumps(data["dp_parameters"], indent=1)
-    acct = json.dumps(data["accounting"], indent=1)
-    rec = json.dumps(data["reconstruction"], indent=1)
-    insp = json.dumps(data["inspection"], indent=1)
-    settings = json.dumps(data["settings"], indent=1)
+    raw = report_bytes(data).decode()
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>DiReDi privacy audit</title>
 <style>body{{font-family:sans-serif;max-width:980px;margin:auto;font-size:14px}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:12px}}
 .ok{{color:#070}}.bad{{color:#b00;font-weight:bold}}pre{{background:#f6f6f6;font-size:11px;
-overflow:auto}}</style></head><body>
+overflow:auto}}table.kv th{{text-align:left;font-weight:normal;color:#444}}
+details{{margin-top:2em}}</style></head><body>
 <h1>Privacy audit: verdict <span class={'ok' if result.verdict == 'pass' else 'bad'}>
 {e(result.verdict)}</span></h1>
+{_scope_html(result, data)}
 <p><code>{e(result.summary_line())}</code></p>
 {_gate_html(data)}
 <h2>Threat model</h2><p>{e(THREAT_MODEL)}</p>
@@ -220,17 +347,17 @@ the largest epsilon its attack could prove even if perfect; a claim at or above 
 <b>inconclusive</b>, never a pass.</p>
 <table><tr><th>mechanism</th><th>verdict</th><th>claimed eps</th><th>one-run eps LB</th>
 <th>ROC eps</th><th>ceiling</th><th>detail</th></tr>{mrows}</table>
-<pre>{e(chr(10).join(result.text_lines()))}</pre>
+<pre>{e(rounded_text(chr(10).join(result.text_lines())))}</pre>
 <h2>Verdict criteria</h2><table><tr><th>criterion</th><th>result</th><th>detail</th></tr>
 {rows}</table>
 <p>Positive-control power: a leak is {'seen' if result.leak_detected else 'not seen'} (epsilon
 lower bound above 0, or an AUC whose 95% interval lies above 0.5).</p>
-<h2>DP settings declared by the packet</h2><pre>{e(dp)}</pre>
-<h2>DP-SGD noise floor</h2><pre>{e(json.dumps(data["noise_floor"], indent=1))}</pre>
-<h2>Accounting (privacy.account_packet)</h2><pre>{e(acct)}</pre>
+<h2>DP settings declared by the packet</h2>{_table_html(data["dp_parameters"])}
+<h2>DP-SGD noise floor</h2>{_table_html(data["noise_floor"])}
+<h2>Accounting (privacy.account_packet)</h2>{_table_html(data["accounting"])}
 <h2>Membership inference on canaries</h2>
 <p>Intervals: AUC (Hanley-McNeil), TPR (Clopper-Pearson, {e(str(data["settings"]))[:0]}confidence
-{result.settings['per_test_confidence']:.4f} per test after Bonferroni over
+{result.settings['per_test_confidence']:.3f} per test after Bonferroni over
 {result.settings['tests_bonferroni']} tests). Empirical epsilon: the smallest epsilon every ROC
 point is consistent with at that confidence.</p>
 <table><tr><th>channel</th><th>attack</th><th>AUC</th><th>TPR@1%FPR</th><th>TPR@0.1%FPR</th>
@@ -238,23 +365,28 @@ point is consistent with at that confidence.</p>
 {_img(roc_png, "log-log ROC")}
 <h2>Epsilon lower bound vs claimed</h2>{_img(_png_eps(result), "epsilon lower bounds")}
 <h2>Natural membership (user training data vs held-out)</h2>{_img(nat_png, "natural ROC")}
-<h2>Reconstruction</h2><pre>{e(rec)}</pre>
+<h2>Reconstruction</h2>{_table_html(data["reconstruction"])}
 {_img(recon_png, "reconstructions") if recon_png else "<p>no gradient inversion</p>"}
-<h2>Packet inspection</h2><pre>{e(insp)}</pre>
-<h2>Settings</h2><pre>{e(settings)}</pre>
+<h2>Packet inspection</h2>{_table_html(data["inspection"])}
+<h2>Settings</h2>{_table_html(data["settings"])}
+<details id=raw-json><summary>The raw report (audit.json, exact values; its SHA-256 is what the
+release attestation records)</summary><pre>{e(raw)}</pre></details>
 </body></html>
 """
 
 
 def write_report(
-    result: AuditResult, out_dir: Path, *, release_gate: Mapping[str, object] | None = None
+    result: AuditResult, out_dir: Path, *, release_gate: Mapping[str, object] | None = None,
+    scope: ReportScope | None = None,
 ) -> tuple[Path, Path, str]:
     """Write ``audit.json`` and ``audit.html`` into ``out_dir``; returns both paths and the
     SHA-256 (hex) of the JSON bytes (what a release attestation records). ``release_gate`` is
-    written into the JSON (so the digest covers a forced release).
+    written into the JSON (so the digest covers a forced release), and so is ``scope`` (default:
+    a standalone audit written now: the clock is read here, at the edge that writes files).
     Raises :class:`LocalError` if the directory cannot be written."""
-    data = report_json(result, release_gate=release_gate)
-    raw = json.dumps(data, indent=2, sort_keys=True).encode()
+    scope = scope if scope is not None else ReportScope(created_at=datetime.now(UTC))
+    data = report_json(result, release_gate=release_gate, scope=scope)
+    raw = report_bytes(data)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         jp, hp = out_dir / "audit.json", out_dir / "audit.html"

@@ -232,7 +232,7 @@ def cloud_devices(
         else:
             since = _iso(d.revoked_at_ms) if d.revoked_at_ms is not None else _iso(d.enrolled_at_ms)
             typer.echo(f"{d.device_id}: {d.status.value} since {since}, epsilon {d.epsilon_spent:.4g} "
-                       f"of {d.epsilon_budget:.4g} (delta {d.epsilon_delta:.0e}), counter {d.highest_counter or 0}")
+                       f"of {d.epsilon_budget:.4g} at delta {d.epsilon_delta:.0e}, counter {d.highest_counter or 0}")
     if not devices and not as_json:
         typer.echo("no device enrolled" if status is None else f"no {status} device")
 
@@ -266,7 +266,7 @@ def cloud_ledger(
             typer.echo(_json.dumps(row, sort_keys=True))
         else:
             typer.echo(f"{d.device_id}: {d.status.value}, epsilon {d.epsilon_spent:.4g} of "
-                       f"{d.epsilon_budget:.4g} (composed, delta {d.epsilon_delta:.0e}), "
+                       f"{d.epsilon_budget:.4g} at delta {d.epsilon_delta:.0e} (composed), "
                        f"counter {d.highest_counter or 0}")
     for p in packets:
         entry = {"packet_id": p.packet_id.hex(), "counter": p.counter, "epsilon": p.epsilon,
@@ -275,8 +275,8 @@ def cloud_ledger(
         if as_json:
             typer.echo(_json.dumps(entry, sort_keys=True))
         else:
-            typer.echo(f"  counter {p.counter}: epsilon {p.epsilon:.4g} (delta {devices[0].epsilon_delta:.0e}) "
-                       f"at {_iso(p.received_at_ms)}, packet {p.packet_id.hex()[:16]}, "
+            typer.echo(f"  counter {p.counter}: epsilon {p.epsilon:.4g} at delta {devices[0].epsilon_delta:.0e}, "
+                       f"received {_iso(p.received_at_ms)}, packet {p.packet_id.hex()[:16]}, "
                        f"{'merged in ' + p.merged_in_release if p.merged_in_release else 'not merged'}")
     if not devices and not as_json:
         typer.echo("no device enrolled")
@@ -290,7 +290,7 @@ def cloud_packets(
     limit: Annotated[int, typer.Option(help="Show at most this many (the newest)")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per packet")] = False,
 ) -> None:
-    """Stored packets, oldest first: device, counter, epsilon (with delta), packet bytes, merge."""
+    """Stored packets, oldest first: device, counter, epsilon at delta, packet bytes, merge."""
     import json as _json
 
     if limit < 1:
@@ -308,7 +308,7 @@ def cloud_packets(
             typer.echo(_json.dumps(row, sort_keys=True))
         else:
             typer.echo(f"{p.packet_id.hex()[:16]} {p.device_id} counter {p.counter}: epsilon {p.epsilon:.4g} "
-                       f"(delta {delta:.0e}), {len(p.packet_bytes)} packet bytes, base {p.base_model_version[:12]}, "
+                       f"at delta {delta:.0e}, {len(p.packet_bytes):,} packet bytes, base {p.base_model_version[:12]}, "
                        f"{_iso(p.received_at_ms)}, {'merged in ' + p.merged_in_release if p.merged_in_release else 'not merged'}")
     if not as_json:
         more = f" (the newest {len(shown)} of {len(packets)})" if len(packets) > len(shown) else ""
@@ -468,8 +468,8 @@ def edge_status(workspace: WorkspaceOpt, server: ServerOpt = None, insecure: Ins
     with _agent(workspace, insecure, server) as agent:
         s = agent.status()
     _remember_server(workspace, server)
-    typer.echo(f"{s.device_id}: {s.status}, epsilon {s.epsilon_spent:.4g}/{s.epsilon_budget:.4g} "
-               f"(composed, delta {s.epsilon_delta:.0e}), counter {s.highest_counter}")
+    typer.echo(f"{s.device_id}: {s.status}, epsilon {s.epsilon_spent:.4g} of {s.epsilon_budget:.4g} "
+               f"at delta {s.epsilon_delta:.0e} (composed), counter {s.highest_counter}")
 
 
 @edge_app.command("submit")
@@ -555,8 +555,8 @@ def edge_reverse(
                                 kinds=kinds, rd=rd)
         eps = out.dp.composed_epsilon
         typer.echo(f"sealed packet {out.sealed.packet_id.hex()} on release v{out.base_version}: "
-                   f"epsilon {eps:.3f} (delta {out.dp.delta:.2g}), payload {out.payload_bytes} bytes, "
-                   f"packet {out.packet_bytes} bytes, {out.seconds:.1f} s")
+                   f"epsilon {eps:.3f} at delta {out.dp.delta:.0e}, {out.payload_bytes:,} payload bytes, "
+                   f"{out.packet_bytes:,} packet bytes, {out.seconds:.1f} s")
         if submit:
             body = agent.submit(out.sealed.data)
             typer.echo(f"acknowledged {body.packet_id.hex()} counter {body.counter} at {body.stored_at_ms}")
