@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -57,6 +60,21 @@ def _parse_seeds(first: str | None, extra: list[str]) -> tuple[int, ...] | None:
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ConfigError(f"--seeds must be distinct integers >= 0, got {list(seeds)}")
     return seeds
+
+
+def _stage_lines(stages: int, *, quiet: bool) -> Callable[[str], None]:
+    """A progress hook that prints ``[ elapsed s] k/N message`` to stderr, flushed."""
+    started = time.perf_counter()
+    done = 0
+
+    def hook(message: str) -> None:
+        nonlocal done
+        done += 1
+        if not quiet:
+            print(f"[{time.perf_counter() - started:6.0f} s] {done}/{stages} {message}",
+                  file=sys.stderr, flush=True)
+
+    return hook
 
 
 @app.command("reproduce", context_settings={"allow_extra_args": True})
@@ -125,15 +143,19 @@ def reproduce_cmd(
         config = rp.ReproduceConfig(seeds=rp.seed_tuple(seed_spec), loop=loop, scenario=scenario)
     logging.basicConfig(level=logging.WARNING)
     err = Console(stderr=True, quiet=quiet)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        task = progress.add_task("reproduce", total=rp.stage_count(config))
+    stages = rp.stage_count(config)
+    if err.is_terminal:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=err, transient=True) as progress:
+            task = progress.add_task("reproduce", total=stages)
 
-        def hook(message: str) -> None:
-            progress.update(task, advance=1, description=message)
+            def hook(message: str) -> None:
+                progress.update(task, advance=1, description=message)
 
-        result = rp.run_reproduce(config, progress=hook)
+            result = rp.run_reproduce(config, progress=hook)
+    else:  # a pipe, a log, CI: one flushed line per stage as it happens, no live display
+        result = rp.run_reproduce(config, progress=_stage_lines(stages, quiet=quiet))
     args = ["diredi", "bench", "reproduce", *(["--quick"] if quick else []),
             *(["--smoke"] if smoke else []),
             *(["--scenario", scenario_name] if scenario_name != "digits" else [])]
@@ -144,10 +166,12 @@ def reproduce_cmd(
     if update_readme is not None:
         rp.update_readme(update_readme, result, paths["plot"])
 
-    console = Console()
-    table = Table(title=f"reproduce: {len(config.seeds)} seed(s), mean (95% CI)")
+    console = Console(width=None if sys.stdout.isatty() else 150)  # logs get whole rows
+    delta = config.loop.rd.policy.delta
+    table = Table(title=f"reproduce: {len(config.seeds)} seed(s), mean (95% CI), "
+                        f"epsilon at delta {delta:.0e}")
     for col in ("method", "eps target", "eps spent", "user test", "presumed test",
-                "bytes/device", "s"):
+                "payload bytes/device", "s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result.summary():
         table.add_row(r.method, rp.format_epsilon(r.epsilon), rp.format_spent(r.epsilon_spent),
@@ -263,7 +287,6 @@ def fleet_cmd(
 
     Prints one line per round, ends with the `fleet: ...` line carrying every round's figures.
     """
-    import sys
 
     from .fleet import FleetConfig, run_fleet
 

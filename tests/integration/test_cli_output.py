@@ -158,3 +158,21 @@ def test_the_docs_name_the_same_default_payload(doc: str) -> None:
     for name in _default_names():
         assert name in near, (doc, name)
     assert "reference_logits" not in near.split("default payload")[-1]
+
+
+def test_bench_reproduce_prints_one_flushed_line_per_stage_off_a_terminal(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # `bench reproduce` takes this hook when stderr is not a terminal (a whole smoke run through
+    # a pipe takes a minute; tests/integration/test_bench_reproduce.py runs it in-process)
+    from diredi_secure.benchmarks.cli import _stage_lines
+
+    hook = _stage_lines(3, quiet=False)
+    hook("seed 0: KD")
+    first = capsys.readouterr().err
+    hook("seed 0: oracle")
+    second = capsys.readouterr().err
+    assert re.fullmatch(r"\[\s*\d+ s\] 1/3 seed 0: KD\n", first), first
+    assert re.fullmatch(r"\[\s*\d+ s\] 2/3 seed 0: oracle\n", second), second
+    quiet = _stage_lines(3, quiet=True)
+    quiet("seed 0: KD")
+    assert capsys.readouterr().err == ""
