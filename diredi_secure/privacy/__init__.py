@@ -54,7 +54,14 @@ from ._noise_cache import (
     set_noise_search_cache,
 )
 from ._policy import DEFAULT_DP_POLICY, DPPolicy
-from ._schedule import SEARCH_TOLERANCE, RDSchedule, noise_for_epsilon, schedule_for, search_noise
+from ._schedule import (
+    SEARCH_TOLERANCE,
+    RDSchedule,
+    clear_accounting_caches,
+    noise_for_epsilon,
+    schedule_for,
+    search_noise,
+)
 
 __all__ = [
     "ACCOUNTANT",
@@ -80,6 +87,7 @@ __all__ = [
     "account_packet",
     "charge",
     "check_mechanism",
+    "clear_accounting_caches",
     "compose",
     "curve_from_json",
     "curve_to_json",

@@ -20,7 +20,14 @@ from ._accountant import compose, epsilon_from_curve, gaussian_curve
 from ._noise_cache import NoiseSearchCache, noise_search_cache, search_key
 from ._policy import DEFAULT_DP_POLICY, DPPolicy
 
-__all__ = ["SEARCH_TOLERANCE", "RDSchedule", "noise_for_epsilon", "schedule_for", "search_noise"]
+__all__ = [
+    "SEARCH_TOLERANCE",
+    "RDSchedule",
+    "clear_accounting_caches",
+    "noise_for_epsilon",
+    "schedule_for",
+    "search_noise",
+]
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +162,14 @@ def schedule_for(
         histogram_noise_multiplier=sh, prototype_noise_multiplier=sp,
         prototype_clip=policy.prototype_clip, total_epsilon=_eps(sigma, q, steps, d, extra),
     )
+
+
+def clear_accounting_caches() -> None:
+    """Empty every in-memory accounting cache (curves, epsilons, searches, schedules): what a new
+    process starts with. For benchmarks and tests; results never depend on the caches."""
+    from ._accountant import _gaussian_curve
+    from ._mechanisms import _gaussian_epsilon, _mechanisms_epsilon
+
+    for cached in (_gaussian_curve, _gaussian_epsilon, _mechanisms_epsilon, noise_for_epsilon,
+                   schedule_for):
+        cached.cache_clear()
