@@ -104,3 +104,33 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+
+# Known-vulnerability audit of the whole locked install set (requirements.lock: every package,
+# torch's CPU wheel included, pinned with hashes) with pip-audit, against PyPI's advisory data
+# (AUDIT_SERVICE=osv for OSV's). pip-audit runs from a tool venv of its own under $(VENV), so the
+# project's environment is not changed, and audits the lock as written (no resolution, no
+# install). First one request of the kind pip-audit makes (PyPI: the first locked release's JSON,
+# which carries its advisories) tells whether advisories are reachable; where they are not (no
+# network, or a mirror without per-release data: pip-audit would skip every package and still
+# say "No known vulnerabilities found"), one line says the lock was NOT audited (exit 0;
+# AUDIT_STRICT=1 makes it exit 2). Found advisories fail the target.
+AUDIT_SERVICE ?= pypi
+AUDIT_STRICT ?=
+AUDIT_VENV := $(VENV)/audit-tools
+AUDIT_PROBE := $(shell sed -n 's/^\([A-Za-z0-9_.-]*\)==\([^ ]*\) .*/\1\/\2/p' requirements.lock 2>/dev/null | head -n 1)
+AUDIT_URL = $(if $(filter osv,$(AUDIT_SERVICE)),https://api.osv.dev/v1/query,https://pypi.org/pypi/$(AUDIT_PROBE)/json)
+AUDIT_QUERY = $(if $(filter osv,$(AUDIT_SERVICE)),{"package": {"name": "$(firstword $(subst /, ,$(AUDIT_PROBE)))"$(comma) "ecosystem": "PyPI"}$(comma) "version": "$(lastword $(subst /, ,$(AUDIT_PROBE)))"})
+comma := ,
+.PHONY: audit-deps
+audit-deps:
+	@if ! $(PYTHON) -c "import sys, urllib.request as u; u.urlopen(u.Request(sys.argv[1], data=sys.argv[2].encode() or None, headers={'Content-Type': 'application/json'}), timeout=10)" "$(AUDIT_URL)" '$(AUDIT_QUERY)' >/dev/null 2>&1; then \
+		echo "audit-deps: $(AUDIT_SERVICE) advisories are not reachable from here ($(AUDIT_URL) does not answer): requirements.lock was NOT audited"; \
+		test -z "$(AUDIT_STRICT)" || exit 2; exit 0; \
+	fi; \
+	if ! test -x $(AUDIT_VENV)/bin/pip-audit; then \
+		{ $(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/python -m pip install --quiet "pip-audit>=2.7,<3"; } >/dev/null 2>&1 || { \
+			echo "audit-deps: pip-audit could not be installed (no package index reachable?): requirements.lock was NOT audited"; \
+			rm -rf $(AUDIT_VENV); test -z "$(AUDIT_STRICT)" || exit 2; exit 0; }; \
+	fi; \
+	$(AUDIT_VENV)/bin/pip-audit --requirement requirements.lock --require-hashes --disable-pip \
+		--vulnerability-service $(AUDIT_SERVICE) --progress-spinner off
