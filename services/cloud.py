@@ -362,7 +362,7 @@ class Ingest(_CloudLogic):
         id, other bytes; or a stale counter), ``BudgetExceeded``, ``StoreError``...
         """
         device = peer if mtls else None
-        if device is None and self.refusals.cooling_down():
+        if not mtls and self.refusals.cooling_down():
             device = self._declared_device(data, origin)  # only while someone is cooled down
         self.refusals.check(device)
         try:
@@ -370,7 +370,7 @@ class Ingest(_CloudLogic):
                                 ciphertext_digest=ciphertext_digest)
         except (PeerError, PolicyError):
             # The peer's fault (not ours: a LocalError such as StoreError is never counted).
-            if device is None and not mtls:
+            if not mtls and device is None:
                 device = self._declared_device(data, origin)
             self.refusals.refused(device)
             raise

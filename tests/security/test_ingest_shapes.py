@@ -140,3 +140,13 @@ def test_shapes_come_from_the_release_headers(released: Released) -> None:
         parameters=PARAMS, reference_rows=REF_ROWS, image_shape=(1, 8, 8))
     assert shapes("0" * 64, None) is None  # not in the repository: left to the merge
     assert shapes(released.model_sha, "device-s") is None  # not released to that device's role
+
+
+def test_the_ingest_path_imports_no_torch() -> None:
+    """The shape rule is numpy only: a cloud server that checks shapes does not load torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import diredi_secure.services.cloud, diredi_secure.ml.payload_fit; "
+            "sys.exit(int('torch' in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
