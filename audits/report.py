@@ -262,15 +262,30 @@ def _scope_html(result: AuditResult, data: dict[str, object]) -> str:
     release = scope.get("release")
     devices = scope.get("devices")
     packets = scope.get("packets")
+    gated = isinstance(data.get("release_gate"), dict)
+    simulated = f"a simulated device trained on scenario user {e(str(user))}"
+    if release is not None:
+        release_text = e(str(release))
+    elif gated:
+        release_text = ("not named here: written by the release gate (<code>diredi cloud "
+                        "merge</code>); the release's attestation records this report's SHA-256")
+    else:
+        release_text = "none: a standalone audit (<code>diredi audit run</code>), no release gated"
+    if isinstance(devices, list):
+        devices_text = e(", ".join(str(d) for d in devices)) + f" ({len(devices)})"
+    else:
+        devices_text = (f"not named here; the audit attacks {simulated}" if gated
+                        else f"none enrolled: {simulated}")
+    if isinstance(packets, int):
+        packets_text = (f"{human(packets)} packet(s) merged into this release; the audit "
+                        "attacks the configuration of the costliest one")
+    else:
+        packets_text = ("not counted here; the audit seals its own packets" if gated
+                        else "none stored: the audit seals its own packets")
     rows = [
-        ("Release", e(str(release)) if release is not None
-         else "none: a standalone audit (<code>diredi audit run</code>), no release gated"),
-        ("Devices", (e(", ".join(str(d) for d in devices)) + f" ({len(devices)})")
-         if isinstance(devices, list) else
-         f"none enrolled: a simulated device trained on scenario user {e(str(user))}"),
-        ("Packets", (f"{human(packets)} packet(s) merged into this release; the audit attacks "
-                     "the configuration of the costliest one") if isinstance(packets, int)
-         else "none stored: the audit seals its own packets"),
+        ("Release", release_text),
+        ("Devices", devices_text),
+        ("Packets", packets_text),
         ("Claim audited", f"epsilon {e(human(result.claimed_epsilon))} at delta "
                           f"{e(human(result.delta))} (total per packet)"),
         ("Date", e(str(scope.get("created_at", "-")))),

@@ -394,7 +394,7 @@ def demo_command(
             f"{r['user_after']:.3f}",
             f"{r['presumed_before']:.3f}",
             f"{r['presumed_after']:.3f}",
-            f"{sent['epsilon']:.2f} at delta {sent['delta']:.0e}",
+            f"{sent['epsilon']:.2f}",  # at the delta in the column's header
             f"{sent['payload_bytes']:,}",
             f"{sent['packet_bytes']:,}",
             f"v{r['version_before']} -> v{r['version_after']}",

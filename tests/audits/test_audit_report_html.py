@@ -73,12 +73,18 @@ def test_a_release_report_opens_with_what_it_covers(written: tuple[Path, Path, s
 
 
 @pytest.mark.audit_e2e
-def test_a_standalone_audit_says_it_gates_no_release(result: Any) -> None:
+def test_a_report_without_a_release_says_what_it_does_not_cover(result: Any) -> None:
     page = report_html(result, report_json(result, scope=ReportScope(created_at=WHEN)))
     rows = _scope_table(page)
     assert rows["Release"].startswith("none: a standalone audit")
     assert rows["Devices"].startswith("none enrolled: a simulated device trained on scenario user A")
     assert rows["Packets"].startswith("none stored")
+    # written by the release gate but not told which release: it must not claim "standalone"
+    gated = report_html(result, report_json(result, release_gate={"verdict": "pass"},
+                                            scope=ReportScope(created_at=WHEN)))
+    rows = _scope_table(gated)
+    assert rows["Release"].startswith("not named here: written by the release gate")
+    assert "standalone" not in " ".join(rows.values())
 
 
 @pytest.mark.audit_e2e
