@@ -62,6 +62,10 @@ log = logging.getLogger("diredi.services")
 
 _READY, _ROW, _OK, _ERR = b"P", b"R", b"K", b"E"
 _ID = struct.Struct(">Q")
+# Bounds on one pipe message. An answer is a receipt or a short refusal; a row is one packet
+# (at most ``limits.max_packet_bytes``) plus its receipt, certificate and ledger curve.
+_MAX_ANSWER_BYTES = 1 << 20
+_ROW_OVERHEAD_BYTES = 1 << 20
 # The refusals a writer may answer with, by name: anything else arrives as a StoreError.
 _ERRORS: dict[str, type[DirediError]] = {
     cls.__name__: cls
@@ -129,7 +133,7 @@ class RemoteWriter:
     def _read(self) -> None:
         try:
             while True:
-                message = self._conn.recv_bytes()
+                message = self._conn.recv_bytes(_MAX_ANSWER_BYTES)
                 (ident,) = _ID.unpack_from(message)
                 with self._lock:
                     waiter = self._pending.pop(ident, None)
@@ -276,7 +280,7 @@ def _reserve_port(listen: str) -> tuple[socket.socket, int]:
 
 
 def _serve_link(conn: Connection, store: SQLiteStore | None, pool: futures.Executor,
-                ready: Callable[[int], None]) -> None:
+                ready: Callable[[int], None], max_row_bytes: int) -> None:
     """Answer one worker's rows through the writer's group commit, until its pipe closes."""
     send = threading.Lock()
 
@@ -292,14 +296,15 @@ def _serve_link(conn: Connection, store: SQLiteStore | None, pool: futures.Execu
 
     try:
         while True:
-            message = conn.recv_bytes()
+            message = conn.recv_bytes(max_row_bytes)  # OSError above it: the link closes
             kind, ident, payload = message[:1], message[1:1 + _ID.size], message[1 + _ID.size:]
             if kind == _READY:
                 ready(_ID.unpack(ident)[0])
             elif kind == _ROW and store is not None:
                 pool.submit(commit, ident, payload)
-    except (EOFError, OSError):
-        return
+    except (EOFError, OSError):  # the worker is gone, or sent what no worker sends: drop it
+        with send:
+            conn.close()  # a worker still running sees EOF and exits; its pending calls fail
 
 
 def serve_workers(options: WorkerOptions, workers: int, *,
@@ -317,6 +322,7 @@ def serve_workers(options: WorkerOptions, workers: int, *,
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {workers}", reason="workers")
     ws = CloudWorkspace.open(Path(options.workspace))
+    max_row_bytes = ws.settings().transport_config().limits.max_packet_bytes + _ROW_OVERHEAD_BYTES
     holder, port = _reserve_port(options.listen)
     try:
         store = ws.open_store()  # migrates once, before any worker opens it
@@ -346,7 +352,8 @@ def serve_workers(options: WorkerOptions, workers: int, *,
             child_end.close()
             processes.append(proc)
             threading.Thread(target=_serve_link,
-                             args=(parent_end, writer, pool, lambda _port, i=index: serving.add(i)),
+                             args=(parent_end, writer, pool, lambda _port, i=index: serving.add(i),
+                                   max_row_bytes),
                              name=f"diredi-link-{index}", daemon=True).start()
         while len(serving) < workers:  # set.add from the link threads: atomic under the GIL
             if stopping:
