@@ -219,7 +219,7 @@ def cloud_devices(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per device")] = False,
     status: Annotated[str | None, typer.Option(help="Only devices with this status: active or revoked")] = None,
 ) -> None:
-    """Every enrolled device: status, when enrolled or revoked, epsilon spent of its budget."""
+    """Every enrolled device: status, when enrolled or revoked, composed epsilon spent of its budget."""
     import json as _json
 
     if status not in (None, "active", "revoked"):
@@ -232,7 +232,8 @@ def cloud_devices(
         else:
             since = _iso(d.revoked_at_ms) if d.revoked_at_ms is not None else _iso(d.enrolled_at_ms)
             typer.echo(f"{d.device_id}: {d.status.value} since {since}, epsilon {d.epsilon_spent:.4g} "
-                       f"of {d.epsilon_budget:.4g} at delta {d.epsilon_delta:.0e}, counter {d.highest_counter or 0}")
+                       f"of {d.epsilon_budget:.4g} at delta {d.epsilon_delta:.0e} (composed), "
+                       f"counter {d.highest_counter or 0}")
     if not devices and not as_json:
         typer.echo("no device enrolled" if status is None else f"no {status} device")
 
@@ -240,26 +241,25 @@ def cloud_devices(
 @cloud_app.command("ledger")
 def cloud_ledger(
     workspace: WorkspaceOpt,
-    device: Annotated[str | None, typer.Argument(help="One device: its ledger and every packet charged to it")] = None,
+    device: Annotated[str | None, typer.Argument(help="The device whose ledger to show (required; every device's spend: `diredi cloud devices`)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of text")] = False,
 ) -> None:
-    """The composed epsilon ledger (spent and budget at the policy's delta), per device.
+    """One device's composed epsilon ledger, with each packet it was charged for.
 
-    Every device, or one device with each packet it was charged for."""
+    Spent and budget at the policy's delta; every device at once is `diredi cloud devices`."""
     import json as _json
 
     from diredi_secure.errors import UnknownDevice
 
+    if device is None:  # the list of every device was a twin of `cloud devices`
+        raise ConfigError("`diredi cloud ledger` takes a DEVICE; every device's ledger: run "
+                          "`diredi cloud devices`", reason="moved")
     with CloudWorkspace.open(workspace).open_store() as store:
-        if device is None:
-            devices = store.list_devices()
-            packets = []
-        else:
-            one = store.get_device(device)
-            if one is None:
-                raise UnknownDevice(f"device {device} is not enrolled here")
-            devices = [one]
-            packets = store.list_packets(unmerged_only=False, device_id=device)
+        one = store.get_device(device)
+        if one is None:
+            raise UnknownDevice(f"device {device} is not enrolled here")
+        devices = [one]
+        packets = store.list_packets(unmerged_only=False, device_id=device)
     for d in devices:
         row = _device_row(d)
         if as_json:
@@ -278,8 +278,6 @@ def cloud_ledger(
             typer.echo(f"  counter {p.counter}: epsilon {p.epsilon:.4g} at delta {devices[0].epsilon_delta:.0e}, "
                        f"received {_iso(p.received_at_ms)}, packet {p.packet_id.hex()[:16]}, "
                        f"{'merged in ' + p.merged_in_release if p.merged_in_release else 'not merged'}")
-    if not devices and not as_json:
-        typer.echo("no device enrolled")
 
 
 @cloud_app.command("packets")

@@ -108,6 +108,8 @@ REMOVED = {
     ("scenario", "make", "--out", "x", "--seed", "3"): "diredi ml scenario",
     ("scenario",): "diredi ml scenario",
     ("bench", "loop", "--epsilon", "8", "--seed", "0"): "diredi ml loop",
+    # every device's ledger was `cloud devices` again; `cloud ledger DEVICE` is one device's
+    ("cloud", "ledger", "-w", "W"): "diredi cloud devices",
 }
 
 
@@ -119,7 +121,8 @@ def test_a_removed_twin_raises_moved_naming_its_replacement(args: tuple[str, ...
     assert f"`{REMOVED[args]}" in str(result.exception)
 
 
-@pytest.mark.parametrize("args", list(REMOVED)[::2], ids=" ".join)
+@pytest.mark.parametrize("args", [a for a in REMOVED if a[0] != "scenario" or len(a) > 1],
+                         ids=" ".join)
 def test_a_removed_twin_says_which_command_replaced_it(args: tuple[str, ...],
                                                         tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "diredi_secure.cli", *args], cwd=tmp_path,

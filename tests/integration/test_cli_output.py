@@ -101,7 +101,6 @@ def test_every_epsilon_the_operator_commands_print_has_its_delta(tmp_path: Path)
         root = str(cloud.workspace.root)
         outputs = {
             "cloud devices": diredi("cloud", "devices", "-w", root),
-            "cloud ledger": diredi("cloud", "ledger", "-w", root),
             "cloud ledger dev-o": diredi("cloud", "ledger", "dev-o", "-w", root),
             "cloud packets": diredi("cloud", "packets", "-w", root),
             "edge status": diredi("edge", "status", "-w", device_ws),
