@@ -463,18 +463,22 @@ class ProjectServer:
     def __enter__(self) -> ProjectServer:
         from diredi_secure.services.edge import EdgeAgent
 
-        port_file = self.fleet.root / f"serve-{os.getpid()}-{time.monotonic_ns()}.port"
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "diredi_secure.cli", "cloud", "serve",
-             "-w", str(self.fleet.cloud.root), "--workers", str(self.workers),
-             "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
-            env=self._env, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        name = f"serve-{os.getpid()}-{time.monotonic_ns()}"
+        port_file, log = self.fleet.root / f"{name}.port", self.fleet.root / f"{name}.log"
+        with log.open("wb") as err:  # the child keeps its own descriptor
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "diredi_secure.cli", "cloud", "serve",
+                 "-w", str(self.fleet.cloud.root), "--workers", str(self.workers),
+                 "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
+                env=self._env, stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
         deadline = time.monotonic() + 120
         while not port_file.exists():
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.__exit__()
-                raise ConfigError("diredi cloud serve did not start (its stderr is above)")
+                last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+                raise ConfigError(f"diredi cloud serve --workers {self.workers} did not start: "
+                                  f"{last}")
             time.sleep(0.05)
         self.port = int(port_file.read_text())
         for ws in self.fleet.devices:
@@ -673,76 +677,14 @@ def update_figures(root: Path, model_mb: int) -> tuple[float, float]:
     return model_size_mb / elapsed, usage.ru_maxrss / 1024 - model_size_mb  # ru_maxrss: KiB
 
 
-def _rd_times(epochs: tuple[int, int]) -> tuple[float, float]:
-    """Seconds per epoch of DP-SGD (Opacus) and of plain SGD over the same user data, model and
-    steps, as the difference between a run of ``epochs[1]`` and one of ``epochs[0]`` epochs (so
-    the one-off setup, Opacus's wrapping above all, is not spread over the epochs). Imports torch:
-    runs in a child process."""
-    import copy
-
-    import torch
-
-    from diredi_secure.ml import make_scenario
-    from diredi_secure.ml.models import build_model, student_spec
-    from diredi_secure.ml.reverse import (  # the two training loops themselves, nothing around them
-        RDConfig,
-        _train_plain,
-        _train_private,
-        default_learning_rate,
-    )
-
-    torch.set_num_threads(1)
-    data = make_scenario(0).users[0].train
-    shipped = build_model(student_spec(), seed=0).eval()
-    for p in shipped.parameters():
-        p.requires_grad_(False)  # the pull term's frozen targets, as reverse_distill sets them
-
-    def seconds(private: bool, n_epochs: int) -> float:
-        config = RDConfig(epsilon=8.0, epochs=n_epochs)
-        nm = config.schedule().noise_multiplier
-        model = copy.deepcopy(shipped).train()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        start = time.perf_counter()
-        if private:
-            _train_private(
-                model,
-                shipped,
-                data,
-                config,
-                noise_multiplier=nm,
-                lr=default_learning_rate(nm),
-                noise=config.noise_source(),
-            )
-        else:
-            _train_plain(
-                model,
-                shipped,
-                data,
-                config,
-                lr=default_learning_rate(0.0),
-                gen=torch.Generator().manual_seed(0),
-            )
-        return time.perf_counter() - start
-
-    seconds(True, 1)  # warm-up (imports, first-call allocations)
-    seconds(False, 1)
-    low, high = epochs
-    per_epoch = []
-    for private in (True, False):
-        best = min(seconds(private, high) - seconds(private, low) for _ in range(2))
-        per_epoch.append(max(best, 1e-9) / (high - low))
-    return per_epoch[0], per_epoch[1]
-
-
 def rd_overhead(epochs: tuple[int, int]) -> float:
-    """DP RD seconds per epoch over plain training's (``bench_rd`` measures it when it can)."""
-    external = _external("bench_rd")
-    if external is not None:
-        return float(external(epochs=epochs)["dp_overhead"])
-    with mp.get_context("spawn").Pool(1) as pool:
-        private_s, plain_s = pool.apply(_rd_times, (epochs,))
-    return private_s / plain_s
+    """DP RD seconds per epoch over plain training's: ``bench_rd``'s measurement, the same one
+    ``diredi bench rd`` prints (the two training loops of ``reverse_distill`` on the digits
+    student, the default grad-sample mode, per epoch = the difference of an ``epochs[1]``-epoch
+    and a ``epochs[0]`` = 1-epoch run; torch in a spawned child)."""
+    from diredi_secure.benchmarks.bench_rd import measure_for_ceilings
+
+    return float(measure_for_ceilings(epochs=epochs)["dp_overhead"])
 
 
 # ------------------------------------------------------------------------------------------------
