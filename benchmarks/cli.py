@@ -258,6 +258,22 @@ def update_cmd(
     bench_update.run(4 if quick else model_mb, out=typer.echo)
 
 
+@app.command("rd")
+def rd_cmd(
+    epochs: Annotated[int, typer.Option(help="epochs of the longer run (per epoch = difference "
+                                        "of an N-epoch and a 1-epoch run)")] = 4,
+    quick: Annotated[bool, typer.Option("--quick", help="a smoke run (2 epochs, tiny data)")]
+    = False,
+) -> None:
+    """DP RD per epoch and end to end against non-DP training (benchmarks/bench_rd.py).
+
+    Ends with one line: rd: dp_per_epoch_x=X dp_end_to_end_x=Y noise_search_s=S grad_sample_mode=M.
+    """
+    from . import bench_rd
+
+    bench_rd.run(epochs=2 if quick else epochs, quick=quick, out=typer.echo)
+
+
 @app.command("fleet")
 def fleet_cmd(
     devices: Annotated[int, typer.Option(help="fleet size N")] = 200,

@@ -41,3 +41,28 @@ def test_ingest_benchmark_runs_on_postgres_and_drops_its_schema(
     with psycopg.connect(dsn) as conn:
         left = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench_ingest_%'").fetchone()
     assert left == (0,)
+
+
+def test_bench_rd_quick_ends_with_its_line() -> None:
+    """``diredi bench rd --quick``: every grad-sample mode trains to the same parameters (float
+    rounding) and the summary line parses; the figures are printed, not asserted."""
+    import math
+    import re
+
+    from diredi_secure.benchmarks.bench_rd import MODES
+    from diredi_secure.benchmarks.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["rd", "--quick"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    got = re.fullmatch(r"rd: dp_per_epoch_x=(\S+) dp_end_to_end_x=(\S+) noise_search_s=(\S+) "
+                       r"grad_sample_mode=(\w+)", lines[-1])
+    assert got is not None, lines[-1]
+    assert all(math.isfinite(float(v)) and float(v) > 0 for v in got.groups()[:3])
+    assert got.group(4) in MODES
+    rows = [line.split() for line in lines if line.startswith("  digits")]
+    assert sorted(r[1] for r in rows) == sorted(MODES)
+    for row in rows:  # "... max |param - hooks| 1.5e-08 [<- default]"
+        diff = float(row[row.index("hooks|") + 1])
+        assert diff < 1e-4, row
