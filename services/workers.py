@@ -13,7 +13,10 @@ kernel spreads connections over N processes that bind the same port with ``SO_RE
   readers run beside the writer) and enrol devices directly (rare, under SQLite's file lock).
 
 Lifetimes: a worker whose pipe closes (the parent died, even by SIGKILL) exits at once; the
-parent stops the workers on SIGTERM, then closes the store. Only worker 0 serves the ops endpoint.
+parent stops the workers on SIGTERM or Ctrl-C, then closes the store; a worker that exits on its
+own stops the others and the command fails. Only worker 0 serves the ops endpoint. What crosses
+the spawn itself is :class:`WorkerOptions` (plain values, by ``multiprocessing``'s own pickling,
+from the parent to its child); rows and answers cross the pipe as bytes, bounded.
 """
 
 from __future__ import annotations
@@ -219,7 +222,8 @@ class _WorkerField(logging.Filter):
 def _on_stop_signals(*, ignore_sigint: bool) -> list[int]:
     """Record SIGTERM (and SIGINT unless ignored) in the returned list, which the main thread
     polls. The handler only appends: a handler that stops a server or sets a ``threading.Event``
-    can deadlock on a lock the interrupted main thread holds (seen: a worker that never stopped)."""
+    can deadlock on a lock the interrupted main thread holds (seen before this: a worker that
+    called ``server.stop`` in its handler did not stop within 15 s and was killed)."""
     received: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
     signal.signal(signal.SIGINT,
