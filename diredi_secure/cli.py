@@ -235,7 +235,8 @@ def packet_seal(
         device_certificate=cert,
     )
     _write(output, sealed.data)
-    out.print(f"sealed packet {sealed.packet_id.hex()} ({len(sealed.data)} bytes) -> {output}")
+    out.print(f"sealed packet {sealed.packet_id.hex()} ({len(sealed.data):,} packet bytes) -> {output}",
+              markup=False)
 
 
 def _device_id_of(cert_der: bytes) -> str:
@@ -377,7 +378,7 @@ _SUBAPPS = (
         "provision",
         "Factory provisioning: device kits from the device CA; certificate renewal.",
     ),
-    ("diredi_secure.ml.cli", "app", "ml", "The learning loop: scenarios, KD, RD, merge."),
+    ("diredi_secure.ml.cli", "app", "ml", "The learning loop in one process: a scenario, then KD, DP RD, merge, re-KD."),
     ("diredi_secure.benchmarks.cli", "app", "bench", "Reproduction and performance benchmarks."),
 )
 
