@@ -175,3 +175,49 @@ def test_bench_reproduce_prints_one_flushed_line_per_stage_off_a_terminal(
     quiet = _stage_lines(3, quiet=True)
     quiet("seed 0: KD")
     assert capsys.readouterr().err == ""
+
+
+def _ok(*args: str) -> str:
+    result = diredi(*args)
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_edge_reverse_without_kind_seals_the_default_payload(tmp_path: Path) -> None:
+    # The whole device path as a user runs it (a tiny release): what `edge reverse` seals when
+    # no --kind is given is exactly DEFAULT_PAYLOAD_KINDS, and its line names both byte counts.
+    from diredi_secure.ml.reverse import DEFAULT_PAYLOAD_KINDS
+    from diredi_secure.packet import inspect_packet
+
+    cloud, device, data = tmp_path / "cloud", tmp_path / "device", tmp_path / "user-a.npz"
+    _ok("cloud", "init", str(cloud))
+    _ok("cloud", "distill", "-w", str(cloud), "--tiny")
+    _ok("cloud", "export-user", "-w", str(cloud), "--user", "A", "--out", str(data))
+    port_file = tmp_path / "port"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "diredi_secure.cli", "cloud", "serve", "-w", str(cloud),
+         "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        target = f"127.0.0.1:{port_file.read_text().strip()}"
+        _ok("edge", "init", str(device), "--cloud", str(cloud), "--device-id", "dev-r",
+            "--target", target)
+        _ok("edge", "enroll", "-w", str(device))
+        _ok("edge", "update", "-w", str(device))
+        line = _ok("edge", "reverse", "-w", str(device), "--data", str(data), "--epochs", "1")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    first = line.splitlines()[0]
+    assert EPS_AT_DELTA.search(first), first
+    assert re.search(r"[\d,]+ payload bytes, [\d,]+ packet bytes", first), first
+    (packet,) = (device / "outbox").glob("*.packet")
+    header = inspect_packet(packet.read_bytes())
+    kinds = [entry.kind for entry in header.payload.entries]
+    assert sorted(k.value for k in kinds) == sorted(k.value for k in DEFAULT_PAYLOAD_KINDS)
