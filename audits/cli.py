@@ -40,7 +40,7 @@ def run(
     epsilon: float = typer.Option(..., "--epsilon", help="claimed epsilon under test"),
     no_dp: bool = typer.Option(False, "--no-dp", help="positive control: RD without DP"),
     profile: str = typer.Option("fast", "--profile", help="fast | full"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seed of the audit run (scenario when --scenario is not given, canaries, training)"),
     user: str = typer.Option("A", "--user", help="which scenario user's device to audit"),
     scenario_dir: Annotated[
         Path | None, typer.Option("--scenario", help="a saved scenario (default: from seed)")
@@ -49,7 +49,7 @@ def run(
         "honest", "--implementation",
         help="device implementation under attack: honest, or a lying control (no_dpsgd_noise, "
              "no_histogram_noise, no_prototype_noise, fixed_seed, small_dpsgd_noise)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="print the audit's progress on stderr"),
 ) -> None:
     """Run the audit on the default (or a given) scenario and write the report."""
     # torch, opacus and the suite are imported here, not at module level: `diredi --help` and

@@ -266,8 +266,8 @@ def delegate(
     workspace: Workspace,
     name: Annotated[str, typer.Argument(help="Delegated role name, e.g. fleet-eu.")],
     path: Annotated[list[str], typer.Option(help="Path pattern, e.g. fleets/eu/* (repeatable).")],
-    keys: int = 1,
-    threshold: int = 1,
+    keys: Annotated[int, typer.Option(help="Number of signing keys made for the new role.")] = 1,
+    threshold: Annotated[int, typer.Option(help="Signatures of the role required (<= --keys).")] = 1,
     passphrase_env: PassEnv = None,
     now: NowOpt = None,
 ) -> None:
