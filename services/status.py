@@ -142,6 +142,8 @@ def _reason_table() -> dict[str, type[E.DirediError]]:
 
 
 _BY_REASON = _reason_table()
+# Reasons the cloud gives with UNAVAILABLE: kept on the ServiceUnavailable the device sees.
+_RETRYABLE_REASONS = frozenset({"overloaded", "rate_limited"})
 
 
 def error_from_rpc(exc: grpc.RpcError, what: str) -> E.DirediError:
@@ -160,7 +162,12 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> E.DirediError:
         # retry with backoff (issue 14 finding 9: a burst of honest devices was dropped).
         return ServiceUnavailable(f"{what}: the cloud is busy ({details})", reason="overloaded")
     if cls is ServiceUnavailable or (cls is None and code in RETRYABLE_CODES):
-        return ServiceUnavailable(f"{what}: {code.name} {details}".strip())
+        # Keep the cloud's own reason (overloaded, rate_limited) where it gave one.
+        kept = reason if reason in _RETRYABLE_REASONS else None
+        error = ServiceUnavailable(f"{what}: {code.name} {details}".strip())
+        if kept is not None:
+            error.reason = kept
+        return error
     if cls is None and code == grpc.StatusCode.FAILED_PRECONDITION and reason.isidentifier():
         # A policy refusal with its own reason (e.g. delta_over_policy): keep the reason.
         return E.PolicyViolation(f"{what}: the cloud refused ({code.name}): {message or details}",

@@ -310,7 +310,7 @@ def test_certificate_renewal_keeps_the_ledger_so_a_budget_cannot_be_reset(cloud:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "diredi_secure.cli", "cloud", "ledger",
+    out = subprocess.run([sys.executable, "-m", "diredi_secure.cli", "cloud", "devices",
                           "--workspace", str(cloud.workspace.root), "--json"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -160,3 +160,12 @@ def test_an_untyped_exception_reaches_the_peer_as_internal_without_its_message()
         _Knowledge(_Boom(), mtls=False).submit(b"x", ctx)  # type: ignore[arg-type]
     assert ctx.code == grpc.StatusCode.INTERNAL
     assert ctx.details == "internal: internal error on the cloud (RuntimeError)"
+
+
+def test_unavailable_keeps_the_clouds_retryable_reason() -> None:
+    # The agent retries both; the reason tells an operator which limit it met.
+    for reason in ("rate_limited", "overloaded"):
+        err = error_from_rpc(_FakeCall(grpc.StatusCode.UNAVAILABLE, f"{reason}: slow down"), "x")
+        assert isinstance(err, ServiceUnavailable) and err.reason == reason
+    other = error_from_rpc(_FakeCall(grpc.StatusCode.UNAVAILABLE, "made_up: text"), "x")
+    assert isinstance(other, ServiceUnavailable) and other.reason == ServiceUnavailable.reason
