@@ -12,7 +12,8 @@ digits student (the device's default edge model):
   setup (Opacus's wrapping) is not spread over the epochs. DP-SGD is timed in every Opacus
   grad-sample mode (``hooks``, ``ew``, ``functorch``), and each mode's parameters after the same
   seeded run are compared with ``hooks``'s (equal results, to float rounding). Without
-  ``--quick`` the MNIST student (depthwise-separable CNN, 28x28) is timed too (1 against 2 epochs).
+  ``--quick`` the MNIST student (depthwise-separable CNN, 28x28, 150 random examples) is timed
+  too (1 against 2 epochs).
 * **end to end**: ``reverse_distill`` with the default payload (weight delta, DP prototypes,
   histogram) at total epsilon 8 against epsilon ``inf`` (plain), the policy's 30 epochs
   (``--quick``: 2), every in-memory accounting cache emptied before each DP run as in a new
@@ -27,7 +28,9 @@ Wall-clock minima are the figures; the CPU time of the measuring thread is print
     rd: dp_per_epoch_x=X dp_end_to_end_x=Y noise_search_s=S grad_sample_mode=M
 
 X is the default grad-sample mode's per-epoch ratio, Y the warm-cache end-to-end ratio, S the
-warm-cache search seconds, M the default mode (``diredi_secure.ml.reverse.GRAD_SAMPLE_MODE``).
+warm-cache search seconds, M the digits student's default mode
+(``diredi_secure.ml.reverse.default_grad_sample_mode``: ``ew`` without convolutions, ``functorch``
+with them).
 ``measure_for_ceilings`` gives ``diredi bench ceilings`` the per-epoch ratio. Speed is reported,
 never asserted.
 """
@@ -59,6 +62,7 @@ class ModeFigures:
     plain_per_epoch_s: float
     plain_per_epoch_cpu_s: float
     max_param_diff: float  # largest |parameter - hooks's| after the same seeded run
+    is_default: bool  # default_grad_sample_mode's choice for this model
 
     @property
     def ratio(self) -> float:
@@ -113,12 +117,19 @@ def _per_epoch_figures(
     import torch
 
     from diredi_secure.ml.models import build_model
-    from diredi_secure.ml.reverse import RDConfig, _train_plain, _train_private
+    from diredi_secure.ml.reverse import (
+        RDConfig,
+        _train_plain,
+        _train_private,
+        default_grad_sample_mode,
+    )
     from diredi_secure.privacy import NoiseSource
 
     shipped = build_model(spec, seed=0).eval()
     for p in shipped.parameters():
         p.requires_grad_(False)  # the pull term's frozen targets, as reverse_distill sets them
+    default = default_grad_sample_mode(shipped)
+    modes = tuple(default if m == "default" else m for m in modes)
 
     def fresh() -> torch.nn.Module:
         model = copy.deepcopy(shipped).train()
@@ -163,7 +174,8 @@ def _per_epoch_figures(
         diff = (float("nan") if reference is None
                 else float((flat(private(mode, 2, seed=7)) - reference).abs().max()))
         out.append(ModeFigures(model_name, mode, per_epoch(mode, 0), per_epoch(mode, 1),
-                               per_epoch("plain", 0), per_epoch("plain", 1), diff))
+                               per_epoch("plain", 0), per_epoch("plain", 1), diff,
+                               mode == default))
     return out
 
 
@@ -173,14 +185,9 @@ def _measure_child(epochs: int, quick: bool, per_epoch_only: bool, cache_dir: st
     import torch
 
     from diredi_secure.ml import make_scenario
-    from diredi_secure.ml.data import Dataset
+    from diredi_secure.ml.data import Dataset, ScenarioConfig
     from diredi_secure.ml.models import build_model, mnist_specs, student_spec
-    from diredi_secure.ml.reverse import (
-        DEFAULT_PAYLOAD_KINDS,
-        GRAD_SAMPLE_MODE,
-        RDConfig,
-        reverse_distill,
-    )
+    from diredi_secure.ml.reverse import DEFAULT_PAYLOAD_KINDS, RDConfig, reverse_distill
     from diredi_secure.privacy import (
         NoiseSearchCache,
         clear_accounting_caches,
@@ -199,15 +206,17 @@ def _measure_child(epochs: int, quick: bool, per_epoch_only: bool, cache_dir: st
     user = scenario.users[0].train
     repeats = 2 if quick else 5
     modes = _per_epoch_figures("digits", student_spec(), user, 1, max(epochs, 2), repeats,
-                               (GRAD_SAMPLE_MODE,) if per_epoch_only else MODES)
+                               ("default",) if per_epoch_only else MODES)
+    default_mode = next(m.mode for m in modes if m.is_default)
     if not quick and not per_epoch_only:
         rng = np.random.default_rng(0)
-        mnist = Dataset(rng.random((90, 1, 28, 28)).astype(np.float32),
-                        rng.integers(0, 10, 90).astype(np.int64))
+        n = ScenarioConfig().user_train_size  # a user's examples, as in the scenario (150)
+        mnist = Dataset(rng.random((n, 1, 28, 28)).astype(np.float32),
+                        rng.integers(0, 10, n).astype(np.int64))
         modes += _per_epoch_figures("mnist", mnist_specs()[1], mnist, 1, 2, 1)
     nan = float("nan")
     if per_epoch_only:
-        return RDFigures(epochs=epochs, default_mode=GRAD_SAMPLE_MODE, modes=tuple(modes),
+        return RDFigures(epochs=epochs, default_mode=default_mode, modes=tuple(modes),
                          e2e_epochs=0, plain_rd_s=nan, dp_rd_s=nan, dp_rd_cold_s=nan,
                          search_cold_s=nan, search_warm_s=nan)
 
@@ -241,7 +250,7 @@ def _measure_child(epochs: int, quick: bool, per_epoch_only: bool, cache_dir: st
     set_noise_search_cache(NoiseSearchCache(search_file))
     search_warm = _timed(dp.schedule)[0]
     return RDFigures(
-        epochs=epochs, default_mode=GRAD_SAMPLE_MODE, modes=tuple(modes), e2e_epochs=e2e_epochs,
+        epochs=epochs, default_mode=default_mode, modes=tuple(modes), e2e_epochs=e2e_epochs,
         plain_rd_s=plain_s, dp_rd_s=min(warm), dp_rd_cold_s=min(cold),
         search_cold_s=search_cold, search_warm_s=search_warm,
     )
@@ -274,13 +283,14 @@ def run(epochs: int, quick: bool, out: Callable[[str], None] = print) -> RDFigur
     fig = measure(epochs, quick=quick)
     out(f"per epoch (t({max(epochs, 2)}) - t(1); mnist: t(2) - t(1)), DP-SGD against plain SGD:")
     for m in fig.modes:
-        mark = "  <- default" if m.mode == fig.default_mode else ""
+        mark = "  <- default" if m.is_default else ""
         out(f"  {m.model:6s} {m.mode:9s} {m.per_epoch_s * 1e3:9.2f} ms  x{m.ratio:5.2f} "
             f"(cpu x{m.cpu_ratio:5.2f}; plain {m.plain_per_epoch_s * 1e3:.2f} ms)  "
             f"max |param - hooks| {m.max_param_diff:.1e}{mark}")
-    fastest = min((m for m in fig.modes if m.model == "digits"), key=lambda m: m.per_epoch_s)
-    if fastest.mode != fig.default_mode:
-        out(f"  note: {fastest.mode} was fastest on the digits student in this run")
+    for model in dict.fromkeys(m.model for m in fig.modes):
+        fastest = min((m for m in fig.modes if m.model == model), key=lambda m: m.per_epoch_s)
+        if not fastest.is_default:
+            out(f"  note: {fastest.mode} was the fastest on the {model} student in this run")
     out(f"end to end (reverse_distill, {fig.e2e_epochs} epochs, default payload, epsilon 8 vs inf):"
         f" plain {fig.plain_rd_s:.3f} s, DP {fig.dp_rd_s:.3f} s (x{fig.dp_end_to_end_x:.2f}) with"
         f" the noise cache warm, {fig.dp_rd_cold_s:.3f} s (x{fig.dp_end_to_end_cold_x:.2f}) cold")
