@@ -84,13 +84,12 @@ class LyingDevice(StrEnum):
 
 
 def shipped_device_config(epsilon: float) -> RDConfig:
-    """The RD configuration devices ship with at a total target ``epsilon`` (which also sends the
-    label histogram: the prototypes' denominator)."""
-    from diredi_secure.knowledge import PayloadKind
-    from diredi_secure.ml.reverse import RDConfig
+    """The RD configuration devices ship with at a total target ``epsilon``: the default payload
+    (:data:`diredi_secure.ml.reverse.DEFAULT_PAYLOAD_KINDS`, what ``diredi edge reverse`` and the
+    demo send), so the audit attacks exactly what ships."""
+    from diredi_secure.ml.reverse import DEFAULT_PAYLOAD_KINDS, RDConfig
 
-    return RDConfig(epsilon=epsilon, kinds=(PayloadKind.REFERENCE_LOGITS,
-                                            PayloadKind.WEIGHT_DELTA, PayloadKind.DP_PROTOTYPES))
+    return RDConfig(epsilon=epsilon, kinds=DEFAULT_PAYLOAD_KINDS)
 
 
 class _NoHistogramNoise(NoiseSource):
