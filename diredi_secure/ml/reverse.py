@@ -173,11 +173,12 @@ GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch")
 
 def default_grad_sample_mode(model: nn.Module) -> str:
     """The fastest Opacus grad-sample mode for ``model``'s kind, as ``diredi bench rd`` measured it
-    on the project's student models (same parameters in every mode, to float rounding):
-    ExpandedWeights (``ew``) for a model without convolutions (the digits MLP: 1.5-2.9x plain SGD
-    per epoch against 1.7-3.1x with ``hooks`` and 4-5.7x with ``functorch``), ``functorch`` for one
-    with them (the MNIST depthwise-separable CNN: 3.2-4x against 4.2-6.3x for ``ew`` and
-    4.3-6.1x for ``hooks``, at 150-300 examples)."""
+    on the project's student models (same parameters in every mode, to float rounding; CPU time,
+    the shared machines' wall clock being noisier): ExpandedWeights (``ew``) for a model without
+    convolutions (the digits MLP: 1.5-2.9x plain SGD per epoch, against 1.7-3.1x with ``hooks``
+    and 4-6x with ``functorch``), ``functorch`` for one with them (the MNIST depthwise-separable
+    CNN, a 2-epoch DP run at 150 / 300 examples: 1.10 / 1.45 s, against 1.17 / 1.98 s with ``ew``
+    and 1.26 / 2.29 s with ``hooks``)."""
     has_conv = any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in model.modules())
     return "functorch" if has_conv else "ew"
 
