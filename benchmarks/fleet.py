@@ -111,15 +111,20 @@ class FleetConfig:
 
 
 def fleet_settings(tiny: bool = False) -> Any:
-    """The cloud's training settings for fleet runs (chosen before the runs, for cost, not tuned
-    on their results): the job's defaults for release v1; per round a shorter merge (3 epochs, 2
-    jittered prototypes per class, 5 synthesis steps) and re-KD (8 epochs, a user learns from at
-    most 1,500 transfer rows: the reference set, its own rows and a sample of the others')."""
+    """The cloud's training settings for fleet runs: the job's defaults for release v1 (and its
+    presumed guard); per round a shorter merge (12 epochs, 2 jittered prototypes per class, 5
+    synthesis steps) and re-KD of the job's default 40 epochs (a user learns from at most 1,500
+    transfer rows: the reference set, its own rows and a sample of the others'). Until issue 17's
+    presumed erosion they were 3 and 8 epochs, chosen for cost: on the validation splits of an
+    N = 40 fleet's round 2, per-user models at 8 / 16 / 40 re-KD epochs scored 0.933 / 0.944 /
+    0.962 presumed and 0.353 / 0.368 / 0.405 user accuracy, and 12 merge epochs against 3 gave
+    the teacher 1.000 against 0.982 presumed, the fleet model 0.982 against 0.956 (docs/FLEET.md).
+    """
     from diredi_secure.services.jobs import JobSettings
 
     base = JobSettings.tiny() if tiny else JobSettings()
-    merge = replace(MergeConfig(), epochs=2 if tiny else 3, jitter_per_class=2, synth_steps=5)
-    kd = KDConfig(epochs=2 if tiny else 8)
+    merge = replace(MergeConfig(), epochs=2 if tiny else 12, jitter_per_class=2, synth_steps=5)
+    kd = KDConfig(epochs=2) if tiny else KDConfig()
     return replace(base, merge=merge, rekd=ReKDConfig(kd=kd, max_transfer_rows=1500))
 
 
@@ -168,6 +173,14 @@ class RoundFigures:
     merge_cpu_s_per_model: float
     device_rd_s: float
     seconds: dict[str, float] = field(default_factory=dict)
+    teacher_presumed_acc: float = math.nan
+    """The merged teacher's (the cloud model's) presumed accuracy after the round."""
+    merge_groups: int = 0
+    """Base models the round's packets were computed against (one merge covers them all)."""
+    guarded_user_models: int = 0
+    """Per-user models the presumed guard did not release (their devices got the fleet model)."""
+    fleet_held_back: bool = False
+    """The new fleet model failed the presumed guard: the release shipped the previous one."""
 
 
 @dataclass(frozen=True)
@@ -374,6 +387,7 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
             merge_cpu, merge_wall = _cpu() - c0, time.perf_counter() - w0
             fleet_sha = out.model_sha256
             own_models = dict(out.device_models)
+            metrics = out.metrics
             released = 1 + len(out.device_models)
             user_acc, presumed, with_budget, fleet_acc = evaluate(own_models, fleet_sha)
             spent = [d.epsilon_spent for d in store.list_devices()]
@@ -388,12 +402,20 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
                 fleet_presumed_acc=fleet_acc,
                 ingest_cpu_s_per_packet=ingest_cpu / max(len(active), 1),
                 merge_cpu_s=merge_cpu, merge_wall_s=merge_wall, released_models=released,
-                merge_cpu_s_per_model=merge_cpu / released, device_rd_s=rd_seconds,
-                seconds={k.removeprefix("seconds_"): v for k, v in out.metrics.items()
+                merge_cpu_s_per_model=merge_cpu / max(released, 1), device_rd_s=rd_seconds,
+                seconds={k.removeprefix("seconds_"): v for k, v in metrics.items()
                          if k.startswith("seconds_")} | {"round": time.perf_counter() - t_round},
+                teacher_presumed_acc=float(metrics["teacher_presumed_acc"]),
+                merge_groups=int(metrics["merge_groups"]),
+                guarded_user_models=int(metrics.get("guarded_user_models", 0)),
+                fleet_held_back=bool(metrics.get("fleet_model_held_back", 0.0)),
             ))
-            say(f"round {r}: v{out.version}, user acc {user_acc:.3f}, presumed {presumed:.3f}, "
-                f"merge {merge_wall:.1f} s wall")
+            say(f"round {r}: v{out.version}, user acc {user_acc:.3f}, presumed {presumed:.3f} "
+                f"(teacher {metrics['teacher_presumed_acc']:.3f}, "
+                f"{int(metrics['merge_groups'])} base models, "
+                f"{int(metrics.get('guarded_user_models', 0))} per-user models held back by the "
+                f"presumed guard{', fleet model held back' if metrics.get('fleet_model_held_back') else ''}"
+                f"), merge {merge_wall:.1f} s wall")
     return FleetResult(config, start_user, start_presumed, tuple(rounds),
                        time.perf_counter() - t_start)
 
@@ -413,6 +435,13 @@ def load_result(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "rounds" not in data or "config" not in data:
         raise ConfigError(f"{path} is not a `bench fleet --json` result")
     return data
+
+
+def _acc(value: Any) -> str:
+    """An accuracy for the table; runs saved before the figure existed have none ("-")."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{float(value):.3f}"
 
 
 SECTION_BEGIN = "<!-- fleet-results:begin (generated by `diredi bench fleet-render`) -->"
@@ -460,14 +489,18 @@ def render_section(runs: list[dict[str, Any]]) -> str:
                   f"Release v1: user acc {run['start_user_acc']:.3f}, presumed "
                   f"{run['start_presumed_acc']:.3f}. D (presumed points lost by the last round) = "
                   f"{run['presumed_drop_points']:.1f}. Run: {run['seconds']:.0f} s.", "",
-                  "| round | release | accepted/sent | refused | stale bases | user acc | user acc (budget left) | presumed acc | fleet presumed | eps median / max (delta) | payload B in | packet B in | model B out | CPU ms/packet | CPU s/model | merge wall s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| round | release | per-user models (held back) | accepted/sent | refused | stale bases (base models) | user acc | user acc (budget left) | presumed acc | fleet presumed | teacher presumed | eps median / max (delta) | payload B in | packet B in | model B out | CPU ms/packet | CPU s/model | merge wall s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in run["rounds"]:
             refused = ", ".join(f"{k} {v}" for k, v in sorted(r["refused"].items())) or "-"
             lines.append(
-                f"| {r['round']} | v{r['release']} | {r['accepted']}/{r['sent']} | {refused} | "
-                f"{r['stale_bases']} | {r['user_acc']:.3f} | {r['user_acc_with_budget']:.3f} | "
-                f"{r['presumed_acc']:.3f} | {r['fleet_presumed_acc']:.3f} | "
+                f"| {r['round']} | v{r['release']}"
+                f"{' (fleet model held back)' if r.get('fleet_held_back') else ''} | "
+                f"{max(r['released_models'] - 1, 0)} ({r.get('guarded_user_models', 0)}) | "
+                f"{r['accepted']}/{r['sent']} | {refused} | "
+                f"{r['stale_bases']} ({r.get('merge_groups') or '-'}) | {r['user_acc']:.3f} | "
+                f"{r['user_acc_with_budget']:.3f} | {r['presumed_acc']:.3f} | "
+                f"{r['fleet_presumed_acc']:.3f} | {_acc(r.get('teacher_presumed_acc'))} | "
                 f"{r['epsilon_median']:.2f} / {r['epsilon_max']:.2f} ({r['delta']:.0e}) | "
                 f"{r['payload_bytes_in']} | {r['packet_bytes_in']} | {r['model_bytes_out']} | "
                 f"{1000 * r['ingest_cpu_s_per_packet']:.1f} | {r['merge_cpu_s_per_model']:.2f} | "

@@ -22,7 +22,8 @@ Device (an :class:`~.edge.EdgeAgent`):
   outbox; :meth:`EdgeAgent.submit` sends it).
 
 Extra cloud workspace files: ``scenario/`` (the split every job shares), ``models/teacher.safetensors``
-(the current cloud model), ``models/<sha256>.safetensors`` (every edge model released: the base a
+(the current cloud model), ``models/teacher-v1.safetensors`` (the teacher of release v1: every merge
+keeps its presumed knowledge), ``models/<sha256>.safetensors`` (every edge model released: the base a
 packet names), ``audits/release-v<N>.json`` (the gate's report), ``releases.json`` (index).
 
 Crash ordering: a release is published (TUF metadata written atomically) before the store records it
@@ -65,8 +66,9 @@ from diredi_secure.ml.executor import JobExecutor
 from diredi_secure.ml.merge import (
     DeviceKnowledge,
     MergeConfig,
+    MergeGroup,
     check_payload_fits,
-    merge_streamed,
+    merge_groups_streamed,
 )
 from diredi_secure.ml.models import (
     build_model,
@@ -136,6 +138,8 @@ REFERENCE_TENSOR = "reference_x"
 REFERENCE_FORMAT = "diredi-reference-set-v1"
 AUDIT_REPORT_FORMAT = "diredi-release-audit-v1"
 _MAX_MODEL_BYTES = 64 * 1024 * 1024
+ORIGINAL_TEACHER = "teacher-v1.safetensors"
+"""The teacher release v1 was distilled from (``models/``): the presumed anchor of every merge."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,17 +153,30 @@ class JobSettings:
     kd: KDConfig = field(default_factory=KDConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     rekd: ReKDConfig = field(default_factory=ReKDConfig)
+    # The presumed guard of every merge's release: a model whose accuracy on the manufacturer's
+    # presumed validation split falls more than this below release v1's is not released. A
+    # per-user model that fails leaves its device on the fleet model; a fleet model that fails is
+    # replaced by the current fleet model, released again. None: no guard. 0.02: the fleet goal
+    # (D <= 2 points over five rounds, issue 17), applied to the validation split, never the test
+    # set.
+    presumed_guard: float | None = 0.02
 
     @classmethod
     def tiny(cls) -> JobSettings:
-        """One or two epochs everywhere: for tests and smoke runs, not for accuracy."""
+        """One or two epochs everywhere: for tests and smoke runs, not for accuracy (so no presumed
+        guard either: models trained for two epochs are held to nothing)."""
         kd = KDConfig(epochs=2)
         return cls(
             teacher=TrainConfig(epochs=2),
             kd=kd,
             merge=replace(MergeConfig(), epochs=2, synth_steps=2, jitter_per_class=4),
             rekd=ReKDConfig(kd=kd),
+            presumed_guard=None,
         )
+
+    def __post_init__(self) -> None:
+        if self.presumed_guard is not None and not 0 <= self.presumed_guard < 1:
+            raise ConfigError("presumed_guard must lie in [0, 1) (or None)")
 
     def digest(self) -> str:
         """SHA-256 of the settings as canonical JSON (the attestation's trainingConfig)."""
@@ -390,8 +407,10 @@ def distill_and_release(
     student = build_model(student_spec(), seed=seed + 1)
     distill_student(student, teacher, scenario.presumed_train, scenario.reference_x, settings.kd,
                     seed=seed)
-    atomic_write_bytes(_models_dir(workspace) / "teacher.safetensors",
-                       model_bytes(teacher, teacher_spec()))
+    teacher_file = model_bytes(teacher, teacher_spec())
+    atomic_write_bytes(_models_dir(workspace) / "teacher.safetensors", teacher_file)
+    # The manufacturer's original teacher, kept: every later merge holds its presumed knowledge.
+    atomic_write_bytes(_models_dir(workspace) / ORIGINAL_TEACHER, teacher_file)
     model = model_bytes(student, student_spec())
     sha = _save_model(workspace, model)
 
@@ -554,6 +573,12 @@ def merge_and_release(
     ``audit_gate`` defaults to :func:`default_audit_gate` (``fast``). A failing verdict raises
     :class:`ReleaseRefused` (reason ``audit_failed``) before anything is published, unless
     ``force_release``; then the attestations record ``verdict: fail, forced: true``.
+    The presumed guard (``settings.presumed_guard``) holds every model of the release to release
+    v1's accuracy on the presumed validation split: a per-user model below the floor is not
+    released (its device stays on the fleet model; ``metrics["guarded_user_models"]``); a fleet
+    model below it is not either: the release ships the current fleet model again
+    (``metrics["fleet_model_held_back"]``), with the merged teacher and the per-user models that
+    pass.
     Packets of revoked or unknown devices, or computed against a model this cloud never released,
     are left unmerged (listed in ``skipped_packets``). Raises :class:`ConfigError` when there is
     nothing to merge.
@@ -616,16 +641,14 @@ def merge_and_release(
 
     teacher_bytes = _read(_models_dir(workspace) / "teacher.safetensors", "cloud model",
                           _MAX_MODEL_BYTES)
-    transfer: list[np.ndarray] = []
     supports: dict[str, list[np.ndarray]] = {}
     weights: dict[str, float] = {}
     kernels: dict[str, np.ndarray] = {}  # per device: its sensor, fitted from its DP prototypes
-    # Per device: its own claims (sparse, rows in the concatenated transfer set) and own rows.
+    # Per device: its own claims (sparse, rows in the transfer set) and own rows.
     claims: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     own_rows: dict[str, list[tuple[int, int]]] = {}
-    offset = 0
     rng = np.random.default_rng(seed + version)
-    base_rows: list[tuple[int, int]] = []  # each group's reference rows in the transfer set
+    merge_groups: list[MergeGroup] = []
     for base_sha in sorted(groups):
         ids = {u.packet_id for u in groups[base_sha]}
         stream = _StoredStream(store, keys, policy, ids)
@@ -634,32 +657,35 @@ def merge_and_release(
             for o in stream:
                 yield DeviceKnowledge(f"{o.header.device_id}#{o.header.counter}", o.payload)
 
-        base_bytes = _read(_models_dir(workspace) / f"{base_sha}.safetensors", "released model",
-                           _MAX_MODEL_BYTES)
-        merged = merge_streamed(teacher_bytes, base_bytes, devices, scenario.reference_x,
-                                scenario.presumed_train, settings.merge, seed=seed + version,
-                                rng=rng, presumed_val=scenario.presumed_val, executor=executor,
-                                chunk_size=chunk_size)
-        teacher_bytes = model_bytes(merged.teacher, teacher_spec())
-        transfer.append(merged.transfer_x)
-        base_rows.append((offset, offset + n_ref))
-        for u in groups[base_sha]:
-            name = f"{u.device_id}#{u.counter}"
-            supports.setdefault(u.device_id, []).append(merged.supports[name])
-            sparse = merged.own_claim_rows.get(name)
-            if sparse is not None:
-                claims.setdefault(u.device_id, []).append((sparse[0] + offset, sparse[1]))
-            start_stop = merged.owner_rows.get(name)
-            if start_stop is not None:
-                own_rows.setdefault(u.device_id, []).append(
-                    (start_stop[0] + offset, start_stop[1] + offset))
-            weights[name] = float(merged.weights[name])
-            kernel = merged.sensor_kernels.get(name)
-            if kernel is not None:
-                kernels[u.device_id] = kernel
-        offset += len(merged.transfer_x)
-    transfer_x = np.concatenate(transfer)
-    teacher = load_model_bytes(teacher_bytes)[0]
+        merge_groups.append(MergeGroup(
+            _read(_models_dir(workspace) / f"{base_sha}.safetensors", "released model",
+                  _MAX_MODEL_BYTES), devices))
+    # One merge for every base model (stale bases and per-user models included): each device's
+    # difference against the model it ran, one fine-tuning of the teacher, its presumed knowledge
+    # held to the manufacturer's original teacher (docs/FLEET.md, Limits).
+    anchor_path = _models_dir(workspace) / ORIGINAL_TEACHER
+    anchor_bytes = (_read(anchor_path, "original cloud model", _MAX_MODEL_BYTES)
+                    if anchor_path.is_file() else None)
+    merged = merge_groups_streamed(teacher_bytes, merge_groups, scenario.reference_x,
+                                   scenario.presumed_train, settings.merge, seed=seed + version,
+                                   rng=rng, presumed_val=scenario.presumed_val, executor=executor,
+                                   chunk_size=chunk_size, presumed_anchor=anchor_bytes)
+    teacher_bytes = model_bytes(merged.teacher, teacher_spec())
+    for u in used:
+        name = f"{u.device_id}#{u.counter}"
+        supports.setdefault(u.device_id, []).append(merged.supports[name])
+        sparse = merged.own_claim_rows.get(name)
+        if sparse is not None:
+            claims.setdefault(u.device_id, []).append(sparse)
+        start_stop = merged.owner_rows.get(name)
+        if start_stop is not None:
+            own_rows.setdefault(u.device_id, []).append(start_stop)
+        weights[name] = float(merged.weights[name])
+        kernel = merged.sensor_kernels.get(name)
+        if kernel is not None:
+            kernels[u.device_id] = kernel
+    transfer_x = merged.transfer_x
+    teacher = merged.teacher
 
     used_ids = {u.packet_id for u in used}
     gate_outcome = gate(GateInput(version, _StoredStream(store, keys, policy, used_ids), scenario,
@@ -682,6 +708,18 @@ def merge_and_release(
                                   transfer_x, n_ref, settings.rekd, seed + 2)
     fleet_bytes = executor.run(_fleet_rekd_task, fleet_shared, None)
     fleet = load_model_bytes(fleet_bytes)[0]
+    floor = _presumed_floor(workspace, index, scenario, settings)
+    fleet_held = False
+    if floor is not None and accuracy(fleet, scenario.presumed_val) < floor:
+        # The new fleet model lost the presumed classes: the release ships the current fleet
+        # model again (the devices on it download nothing); the teacher keeps what it merged and
+        # the per-user models that pass the guard are released.
+        log.warning("release v%d: the fleet model is below the presumed guard (%.3f); the "
+                    "current fleet model is released again", version, floor)
+        fleet_bytes = _read(_models_dir(workspace) / f"{index['fleet'][-1]['sha256']}.safetensors",
+                            "released model", _MAX_MODEL_BYTES)
+        fleet = load_model_bytes(fleet_bytes)[0]
+        fleet_held = True
     fleet_seconds = time.perf_counter() - t_fleet
     contributors = sorted(supports)
     chosen = contributors
@@ -689,14 +727,22 @@ def merge_and_release(
         pick = np.random.default_rng(seed + version + 3).choice(len(contributors), rekd_sample,
                                                                 replace=False)
         chosen = [contributors[i] for i in sorted(pick)]
-    # Only the first group's reference rows count as "reference" for the row cap; the others are
-    # the same images again (kept: a per-user model learns the same rows as before the cap).
     users = [UserReKD(d, np.mean(np.stack(supports[d]), axis=0), kernels.get(d),
-                      tuple(claims.get(d, ())), tuple(own_rows.get(d, ()))
-                      + tuple(r for r in base_rows[1:]), d in claims)
+                      tuple(claims.get(d, ())), tuple(own_rows.get(d, ())), d in claims)
              for d in chosen]
     t_users = time.perf_counter()
     per_device = dict(zip(chosen, executor.map(rekd_user_task, fleet_shared, users), strict=True))
+    guarded: list[str] = []
+    if floor is not None:
+        # A per-user model that lost the presumed classes is not released: its device keeps
+        # installing the fleet model, which passed the guard above.
+        guarded = [d for d, data in per_device.items()
+                   if accuracy(load_model_bytes(data)[0], scenario.presumed_val) < floor]
+        for d in guarded:
+            del per_device[d]
+        if guarded:
+            log.info("release v%d: %d per-user models below the presumed guard, not released",
+                     version, len(guarded))
     user_seconds = time.perf_counter() - t_users
 
     ledger = {d.device_id: d.epsilon_spent for d in store.list_devices()}
@@ -730,7 +776,8 @@ def merge_and_release(
         now=now,
     )
     fleet_sha = _save_model(workspace, fleet_bytes)
-    index["models"][fleet_sha] = {"version": version, "prefix": "", "device": None}
+    # A fleet model released again (presumed guard) keeps the version it was first released in.
+    index["models"].setdefault(fleet_sha, {"version": version, "prefix": "", "device": None})
     index["fleet"].append({"version": version, "sha256": fleet_sha})
     device_records: list[tuple[str, str, str]] = []
     delegated = repo.targets().signed.delegations
@@ -771,6 +818,10 @@ def merge_and_release(
         "seconds_publish": publish_seconds,
         "user_models": float(len(per_device)),
         "transfer_rows": float(len(transfer_x)),
+        "merge_groups": float(len(merge_groups)),
+        "presumed_guard_floor": math.nan if floor is None else floor,
+        "guarded_user_models": float(len(guarded)),
+        "fleet_model_held_back": float(fleet_held),
         **{f"merge_weight[{k}]": v for k, v in weights.items()},
     }
     log.info("release v%d published: fleet %s + %d device models", version, fleet_sha[:16],
@@ -781,6 +832,17 @@ def merge_and_release(
         device_models={d: s for d, s, _ in device_records}, skipped_packets=skipped,
         metrics=metrics, seconds=time.perf_counter() - t0,
     )
+
+
+def _presumed_floor(workspace: CloudWorkspace, index: dict[str, Any], scenario: Scenario,
+                    settings: JobSettings) -> float | None:
+    """The presumed guard's floor: release v1's accuracy on the presumed validation split less
+    ``settings.presumed_guard`` (None without a guard or a validation split)."""
+    if settings.presumed_guard is None or not len(scenario.presumed_val) or not index["fleet"]:
+        return None
+    first = str(index["fleet"][0]["sha256"])
+    v1 = _load_model(_models_dir(workspace) / f"{first}.safetensors", "release v1 model")
+    return accuracy(v1, scenario.presumed_val) - settings.presumed_guard
 
 
 def _fleet_rekd_task(shared: UserReKDShared, _: None) -> bytes:

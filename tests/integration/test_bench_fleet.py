@@ -63,6 +63,12 @@ def test_fleet_smoke_reports_every_round(
         assert r["released_models"] >= 2 and r["merge_cpu_s_per_model"] > 0
     assert r2["model_bytes_out"] > 0  # devices that updated downloaded a model of release v2
     assert r2["stale_bases"] >= 1  # half the fleet stayed on release v1's model
+    # One merge per round covers every base model: v1's (stale) and the per-user models of v2.
+    assert r1["merge_groups"] == 1
+    assert r2["merge_groups"] >= (2 if r2["stale_bases"] < r2["accepted"] else 1)
+    for r in (r1, r2):
+        assert 0.0 <= r["teacher_presumed_acc"] <= 1.0
+        assert r["guarded_user_models"] == 0 and not r["fleet_held_back"]  # --tiny: no guard
 
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nkept text\n")
@@ -70,6 +76,7 @@ def test_fleet_smoke_reports_every_round(
         assert main(["bench", "fleet-render", str(out), "--results-md", str(md)]) == 0
     text = md.read_text()
     assert text.startswith("# Results\n\nkept text\n") and text.count("### N = 6, 2 rounds") == 1
+    assert "| teacher presumed |" in text and "per-user models (held back)" in text
 
 
 @pytest.mark.parametrize(
