@@ -15,7 +15,8 @@ epsilon a device declares is still computed by the accountant from the noise mul
 Where: ``$DIREDI_NOISE_CACHE`` (a file path; ``off`` disables it), else
 ``$XDG_CACHE_HOME/diredi/noise-search.json``, else ``~/.cache/diredi/noise-search.json``. Written
 atomically with mode 0600 (:func:`~diredi_secure.checkpoint.atomic_write_bytes`); read with a size
-cap, and ignored when group or others may write it. Failed searches are not stored: they cost one
+cap, never through a link or from anything but a regular file, and ignored when group or others
+may write it. Failed searches are not stored: they cost one
 or two curves, as much as a check of a stored answer. A cache that cannot be read or written is
 skipped (logged once): it is an optimisation, never a dependency.
 """
@@ -123,7 +124,10 @@ class NoiseSearchCache:
         if self.path is None:
             return {}
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            # O_NONBLOCK: a FIFO planted at the path must not hang the device (it is then refused
+            # as not a regular file); O_NOFOLLOW: nor may a link lead the read elsewhere.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             return {}
         except OSError as exc:

@@ -180,6 +180,14 @@ def test_a_planted_link_is_not_followed(tmp_path: Path) -> None:
     assert NoiseSearchCache(link).get("k") is None
 
 
+def test_a_planted_fifo_does_not_hang_the_search(tmp_path: Path, fresh_answer: float) -> None:
+    path = tmp_path / "noise.json"
+    os.mkfifo(path, 0o600)
+    cache = NoiseSearchCache(path)
+    assert search_noise(TARGET, **SEARCH, cache=cache) == fresh_answer
+    assert cache.hits == 0
+
+
 def test_entries_are_bounded_oldest_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "noise.json"
     cache = NoiseSearchCache(path)
