@@ -145,7 +145,7 @@ class MergeConfig:
     # who carries more than a third alone, as before. The devices' own rows are claimed by their
     # owner alone (``owner_rows_only``), quorum or not. 1/3 chosen on validation (docs/METHOD.md,
     # the fleet paragraph).
-    claim_quorum: float | None = 0.25
+    claim_quorum: float | None = 1 / 3
     # On a public reference row, the devices that moved it to class c count at most this many
     # devices' worth: their summed bounded differences are scaled by min(1, public_devices / n_c),
     # n_c the effective number of devices that could move a row to c (merge weight > 0, share >=
