@@ -233,9 +233,11 @@ def _drop_schema(dsn: str, schema: str) -> None:
 
 
 def run_fleet(config: FleetConfig, *, workdir: Path | None = None,
-              progress: Callable[[str], None] | None = None) -> FleetResult:
-    """Run the fleet (module docstring). Raises :class:`ConfigError` for impossible settings and
-    what the jobs raise; a refused packet is a figure, not an error."""
+              progress: Callable[[str], None] | None = None,
+              settings: Any | None = None) -> FleetResult:
+    """Run the fleet (module docstring). ``settings``: the cloud's ``JobSettings`` (default
+    :func:`fleet_settings`). Raises :class:`ConfigError` for impossible settings and what the
+    jobs raise; a refused packet is a figure, not an error."""
     from diredi_secure.services.cloud import Ingest
     from diredi_secure.services.jobs import accounting_gate, distill_and_release, merge_and_release
     from diredi_secure.services.workspace import CloudWorkspace
@@ -243,7 +245,7 @@ def run_fleet(config: FleetConfig, *, workdir: Path | None = None,
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
     rng = np.random.default_rng(config.seed)
-    settings = fleet_settings(config.tiny)
+    settings = settings if settings is not None else fleet_settings(config.tiny)
     clock = {"ms": 1_800_000_000_000}
     schema = f"diredi_fleet_{uuid.uuid4().hex[:12]}" if config.postgres else None
     with tempfile.TemporaryDirectory(prefix="diredi-fleet-", dir=workdir) as tmp:
@@ -437,6 +439,24 @@ def load_result(path: Path) -> dict[str, Any]:
     return data
 
 
+def _command(c: dict[str, Any]) -> str:
+    """The `diredi bench fleet` command line that reproduces a saved run's configuration."""
+    parts = ["diredi bench fleet", f"--devices {c['devices']}", f"--rounds {c['rounds']}"]
+    defaults = FleetConfig()
+    for name in ("seed", "epsilon", "eval_users", "small_budget", "late", "stale", "revoke",
+                 "rekd_sample", "workers"):
+        if c.get(name) is not None and c.get(name) != getattr(defaults, name):
+            parts.append(f"--{name.replace('_', '-')} {c[name]}")
+    if c.get("executor", "inprocess") != "inprocess":
+        parts.append(f"--executor {c['executor']}")
+    if c.get("postgres"):
+        parts.append("--postgres DSN")
+    if c.get("tiny"):
+        parts.append("--tiny")
+    parts.append(f"--json docs/fleet/fleet-n{c['devices']}-{c.get('executor', 'inprocess')}.json")
+    return " ".join(parts)
+
+
 def _acc(value: Any) -> str:
     """An accuracy for the table; runs saved before the figure existed have none ("-")."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -486,6 +506,7 @@ def render_section(runs: list[dict[str, Any]]) -> str:
                   f"{', per-user re-KD for ' + str(c['rekd_sample']) + ' sampled devices' if c.get('rekd_sample') else ''}"
                   f"{', PostgreSQL' if c.get('postgres') else ', SQLite'}{', TINY settings' if c.get('tiny') else ''}",
                   "",
+                  f"Command: `{_command(c)}`.", "",
                   f"Release v1: user acc {run['start_user_acc']:.3f}, presumed "
                   f"{run['start_presumed_acc']:.3f}. D (presumed points lost by the last round) = "
                   f"{run['presumed_drop_points']:.1f}. Run: {run['seconds']:.0f} s.", "",

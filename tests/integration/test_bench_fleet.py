@@ -133,3 +133,23 @@ def test_fleet_on_postgres_one_round(capsys: pytest.CaptureFixture[str]) -> None
             "WHERE schema_name LIKE 'diredi_fleet_%'"
         ).fetchone()
     assert left is not None and left[0] == 0
+
+
+@pytest.mark.slow
+def test_presumed_guard_holds_back_models_that_lost_the_presumed_classes() -> None:
+    """A merge that wrecks the teacher (Adam at lr 5) yields a fleet model and per-user models
+    far below release v1 on the presumed validation split: with the guard none is shipped, the
+    release carries v1's fleet model again and every device stays on it."""
+    from dataclasses import replace
+
+    from diredi_secure.benchmarks.fleet import FleetConfig, fleet_settings, run_fleet
+
+    tiny = fleet_settings(tiny=True)
+    wreck = replace(tiny, presumed_guard=0.0, merge=replace(tiny.merge, lr=5.0))
+    config = FleetConfig(devices=4, rounds=1, tiny=True, eval_users=4, late=0.0, revoke=0.0,
+                         stale=0.0)
+    (r1,) = run_fleet(config, settings=wreck).rounds
+    assert r1.accepted == 4 and r1.fleet_held_back
+    assert r1.released_models == 1 and r1.guarded_user_models == 4
+    assert 0.0 <= r1.teacher_presumed_acc < r1.presumed_acc  # the teacher did break
+
