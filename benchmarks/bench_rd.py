@@ -204,7 +204,7 @@ def _measure_child(epochs: int, quick: bool, per_epoch_only: bool, cache_dir: st
     set_noise_search_cache(NoiseSearchCache(warm_file))
     scenario = make_scenario(0)
     user = scenario.users[0].train
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 11  # an epoch is 3 steps, milliseconds: minima need many tries
     modes = _per_epoch_figures("digits", student_spec(), user, 1, max(epochs, 2), repeats,
                                ("default",) if per_epoch_only else MODES)
     default_mode = next(m.mode for m in modes if m.is_default)
