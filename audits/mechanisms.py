@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from diredi_secure.errors import ConfigError
 from diredi_secure.privacy import NoiseSource
 
 from . import canary, metrics
@@ -182,7 +183,11 @@ def run_release_trials(
     count_d = float(np.sum(data.y == label))
     sum_d = _clipped(data.x[data.y == label], clip).sum(axis=0) @ u
     schedule = rd.schedule() if rd.private else None
-    cfg = replace(rd, kinds=(PayloadKind.DP_PROTOTYPES,))
+    # Release what the configuration releases: the histogram alone, or the prototypes with the
+    # histogram they are divided by (a histogram-only packet crashed the release gate here).
+    with_protos = PayloadKind.DP_PROTOTYPES in rd.kinds
+    cfg = replace(rd, kinds=(PayloadKind.DP_PROTOTYPES,) if with_protos
+                  else (PayloadKind.LABEL_HISTOGRAM,))
     included = canary.sample_inclusion(trials, rng)
     hist = np.empty(trials)
     proto = np.empty(trials)
@@ -194,10 +199,13 @@ def run_release_trials(
         seen = decode_payload(*encode_payload(payload))
         h = seen.get(PayloadKind.LABEL_HISTOGRAM)
         p = seen.get(PayloadKind.DP_PROTOTYPES)
-        assert h is not None and p is not None
+        if h is None or (with_protos and p is None):
+            raise ConfigError("the release trials' payload lacks the histogram or the prototypes "
+                              f"(kinds {[k.value for k in cfg.kinds]})")
         released_count = float(h.values[label])
         hist[i] = released_count - count_d
-        proto[i] = float(p.values[label].astype(np.float64) @ u) * max(released_count, 1.0) - sum_d
+        proto[i] = (float(p.values[label].astype(np.float64) @ u) * max(released_count, 1.0)
+                    - sum_d) if p is not None else float("nan")
     return ReleaseTrials(included, hist, proto, label)
 
 

@@ -333,7 +333,9 @@ def extract_payload(
         counts = np.bincount(data.y, minlength=NUM_CLASSES).astype(np.float64)
         sigma_h, eps_h = 0.0, 0.0
         if schedule is not None:
-            assert schedule.histogram_noise_multiplier is not None
+            if schedule.histogram_noise_multiplier is None:
+                raise ConfigError("the DP schedule has no histogram noise: schedule and payload "
+                                  "kinds disagree (the histogram is sent with the prototypes)")
             sigma_h = schedule.histogram_noise_multiplier
             eps_h = gaussian_epsilon(sigma_h, delta)
             counts = noise.discrete_gaussian(counts, sigma_h)
@@ -349,7 +351,9 @@ def extract_payload(
             np.add.at(sums, data.y, flat)
             sigma_p, eps_p = 0.0, 0.0
             if schedule is not None:
-                assert schedule.prototype_noise_multiplier is not None
+                if schedule.prototype_noise_multiplier is None:
+                    raise ConfigError("the DP schedule has no prototype noise: schedule and "
+                                      "payload kinds disagree")
                 sigma_p = schedule.prototype_noise_multiplier
                 eps_p = gaussian_epsilon(sigma_p, delta)
                 sums = sums + noise.numpy().normal(0.0, sigma_p * clip, size=sums.shape)

@@ -163,3 +163,18 @@ def test_shipped_epsilon_8_is_inconclusive_with_the_ceiling_shown(tmp_path: Path
     assert "inconclusive" in out.report_path.with_name("audit.html").read_text(encoding="utf-8")
     forced = run_release_gate(epsilon=8.0, out_dir=tmp_path / "forced", force=True)
     assert forced.verdict == "inconclusive" and forced.forced and forced.may_release
+
+
+@pytest.mark.audit_e2e
+def test_gate_audits_a_histogram_without_prototypes(tmp_path: Path) -> None:
+    # An attacker-found crash: the round's costliest packet sent reference logits and a label
+    # histogram (no prototypes); the release trials asserted prototypes and every merge failed.
+    from diredi_secure.knowledge import PayloadKind
+    from diredi_secure.ml.reverse import RDConfig
+
+    rd = RDConfig(epsilon=2.0, kinds=(PayloadKind.REFERENCE_LOGITS, PayloadKind.LABEL_HISTOGRAM))
+    out = run_release_gate(epsilon=2.0, out_dir=tmp_path / "hist", rd=rd)
+    data = _report(out.report_path, out.report_sha256)
+    mech = {m["mechanism"] for m in data["mechanisms"]}  # type: ignore[attr-defined]
+    assert mech == {"dp_sgd", "label_histogram"}
+    assert out.verdict in ("pass", "inconclusive"), data["criteria"]
