@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ __all__ = [
     "checkpoint_bytes",
     "load_checkpoint",
     "load_checkpoint_bytes",
+    "read_private_bytes",
+    "read_regular_file",
     "save_checkpoint",
 ]
 
@@ -80,22 +83,65 @@ def atomic_write_bytes(path: Path, data: bytes, *, private: bool = False) -> Non
         os.close(dir_fd)
 
 
-def read_private_bytes(path: Path, what: str, max_bytes: int) -> bytes:
-    """A private file's bytes (a key, a secret), at most ``max_bytes``. Refuses one that group or
-    others may read, as ssh does: a secret that was ever readable by others is disclosed.
-    Raises :class:`KeyFileError` (reason ``key_file_permissions`` for the mode) or TooLarge."""
+_READ_FLAGS = (
+    os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+)
+_READ_CHUNK = 1 << 20
+
+
+def read_regular_file(path: Path, what: str, max_bytes: int, *, private: bool = False) -> bytes:
+    """The bytes of the regular file at ``path`` (symlinks followed), at most ``max_bytes``.
+
+    The one reader for key, certificate, kit and other operator-supplied files. The file is opened
+    ``O_NONBLOCK`` (a FIFO nobody writes to cannot hang the open) and every check is made on the
+    *opened* descriptor (``fstat``), so the file read is the file checked: it must be a regular
+    file (not a FIFO, a device such as ``/dev/zero``, a socket or a folder), and at most
+    ``max_bytes + 1`` bytes are ever read, so a file that grows after the check cannot exhaust
+    memory either. ``private=True`` (keys, secrets) also refuses a file group or others may read,
+    as ssh does: a secret that was ever readable by others is disclosed; a symlink to a 0600 file
+    is accepted, as ssh accepts one.
+
+    Raises :class:`KeyFileError` (missing or unreadable, the ``OSError`` chained as its cause;
+    reason ``not_regular_file`` for a FIFO, device or folder; ``key_file_permissions`` for the
+    mode) or :class:`TooLarge`.
+    """
     try:
-        st = Path(path).stat()
-        if st.st_mode & 0o077:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(
+                f"{what} {path} is not a regular file (a FIFO, device, socket or folder)",
+                reason="not_regular_file")
+        if private and st.st_mode & 0o077:
             raise KeyFileError(
                 f"{what} {path} is readable by group or others (mode {st.st_mode & 0o777:o}); "
                 "it must be 0600: chmod 600 it if it was never exposed, else replace it",
                 reason="key_file_permissions")
         if st.st_size > max_bytes:
             raise TooLarge(f"{what} {path}", st.st_size, max_bytes)
-        return Path(path).read_bytes()
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:  # it grew after the fstat: refused, read no further
+            raise TooLarge(f"{what} {path} (grew while read)", total, max_bytes)
+        return b"".join(chunks)
     except OSError as exc:
         raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def read_private_bytes(path: Path, what: str, max_bytes: int) -> bytes:
+    """A private file's bytes (a key, a secret): :func:`read_regular_file` with ``private=True``."""
+    return read_regular_file(path, what, max_bytes, private=True)
 
 
 def save_checkpoint(
@@ -148,14 +194,10 @@ def load_checkpoint(
     path: Path, *, max_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read and parse a checkpoint file; see :func:`load_checkpoint_bytes`."""
-    path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise TooLarge(f"checkpoint {path}", size, max_bytes)
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelFormatError(f"cannot read checkpoint {path}: {exc.strerror}") from exc
+        data = read_regular_file(Path(path), "checkpoint", max_bytes)
+    except KeyFileError as exc:
+        raise ModelFormatError(exc.message) from exc
     return load_checkpoint_bytes(data, max_bytes=max_bytes)
 
 

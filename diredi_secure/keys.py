@@ -21,8 +21,9 @@ receipt public key             raw Ed25519 (hex in              :func:`load_veri
 (``device.json``)              ``device.json``), or SPKI PEM    :func:`save_verify_key`
 =============================  ===============================  ==============================
 
-Trust: files are read as untrusted bytes with a size cap. Private key files must be mode 0600
-(refused otherwise, as ssh does) and are written 0600, atomically (temporary file, rename), so a
+Trust: files are read as untrusted bytes with a size cap, and only from a regular file (a symlink
+is followed; a FIFO, a device such as ``/dev/zero`` or a folder is refused, and no more than the
+cap is ever read). Private key files must be mode 0600 (refused otherwise, as ssh does) and are written 0600, atomically (temporary file, rename), so a
 failed save leaves no partial file. Every failure is a :class:`~diredi_secure.errors.KeyFileError`
 (missing, unreadable, wrong passphrase, wrong key type), :class:`~diredi_secure.errors.TooLarge`
 or, for certificates, :class:`~diredi_secure.errors.CertificateInvalid`. A passphrase is bytes;
@@ -37,8 +38,8 @@ from pathlib import Path
 
 from . import _crypto
 from ._crypto import InboxKey, InboxPublicKey, SigningKey, TlsKey, VerifyKey
-from .checkpoint import atomic_write_bytes
-from .errors import KeyFileError, TooLarge
+from .checkpoint import atomic_write_bytes, read_regular_file
+from .errors import KeyFileError
 
 __all__ = [
     "generate_tls_key",
@@ -63,13 +64,7 @@ _HEX_KEY = re.compile(rb"\s*([0-9a-fA-F]{64})\s*")
 
 
 def _read_public(path: Path, what: str) -> bytes:
-    try:
-        size = Path(path).stat().st_size
-        if size > MAX_PUBLIC_FILE_BYTES:
-            raise TooLarge(f"{what} {path}", size, MAX_PUBLIC_FILE_BYTES)
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    return read_regular_file(Path(path), what, MAX_PUBLIC_FILE_BYTES)
 
 
 def _write(path: Path, data: bytes, what: str, *, private: bool) -> None:

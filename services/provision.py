@@ -47,8 +47,8 @@ from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Root
 
 from diredi_secure import _crypto
-from diredi_secure.checkpoint import atomic_write_bytes, read_private_bytes
-from diredi_secure.errors import CertificateInvalid, ConfigError, KeyFileError
+from diredi_secure.checkpoint import atomic_write_bytes, read_regular_file
+from diredi_secure.errors import CertificateInvalid, ConfigError, KeyFileError, TooLarge
 from diredi_secure.policy import DEFAULT_POLICY
 
 from .workspace import CloudWorkspace, DeviceWorkspace
@@ -115,16 +115,15 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read(path: Path, what: str, cap: int) -> bytes:
+def _read(path: Path, what: str, cap: int, *, private: bool = False) -> bytes:
+    """A kit file through the one bounded reader (regular files only, at most ``cap`` bytes, 0600
+    if ``private``); every refusal is a :class:`KitInvalid`."""
     try:
-        size = path.stat().st_size
-        if size > cap:
-            raise KitInvalid(f"{what} {path} is {size} bytes, over the cap of {cap}")
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KitInvalid(f"{what} {path} is missing") from exc
-    except OSError as exc:
-        raise KitInvalid(f"cannot read {what} {path}: {exc.strerror}") from exc
+        return read_regular_file(path, what, cap, private=private)
+    except (KeyFileError, TooLarge) as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise KitInvalid(f"{what} {path} is missing") from exc
+        raise KitInvalid(exc.message) from exc
 
 
 def _check_trusted_root(data: bytes) -> None:
@@ -293,13 +292,7 @@ def _read_manifested(
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise KitInvalid(f"{folder / name}: entry for {fname} needs a sha256")
         path = folder / fname
-        if fname in _PRIVATE:
-            try:
-                data = read_private_bytes(path, fname, limits.max_file_bytes)
-            except KeyFileError as exc:
-                raise KitInvalid(exc.message) from exc
-        else:
-            data = _read(path, fname, limits.max_file_bytes)
+        data = _read(path, fname, limits.max_file_bytes, private=fname in _PRIVATE)
         if _sha256(data) != entry["sha256"]:
             raise KitInvalid(f"{fname} in {folder} does not match its SHA-256 in {name}")
         files[fname] = data
