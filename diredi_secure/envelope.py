@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ._crypto import HpkeSuite
 from .errors import MalformedPacket
-from .knowledge import DPParameters, PayloadDescriptor
+from .knowledge import DPParameters, PayloadDescriptor, shown
 from .policy import WIRE_VERSIONS
 
 __all__ = [
@@ -64,7 +64,7 @@ class PacketHeader:
         _require(
             len(self.packet_id) == 16, f"packet id must be 16 bytes, got {len(self.packet_id)}"
         )
-        _require(bool(_DEVICE_ID_RE.fullmatch(self.device_id)), f"bad device id {self.device_id!r}")
+        _require(bool(_DEVICE_ID_RE.fullmatch(self.device_id)), f"bad device id {shown(self.device_id)}")
         # Stores keep counters in a signed 64-bit column: refuse larger ones here, as malformed,
         # before any open or accounting work (issue 14 finding 6).
         _require(
@@ -73,7 +73,7 @@ class PacketHeader:
         _require(self.created_at_ms > 0, "created_at must be a positive Unix time in ms")
         _require(
             bool(_VERSION_RE.fullmatch(self.base_model_version)),
-            f"bad base model version {self.base_model_version!r}",
+            f"bad base model version {shown(self.base_model_version)}",
         )
         _require(len(self.recipient_key_id) == 32, "recipient key id must be 32 bytes")
         _require(len(self.signer_key_id) == 32, "signer key id must be 32 bytes")
@@ -107,7 +107,7 @@ class ReceiptBody:
         _require(len(self.packet_id) == 16, "receipt packet id must be 16 bytes")
         _require(len(self.packet_sha256) == 32, "receipt packet digest must be 32 bytes")
         _require(len(self.receipt_key_id) == 32, "receipt key id must be 32 bytes")
-        _require(bool(_DEVICE_ID_RE.fullmatch(self.device_id)), f"bad device id {self.device_id!r}")
+        _require(bool(_DEVICE_ID_RE.fullmatch(self.device_id)), f"bad device id {shown(self.device_id)}")
 
 
 @dataclass(frozen=True)

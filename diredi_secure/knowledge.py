@@ -37,6 +37,7 @@ __all__ = [
     "encode_payload",
     "quantize_int4",
     "quantize_int8",
+    "shown",
 ]
 
 
@@ -65,9 +66,26 @@ _SCALE_SUFFIX = ".scale"
 HEADER_SCALE_PLACEHOLDER = 1.0
 
 
+SHOWN_CHARS = 64
+"""The most characters of a peer-supplied value an error message repeats (see :func:`shown`)."""
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, clipped to ``limit`` characters with a marker naming
+    the full length: a refusal must not echo a peer's string at full length (a 10,000-character
+    field once made a 10,036-character gRPC status, which clients saw as RESOURCE_EXHAUSTED
+    instead of ``malformed``). The home of this helper is here, the lowest module of the packet
+    core, so that ``envelope``, ``serde`` and ``packet`` can all import it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} chars" if isinstance(value, str | bytes) else f"{len(text)} chars shown"
+    return f"{text[:limit]}...[clipped, {size}]"
+
+
 def _finite(name: str, value: float) -> float:
     if not math.isfinite(value):
-        raise PayloadInvalid(f"{name} must be finite, got {value!r}")
+        raise PayloadInvalid(f"{name} must be finite, got {shown(value)}")
     return float(value)
 
 
@@ -95,15 +113,15 @@ class DPParameters:
         for name in ("noise_multiplier", "clip_norm", "sample_rate", "delta", "total_epsilon"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or math.isnan(value) or value < 0:
-                raise PayloadInvalid(f"DP parameter {name} must be a number >= 0, got {value!r}")
+                raise PayloadInvalid(f"DP parameter {name} must be a number >= 0, got {shown(value)}")
         if math.isnan(self.epsilon) or self.epsilon < 0:
-            raise PayloadInvalid(f"DP epsilon must be >= 0 (inf for no DP), got {self.epsilon!r}")
+            raise PayloadInvalid(f"DP epsilon must be >= 0 (inf for no DP), got {shown(self.epsilon)}")
         if self.sample_rate > 1:
             raise PayloadInvalid(f"sample rate must be at most 1, got {self.sample_rate}")
         if not (0 <= self.delta < 1):
             raise PayloadInvalid(f"delta must lie in [0, 1), got {self.delta}")
         if not isinstance(self.steps, int) or self.steps < 0:
-            raise PayloadInvalid(f"steps must be an integer >= 0, got {self.steps!r}")
+            raise PayloadInvalid(f"steps must be an integer >= 0, got {shown(self.steps)}")
         if len(self.accountant) > 16:
             raise PayloadInvalid("accountant name is longer than 16 characters")
 
@@ -132,14 +150,14 @@ class PayloadTensor:
             or not self.name.replace("_", "").replace(".", "").isalnum()
         ):
             raise PayloadInvalid(
-                f"payload entry name {self.name!r} must be 1-64 chars [A-Za-z0-9_.]"
+                f"payload entry name {shown(self.name)} must be 1-64 chars [A-Za-z0-9_.]"
             )
         if self.name.endswith((_INDEX_SUFFIX, _SCALE_SUFFIX)):
             raise PayloadInvalid(
-                f"payload entry name {self.name!r} may not end in {_INDEX_SUFFIX} or {_SCALE_SUFFIX}")
+                f"payload entry name {shown(self.name)} may not end in {_INDEX_SUFFIX} or {_SCALE_SUFFIX}")
         object.__setattr__(self, "kind", PayloadKind(self.kind))
         if self.dtype not in _WIRE_DTYPES:
-            raise PayloadInvalid(f"unknown wire dtype {self.dtype!r}")
+            raise PayloadInvalid(f"unknown wire dtype {shown(self.dtype)}")
         values = np.asarray(self.values, dtype=np.float32)
         if values.ndim == 0:
             raise PayloadInvalid(f"entry {self.name}: values must have at least one dimension")
@@ -343,7 +361,7 @@ def check_descriptor(descriptor: PayloadDescriptor, limits: Limits = DEFAULT_LIM
         raise PayloadInvalid("payload SHA-256 must be 32 bytes")
     for e in descriptor.entries:
         if e.dtype not in _WIRE_DTYPES:
-            raise PayloadInvalid(f"entry {e.name}: unknown dtype {e.dtype!r}")
+            raise PayloadInvalid(f"entry {e.name}: unknown dtype {shown(e.dtype)}")
         if not e.shape or len(e.shape) > limits.max_tensor_rank:
             raise PayloadInvalid(
                 f"entry {e.name}: rank {len(e.shape)} outside 1..{limits.max_tensor_rank}"

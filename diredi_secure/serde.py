@@ -27,7 +27,14 @@ from .envelope import (
     SignedEnvelope,
 )
 from .errors import MalformedPacket, PayloadInvalid, TooLarge, UnsupportedVersion
-from .knowledge import DPParameters, PayloadDescriptor, PayloadEntry, PayloadKind, WireDType
+from .knowledge import (
+    DPParameters,
+    PayloadDescriptor,
+    PayloadEntry,
+    PayloadKind,
+    WireDType,
+    shown,
+)
 from .policy import DEFAULT_LIMITS, Limits
 
 __all__ = [
@@ -270,9 +277,9 @@ def header_from_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PacketHea
     entries = []
     for e in msg.payload.entries:
         if e.kind not in _KIND_FROM_PB:
-            raise MalformedPacket(f"payload entry {e.name!r}: unknown kind {e.kind}")
+            raise MalformedPacket(f"payload entry {shown(e.name)}: unknown kind {e.kind}")
         if e.dtype not in _DTYPE_FROM_PB:
-            raise MalformedPacket(f"payload entry {e.name!r}: unknown dtype {e.dtype}")
+            raise MalformedPacket(f"payload entry {shown(e.name)}: unknown dtype {e.dtype}")
         entries.append(
             PayloadEntry(
                 name=e.name,

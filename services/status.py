@@ -105,11 +105,20 @@ def status_for(exc: E.DirediError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN  # unreachable: DirediError is in the table
 
 
-def details_for(exc: E.DirediError) -> str:
-    """Status details: ``reason: message`` (one line); a generic message for local errors."""
+def details_for(exc: E.DirediError, *, max_chars: int = 1000) -> str:
+    """Status details: ``reason: message`` (one line, at most ``max_chars``, the ``reason:``
+    prefix kept); a generic message for local errors.
+
+    The cap is a last line of defence for a message that repeats a peer's string (the core clips
+    those to 64 characters, ``knowledge.shown``): gRPC fails a call whose details exceed its
+    metadata limit with RESOURCE_EXHAUSTED, which would hide the real refusal from the client."""
     if isinstance(exc, E.LocalError):
         return f"{exc.reason}: internal error on the cloud ({type(exc).__name__})"
-    return exc.one_line()
+    text = exc.one_line()
+    if len(text) > max_chars:
+        marker = "...[clipped]"
+        text = text[: max_chars - len(marker)] + marker
+    return text
 
 
 def abort_with(context: grpc.ServicerContext, exc: E.DirediError, *, quiet: bool = False) -> NoReturn:
