@@ -141,9 +141,10 @@ class MergeConfig:
     # support_threshold). None: any one device's claim holds. Each device's model is wrong
     # somewhere and a fleet's claims are the union of its devices': at N = 40, 53 of 210
     # presumed-class reference rows were claimed (all wrongly) for a new class and hard-labelled
-    # so (issue 17). In the digits loop a new class has one main supporter (B: 0.7 of 9s; C: 0.1)
-    # who carries more than a third alone, as before. The devices' own rows are claimed by their
-    # owner alone (``owner_rows_only``), quorum or not. 1/3 chosen on validation (docs/METHOD.md,
+    # so (issue 17). It holds only for classes more than ``public_devices`` devices' worth could
+    # claim (their shares summed over the largest; with ``public_devices`` None, always): a small
+    # fleet's claims, and the digits loop's three users', all stand as before. The devices' own
+    # rows are claimed by their owner alone (``owner_rows_only``), quorum or not. 1/3 chosen on validation (docs/METHOD.md,
     # the fleet paragraph).
     claim_quorum: float | None = 1 / 3
     # On a public reference row, the devices that moved it to class c count at most this many
@@ -602,7 +603,8 @@ def merge_into_teacher(
                 adapted_probs, supports, weights, np.unique(presumed.y),
                 config.anchor_relax_confidence, config.support_threshold, n_t,
                 owner=owner if config.owner_rows_only else None,
-                max_share=config.max_claim_share, quorum=config.claim_quorum)
+                max_share=config.max_claim_share, quorum=config.claim_quorum,
+                quorum_above=config.public_devices)
             anchor = np.maximum(anchor, (claim >= 0).astype(np.float64))
         merged = merged * anchor[:, None]
     # A CE-trained teacher pushes classes it never saw to very low logits (-18 on digits); floor
@@ -703,7 +705,7 @@ def relief_claims(
     probs: list[np.ndarray | None], supports: list[np.ndarray], weights: list[float],
     known_classes: np.ndarray, confidence: float, support_threshold: float, n_rows: int,
     *, owner: np.ndarray | None = None, max_share: float | None = None,
-    quorum: float | None = None,
+    quorum: float | None = None, quorum_above: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the class some device claims and that device's index (both ``-1``: none).
 
@@ -718,7 +720,9 @@ def relief_claims(
     of the claimed class of the devices claiming the row sum to at least ``quorum`` times those
     of every device able to claim it (a model, weight > 0, support; :attr:`MergeConfig.claim_quorum`).
     Where the most confident claim lacks the quorum the row has none (another class's is not
-    promoted).
+    promoted). With ``quorum_above`` the quorum holds only for classes that more than that many
+    devices' worth could claim (their shares summed over the largest): a small fleet's claims all
+    stand.
 
     The anchor (:func:`anchor_scale`) lets claimed rows take the full merged change: a user's model
     confidently naming a new class it has data of is evidence the old teacher's confidence there is
@@ -733,12 +737,14 @@ def relief_claims(
     public = np.ones(n_rows, bool) if owner is None else np.asarray(owner) < 0
     n_public = int(public.sum())
     votes = np.zeros((n_rows, NUM_CLASSES))
-    able = np.zeros(NUM_CLASSES)
+    able, peak = np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES)
     for i, (p, sup, w) in enumerate(zip(probs, supports, weights, strict=True)):
         if p is None or w <= 0:
             continue
         ok = (np.asarray(sup) >= support_threshold) & ~known
-        able += np.where(ok, np.asarray(sup, np.float64), 0.0)
+        share = np.where(ok, np.asarray(sup, np.float64), 0.0)
+        able += share
+        peak = np.maximum(peak, share)
         conf, pred = p.max(1), p.argmax(1)
         mine = (conf >= confidence) & ok[pred]
         if owner is not None:
@@ -755,20 +761,29 @@ def relief_claims(
         claimant[take] = i
         best[take] = conf[take]
     if quorum is not None:
-        apply_claim_quorum(claim, claimant, votes, able, public, quorum)
+        apply_claim_quorum(claim, claimant, votes, able, public, quorum, peak=peak,
+                           above=quorum_above)
     return claim, claimant
 
 
 def apply_claim_quorum(
     claim: np.ndarray, claimant: np.ndarray, votes: np.ndarray, able: np.ndarray,
-    public: np.ndarray, quorum: float,
+    public: np.ndarray, quorum: float, *, peak: np.ndarray | None = None,
+    above: float | None = None,
 ) -> None:
     """Drop (in place) the claims on ``public`` rows where the claimants' noised shares of the
     claimed class (``votes``: rows x classes, summed) are below ``quorum`` times those of every
-    device able to claim it (``able``: per class)."""
+    device able to claim it (``able``: per class). With ``peak`` (per class, the largest such
+    share) and ``above``, classes with at most ``above`` devices' worth able (``able / peak``)
+    keep every claim."""
+    able = np.asarray(able, np.float64)
+    exempt = np.zeros(NUM_CLASSES, bool)
+    if above is not None and peak is not None:
+        top = np.asarray(peak, np.float64)
+        exempt = np.where(top > 0, able / np.maximum(top, 1e-12), 0.0) <= above
     rows = np.flatnonzero(public & (claim >= 0))
-    need = quorum * np.asarray(able, np.float64)[claim[rows]]
-    weak = votes[rows, claim[rows]] < need * (1.0 - 1e-9)
+    need = quorum * able[claim[rows]]
+    weak = (votes[rows, claim[rows]] < need * (1.0 - 1e-9)) & ~exempt[claim[rows]]
     claim[rows[weak]] = -1
     claimant[rows[weak]] = -1
 
@@ -903,6 +918,8 @@ class _ChunkOut:
     """Per reference row and class: the claimants' noised shares of it, summed (the quorum)."""
     able: np.ndarray
     """Per class: the noised shares of the chunk's devices that could claim it, summed."""
+    able_peak: np.ndarray
+    """Per class: the largest of those shares."""
     flip_mass: np.ndarray
     """Per class: the noised shares summed over the devices that could move a row to it."""
     flip_peak: np.ndarray
@@ -948,7 +965,7 @@ def _chunk_task(shared: _ChunkShared, chunk: list[tuple[_DevicePlan, KnowledgePa
     claim = np.full(n_ref, -1, np.int64)
     claimant = np.full(n_ref, -1, np.int64)
     votes = np.zeros((n_ref, NUM_CLASSES))
-    able = np.zeros(NUM_CLASSES)
+    able, able_peak = np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES)
     flip_mass, flip_peak = np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES)
     scaled = config.public_devices is not None and config.gate_rows
     by_class = np.zeros((n_ref, NUM_CLASSES, NUM_CLASSES)) if scaled else None
@@ -999,7 +1016,9 @@ def _chunk_task(shared: _ChunkShared, chunk: list[tuple[_DevicePlan, KnowledgePa
                                  config.support_threshold, n_ref, config.max_claim_share)
             conf, pred = probs.max(1), probs.argmax(1)
             share = np.asarray(plan.support, np.float64)
-            able += np.where((share >= config.support_threshold) & ~known, share, 0.0)
+            claimable = np.where((share >= config.support_threshold) & ~known, share, 0.0)
+            able += claimable
+            able_peak = np.maximum(able_peak, claimable)
             ref_mine = np.flatnonzero(mine[:n_ref])
             votes[ref_mine, pred[ref_mine]] += share[pred[ref_mine]]
             take = mine[:n_ref] & (conf[:n_ref] > best)
@@ -1023,7 +1042,7 @@ def _chunk_task(shared: _ChunkShared, chunk: list[tuple[_DevicePlan, KnowledgePa
                 kernel = fit.kernel
         outs.append(_DeviceOut(plan.index, w, off, own_x, own_y, bounded[n_ref:], relief_own,
                                own_claims, kernel))
-    return _ChunkOut(ref_sum, best, claim, claimant, tuple(outs), votes, able, flip_mass,
+    return _ChunkOut(ref_sum, best, claim, claimant, tuple(outs), votes, able, able_peak, flip_mass,
                      flip_peak, by_class)
 
 
@@ -1199,7 +1218,7 @@ def merge_groups_streamed(
     own_claim_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     kernels: dict[str, np.ndarray] = {}
     votes = np.zeros((n_ref, NUM_CLASSES))
-    able = np.zeros(NUM_CLASSES)
+    able, able_peak = np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES)
     flip_mass, flip_peak = np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES)
     by_class = (np.zeros((n_ref, NUM_CLASSES, NUM_CLASSES))
                 if config.public_devices is not None and config.gate_rows else None)
@@ -1212,6 +1231,7 @@ def merge_groups_streamed(
             merged[:n_ref] += out.ref_sum
             votes += out.ref_votes
             able += out.able
+            able_peak = np.maximum(able_peak, out.able_peak)
             flip_mass += out.flip_mass
             flip_peak = np.maximum(flip_peak, out.flip_peak)
             if by_class is not None and out.ref_by_class is not None:
@@ -1252,7 +1272,8 @@ def merge_groups_streamed(
             if config.claim_quorum is not None:
                 public = np.arange(n_t) < n_ref
                 apply_claim_quorum(claim[:n_ref], claimant[:n_ref], votes, able, public[:n_ref],
-                                   config.claim_quorum)
+                                   config.claim_quorum, peak=able_peak,
+                                   above=config.public_devices)
             anchor = np.maximum(anchor, (claim >= 0).astype(np.float64))
         else:
             claim[:] = -1

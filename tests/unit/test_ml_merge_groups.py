@@ -138,6 +138,11 @@ def test_a_lone_claim_on_a_public_row_needs_the_quorum() -> None:
     strict, who = relief_claims(*args, owner=owner, quorum=0.5)  # needs 2 of 3
     assert strict.tolist() == [-1, 9, -1, -1, 9, -1]  # the lone public claim goes, its own row stays
     assert who[0] == -1 and who[4] == 0
+    # In a small fleet (at most public_devices devices' worth able: here 3) every claim stands.
+    small, _ = relief_claims(*args, owner=owner, quorum=0.5, quorum_above=3.0)
+    assert small.tolist() == loose.tolist()
+    tighter, _ = relief_claims(*args, owner=owner, quorum=0.5, quorum_above=2.0)
+    assert tighter.tolist() == strict.tolist()
     # A main supporter claims alone against a minor one (the digits loop: B 0.7 of 9s, C 0.1).
     minor = np.full(NUM_CLASSES, 0.1)
     major = np.zeros(NUM_CLASSES)
