@@ -31,6 +31,7 @@ __all__ = [
     "PayloadKind",
     "PayloadTensor",
     "WireDType",
+    "clipped",
     "decode_payload",
     "dequantize_int4",
     "dequantize_int8",
@@ -70,17 +71,20 @@ SHOWN_CHARS = 64
 """The most characters of a peer-supplied value an error message repeats (see :func:`shown`)."""
 
 
-def shown(value: object, limit: int = SHOWN_CHARS) -> str:
-    """``repr(value)`` for an error message, clipped to ``limit`` characters with a marker naming
-    the full length: a refusal must not echo a peer's string at full length (a 10,000-character
-    field once made a 10,036-character gRPC status, which clients saw as RESOURCE_EXHAUSTED
-    instead of ``malformed``). The home of this helper is here, the lowest module of the packet
-    core, so that ``envelope``, ``serde`` and ``packet`` can all import it."""
-    text = repr(value)
+def clipped(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` for an error message, clipped to ``limit`` characters with a marker naming its full
+    length: a refusal must not echo a peer's string at full length (a 10,000-character field once
+    made a 10,036-character gRPC status, which clients saw as RESOURCE_EXHAUSTED instead of
+    ``malformed``). It lives here, the lowest module of the packet core, so that ``envelope``,
+    ``serde`` and ``packet`` can all import it."""
     if len(text) <= limit:
         return text
-    size = f"{len(value)} chars" if isinstance(value, str | bytes) else f"{len(text)} chars shown"
-    return f"{text[:limit]}...[clipped, {size}]"
+    return f"{text[:limit]}...[clipped, {len(text)} chars]"
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)``, clipped as :func:`clipped` does (for a value quoted in a message)."""
+    return clipped(repr(value), limit)
 
 
 def _finite(name: str, value: float) -> float:
@@ -199,13 +203,13 @@ class PayloadTensor:
 def _check_index(name: str, kind: PayloadKind, index: np.ndarray, values: np.ndarray) -> None:
     expected = values.shape[0] if kind == PayloadKind.REFERENCE_LOGITS else values.size
     if kind not in (PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA):
-        raise PayloadInvalid(f"entry {name}: kind {kind.value} takes no index")
+        raise PayloadInvalid(f"entry {clipped(name)}: kind {kind.value} takes no index")
     if index.size != expected:
         raise PayloadInvalid(
-            f"entry {name}: index has {index.size} elements, values need {expected}"
+            f"entry {clipped(name)}: index has {index.size} elements, values need {expected}"
         )
     if index.size and (int(index.min()) < 0 or np.unique(index).size != index.size):
-        raise PayloadInvalid(f"entry {name}: index must be non-negative and without duplicates")
+        raise PayloadInvalid(f"entry {clipped(name)}: index must be non-negative and without duplicates")
 
 
 @dataclass(frozen=True)
@@ -300,13 +304,13 @@ def dequantize_int4(packed: np.ndarray, scale: float, count: int) -> np.ndarray:
 def _check_int4(name: str, packed: np.ndarray, count: int) -> None:
     if packed.shape != ((count + 1) // 2,):
         raise PayloadInvalid(
-            f"entry {name}: int4 needs {(count + 1) // 2} packed bytes, got shape {packed.shape}"
+            f"entry {clipped(name)}: int4 needs {(count + 1) // 2} packed bytes, got shape {packed.shape}"
         )
     low, high = packed & 0x0F, packed >> 4
     if np.any(low == 0) or np.any(high[: count // 2] == 0):
-        raise PayloadInvalid(f"entry {name}: int4 code 0 is never written")
+        raise PayloadInvalid(f"entry {clipped(name)}: int4 code 0 is never written")
     if count % 2 and packed.size and int(high[-1]) != _INT4_ZERO:
-        raise PayloadInvalid(f"entry {name}: int4 pad nibble must be {_INT4_ZERO}")
+        raise PayloadInvalid(f"entry {clipped(name)}: int4 pad nibble must be {_INT4_ZERO}")
 
 
 def encode_payload(payload: KnowledgePayload) -> tuple[bytes, PayloadDescriptor]:
@@ -361,24 +365,24 @@ def check_descriptor(descriptor: PayloadDescriptor, limits: Limits = DEFAULT_LIM
         raise PayloadInvalid("payload SHA-256 must be 32 bytes")
     for e in descriptor.entries:
         if e.dtype not in _WIRE_DTYPES:
-            raise PayloadInvalid(f"entry {e.name}: unknown dtype {shown(e.dtype)}")
+            raise PayloadInvalid(f"entry {clipped(e.name)}: unknown dtype {shown(e.dtype)}")
         if not e.shape or len(e.shape) > limits.max_tensor_rank:
             raise PayloadInvalid(
-                f"entry {e.name}: rank {len(e.shape)} outside 1..{limits.max_tensor_rank}"
+                f"entry {clipped(e.name)}: rank {len(e.shape)} outside 1..{limits.max_tensor_rank}"
             )
         # Every dimension is bounded on its own: a shape like [2^63, 0] has product 0 and used
         # to reach numpy's reshape, which raised a bare ValueError (issue 14 finding 4).
         if any(not (1 <= d <= limits.max_tensor_elements) for d in e.shape):
             raise PayloadInvalid(
-                f"entry {e.name}: every dimension must lie in 1..{limits.max_tensor_elements}")
+                f"entry {clipped(e.name)}: every dimension must lie in 1..{limits.max_tensor_elements}")
         if (
             math.prod(e.shape) > limits.max_tensor_elements
             or e.index_length > limits.max_tensor_elements
         ):
-            raise PayloadInvalid(f"entry {e.name}: declared size over the element cap")
+            raise PayloadInvalid(f"entry {clipped(e.name)}: declared size over the element cap")
         if e.dtype in ("int8", "int4") and not (math.isfinite(e.scale) and e.scale > 0):
             raise PayloadInvalid(
-                f"entry {e.name}: {e.dtype} needs a positive finite scale, got {e.scale}"
+                f"entry {clipped(e.name)}: {e.dtype} needs a positive finite scale, got {e.scale}"
             )
 
 
@@ -415,14 +419,15 @@ def decode_payload(
     )
     if set(raw) != expected_names:
         raise PayloadInvalid(
-            f"payload tensors {sorted(raw)} differ from the declared {sorted(expected_names)}"
+            f"payload tensors {shown(sorted(raw), 256)} differ from the declared "
+            f"{shown(sorted(expected_names), 256)}"
         )
     tensors: list[PayloadTensor] = []
     for e in descriptor.entries:
         wire = raw[e.name]
         if wire.dtype != _NP_DTYPES[e.dtype]:
             raise PayloadInvalid(
-                f"entry {e.name}: dtype {wire.dtype} but the header declares {e.dtype}"
+                f"entry {clipped(e.name)}: dtype {wire.dtype} but the header declares {e.dtype}"
             )
         scale = e.scale
         if e.dtype in ("int8", "int4"):
@@ -430,7 +435,7 @@ def decode_payload(
             if sw.dtype != np.float64 or sw.shape != (1,) or not (
                 math.isfinite(float(sw[0])) and float(sw[0]) > 0
             ):
-                raise PayloadInvalid(f"entry {e.name}: its scale must be one positive finite float64")
+                raise PayloadInvalid(f"entry {clipped(e.name)}: its scale must be one positive finite float64")
             scale = float(sw[0])
         if e.dtype == "int4":
             count = math.prod(e.shape)
@@ -438,28 +443,28 @@ def decode_payload(
             values = dequantize_int4(wire, scale, count).reshape(e.shape)
         elif tuple(wire.shape) != e.shape:
             raise PayloadInvalid(
-                f"entry {e.name}: shape {tuple(wire.shape)} but the header declares {e.shape}"
+                f"entry {clipped(e.name)}: shape {tuple(wire.shape)} but the header declares {e.shape}"
             )
         elif e.dtype == "int8":
             values = dequantize_int8(wire, scale)
         else:
             values = np.asarray(wire, dtype=np.float32)  # no copy for float32
         if not np.all(np.isfinite(values)):
-            raise PayloadInvalid(f"entry {e.name}: values contain NaN or Inf")
+            raise PayloadInvalid(f"entry {clipped(e.name)}: values contain NaN or Inf")
         if max_l2_norm is not None:
             flat = values.reshape(-1)
             # float32 dot: an overflow gives inf, which is refused -- the conservative direction
             norm = float(np.sqrt(np.dot(flat, flat)))
             if not norm <= max_l2_norm:
                 raise PayloadInvalid(
-                    f"entry {e.name}: L2 norm {norm:.4g} over the bound {max_l2_norm:.4g}"
+                    f"entry {clipped(e.name)}: L2 norm {norm:.4g} over the bound {max_l2_norm:.4g}"
                 )
         index = None
         if e.index_length:
             index = raw[e.name + _INDEX_SUFFIX]
             if index.dtype != np.int64 or index.shape != (e.index_length,):
                 raise PayloadInvalid(
-                    f"entry {e.name}: index must be int64 of length {e.index_length}"
+                    f"entry {clipped(e.name)}: index must be int64 of length {e.index_length}"
                 )
         tensors.append(
             PayloadTensor(
