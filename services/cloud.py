@@ -706,6 +706,67 @@ class ReleaseFolder:
 # ------------------------------------------------------------------------------------------------
 # Revocation at the transport
 # ------------------------------------------------------------------------------------------------
+class StreamCallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Bound the streaming calls that are not SubmitStream (which has its own slots, idle limit
+    and deadline): ``Health/Watch`` and reflection, and ``FetchTarget``.
+
+    Each open streaming call holds one of the server's threads for as long as it is open; 24 idle
+    Watch or reflection calls took all 16 and every unary call timed out (attacker finding F1).
+    So at most ``max_watch_streams`` Watch/reflection calls and ``max_fetch_streams`` fetches run
+    at once (more are answered UNAVAILABLE ``overloaded``, retryable), and the server cancels an
+    open one at its deadline (``watch_stream_deadline_s``; fetches: ``stream_deadline_s`` or the
+    ``FetchTarget`` entry of ``deadlines``), so unary calls always find a thread. gRPC has no
+    server-side option for either: written here.
+    """
+
+    def __init__(self, config: TransportConfig) -> None:
+        watch = threading.BoundedSemaphore(config.max_watch_streams)
+        fetch = threading.BoundedSemaphore(config.max_fetch_streams)
+        fetch_s = config.deadlines.get("FetchTarget", config.stream_deadline_s)
+        self._pools: dict[str, tuple[threading.BoundedSemaphore, float]] = {
+            "watch": (watch, config.watch_stream_deadline_s), "fetch": (fetch, fetch_s)}
+
+    def _pool(self, method: str) -> tuple[threading.BoundedSemaphore, float] | None:
+        if method.endswith("/FetchTarget"):
+            return self._pools["fetch"]
+        if method == "/grpc.health.v1.Health/Watch" or method.startswith(
+                "/grpc.reflection."):
+            return self._pools["watch"]
+        return None
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        pool = self._pool(handler_call_details.method)
+        if pool is None:
+            return handler
+        slots, deadline_s = pool
+
+        def guarded(behavior: Any) -> Any:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                if not slots.acquire(blocking=False):
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  "overloaded: too many streaming calls at once; retry later")
+                timer = threading.Timer(deadline_s, context.cancel)
+                timer.daemon = True
+                timer.start()
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    timer.cancel()
+                    slots.release()
+            return run
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                guarded(handler.stream_stream), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(
+            guarded(handler.unary_stream), request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
 class RevocationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Refuse every call of a revoked device, whatever the service (issue 14 finding 6).
 
@@ -775,14 +836,14 @@ class _Knowledge:
         self.mtls = mtls
         self.observer = observer or IngestObserver()  # one log line per accepted/refused packet
         self._streams = threading.BoundedSemaphore(ingest.config.max_ingest_streams)
-        self._per_peer: dict[str | None, int] = {}  # open streams per mTLS peer (None: no mTLS)
+        self._per_peer: dict[str | None, int] = {}  # open streams per device (or caller host)
         self._per_peer_lock = threading.Lock()
 
     def _take_stream(self, peer: str | None) -> bool:
         """One open stream per device (so one device cannot hold every slot), and at most
         ``max_ingest_streams`` in all."""
         with self._per_peer_lock:
-            if peer is not None and self._per_peer.get(peer, 0) >= 1:
+            if self._per_peer.get(peer, 0) >= 1:
                 return False
             if not self._streams.acquire(blocking=False):
                 return False
@@ -823,9 +884,12 @@ class _Knowledge:
         started, peer = time.monotonic(), peer_device_id(context)
         refusals = self.ingest.refusals
         device = peer if self.mtls else None
+        # One stream per device; without mTLS there is no device yet: one per caller host, so one
+        # anonymous client cannot hold every slot (attacker finding F3).
+        slot = peer if peer is not None else f"host:{_peer_host(context) or '?'}"
         try:
             refusals.check(device)  # a cooled-down device takes no slot and sends no byte
-            if not self._take_stream(peer):
+            if not self._take_stream(slot):
                 raise ServiceUnavailable(
                     "too many packet streams at once (or one already open for this device); "
                     "retry later", reason="overloaded")
@@ -859,7 +923,7 @@ class _Knowledge:
             self._refuse(context, error)
         finally:
             watch.stop()
-            self._give_stream(peer)
+            self._give_stream(slot)
         self.observer.accepted(method="SubmitStream", packet=data, receipt=receipt, peer=peer, started=started)
         return receipt
 
@@ -1015,7 +1079,8 @@ class CloudServer:
             options=[*(o for o in server_options(self.config) if o[0] != "grpc.so_reuseport"),
                      ("grpc.so_reuseport", 1 if reuse_port else 0)],
             maximum_concurrent_rpcs=max_workers * 4,
-            interceptors=(RevocationInterceptor(store),) if mtls else (),
+            interceptors=((RevocationInterceptor(store),) if mtls else ())
+            + (StreamCallLimiter(self.config),),
         )
         self.metrics = Metrics(ledger=store.ledger_summary,
                                releases=None if repository_dir is None else _metadata_versions(repository_dir))

@@ -68,6 +68,13 @@ class TransportConfig:
     ingest_stream_idle_s: float = 10.0
     """A SubmitStream that sends no chunk for this long is cancelled (a stall frees its slot well
     before ``ingest_stream_deadline_s``)."""
+    max_watch_streams: int = 2
+    """Health/Watch and reflection calls served at once (each holds a server thread)."""
+    watch_stream_deadline_s: float = 30.0
+    """The server cancels an open Health/Watch or reflection call after this long."""
+    max_fetch_streams: int = 4
+    """FetchTarget downloads served at once; each is cancelled at its deadline
+    (``stream_deadline_s``, or ``deadlines["FetchTarget"]``)."""
     min_stream_bytes_per_s: int = 64 * 1024
     """After the first 5 s, a stream slower than this on average is refused (slow-loris)."""
     max_connection_idle_ms: int = 5 * 60 * 1000
@@ -84,7 +91,8 @@ class TransportConfig:
                 f"chunk_bytes must lie in (0, max_unary_bytes={self.limits.max_unary_bytes}]"
             )
         for name in ("unary_deadline_s", "stream_deadline_s", "ingest_stream_deadline_s",
-                     "ingest_stream_idle_s", "max_ingest_streams", "min_stream_bytes_per_s", "max_connection_idle_ms",
+                     "ingest_stream_idle_s", "max_ingest_streams", "max_watch_streams",
+                     "watch_stream_deadline_s", "max_fetch_streams", "min_stream_bytes_per_s", "max_connection_idle_ms",
                      "max_connection_age_ms", "max_connection_age_grace_ms"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")

@@ -379,3 +379,46 @@ def test_a_copy_with_the_certificate_stripped_cannot_take_the_genuine_packets_pl
         assert agent.workspace.pending() == []
         verify_receipt(first, agent.workspace.receipt_public_key(), sealed.data)
         assert len(cloud.store.list_packets()) == 1
+
+
+def test_idle_watch_and_reflection_calls_cannot_starve_the_server(tmp_path: Path) -> None:
+    """Attacker finding F1: 24 idle Health/Watch or reflection calls held all 16 threads and
+    every unary call timed out. Now at most ``max_watch_streams`` are served at once (the rest
+    are refused ``overloaded``), and a served one is cancelled at its deadline."""
+    import threading
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    config = TransportConfig(max_watch_streams=2, watch_stream_deadline_s=3.0)
+    with running_cloud(tmp_path, config=config) as cloud:  # 8 server threads
+        agent = cloud.device("device-a")
+        health = health_pb2_grpc.HealthStub(agent.channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(12)]
+        release = threading.Event()
+
+        def idle() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+            release.wait(30)
+            return
+            yield  # pragma: no cover - a generator that sends nothing
+
+        reflect = reflection_pb2_grpc.ServerReflectionStub(agent.channel)
+        reflections = [reflect.ServerReflectionInfo(idle(), timeout=30) for _ in range(12)]
+        time.sleep(1.0)
+        started = time.monotonic()
+        check = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        assert agent.status().status == "active"
+        ok = agent.submit_payload(payload(0), dp=DP, base_model_version="v1")
+        assert ok.device_id == "device-a" and time.monotonic() - started < 10
+        codes = []
+        for call in [*watches, *reflections]:
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError as exc:
+                codes.append((exc.code(), (exc.details() or "").split(":")[0]))
+        release.set()
+        assert len(codes) == 24  # every call ended: refused, or cancelled at the deadline
+        assert sum(c == (C.UNAVAILABLE, "overloaded") for c in codes) >= 20
+        assert sum(c[0] == C.CANCELLED for c in codes) >= 1
