@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,10 @@ from diredi_secure.packet import MemoryDeviceDirectory, MemoryReplayState, Seale
 from diredi_secure.privacy import ACCOUNTANT, epsilon_from_curve, gaussian_curve, schedule_for
 
 NOW_MS = 1_790_000_000_000  # 2026-09-21, fixed: the core never reads the clock itself
+
+
+# The suite never writes the user's noise-search cache (~/.cache/diredi); subprocesses inherit it.
+os.environ.setdefault("DIREDI_NOISE_CACHE", "off")
 
 
 def seeded(label: str, n: int = 32) -> bytes:
