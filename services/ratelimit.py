@@ -94,8 +94,16 @@ class RefusalLimiter:
         return self.limits.refusals_per_window > 0
 
     def cooling_down(self) -> bool:
-        """Whether any device is in cool-down now (callers skip finding a key when none is)."""
-        return bool(self._cooling)
+        """Whether any device is in cool-down now (callers skip finding a key when none is).
+        Expired cool-downs are dropped here, oldest first (every entry has the same length, and
+        a renewed one moves to the end, so the order is the order of expiry)."""
+        if not self._cooling:
+            return False
+        with self._lock:
+            now = self._clock()
+            while self._cooling and next(iter(self._cooling.values())) <= now:
+                self._cooling.popitem(last=False)
+            return bool(self._cooling)
 
     def tracked(self) -> tuple[int, int]:
         """(devices counted, devices in cool-down): both bounded by ``refusal_tracked_devices``."""

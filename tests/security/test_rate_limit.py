@@ -53,6 +53,19 @@ def test_a_device_over_the_limit_is_cooled_down_then_let_back() -> None:
     limiter.check("dev-bad")
 
 
+
+def test_expired_cool_downs_are_dropped_so_nobody_pays_for_them() -> None:
+    # Attacker note: one cooled device that never came back kept cooling_down() true for good,
+    # and every later packet without mTLS paid an extra header parse.
+    clock = FakeClock()
+    limiter = RefusalLimiter(LIMITS, clock=clock)
+    for device in ("dev-a", "dev-b"):
+        for _ in range(4):
+            limiter.refused(device)
+    assert limiter.cooling_down() and limiter.tracked()[1] == 2
+    clock.now += 30.0
+    assert not limiter.cooling_down() and limiter.tracked()[1] == 0
+
 def test_the_window_expires_with_the_clock() -> None:
     clock = FakeClock()
     limiter = RefusalLimiter(LIMITS, clock=clock)
