@@ -64,13 +64,13 @@ def _now_ms() -> int:
 
 
 def _read(path: Path, what: str, cap: int = 256 * 1024 * 1024) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > cap:
-            raise ConfigError(f"{what} {path} is {size} bytes, over the cap of {cap}")
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}", reason="file") from exc
+    from .checkpoint import read_regular_file
+    from .errors import KeyFileError, TooLarge
+
+    try:  # a regular file only (no FIFO, no /dev/zero link), never more than cap bytes read
+        return read_regular_file(path, what, cap)
+    except (KeyFileError, TooLarge) as exc:
+        raise ConfigError(exc.one_line().split(": ", 1)[-1], reason="file") from exc
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -33,6 +33,17 @@ edge_app = typer.Typer(help="Run a device: init, enroll, update, submit.", no_ar
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder")]
 
 
+def _read_file(path: Path, what: str, cap: int) -> bytes:
+    """An operator-named file: a regular file only, at most ``cap`` bytes read (typed errors)."""
+    from diredi_secure.checkpoint import read_regular_file
+    from diredi_secure.errors import KeyFileError, TooLarge
+
+    try:
+        return read_regular_file(path, what, cap)
+    except (KeyFileError, TooLarge) as exc:
+        raise ConfigError(exc.one_line().split(": ", 1)[-1], reason="file") from exc
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -479,7 +490,8 @@ def edge_submit(
 ) -> None:
     """Submit a packet (or every unacknowledged one) with retries; verify each receipt."""
     with _agent(workspace, insecure, server) as agent:
-        bodies = [agent.submit(packet.read_bytes())] if packet is not None else agent.flush_outbox()
+        bodies = ([agent.submit(_read_file(packet, "packet", agent.config.limits.max_packet_bytes))]
+                  if packet is not None else agent.flush_outbox())
     _remember_server(workspace, server)
     for body in bodies:
         typer.echo(f"acknowledged {body.packet_id.hex()} counter {body.counter} at {body.stored_at_ms}")
@@ -515,7 +527,7 @@ def edge_update(
 
     assert workspace is not None
     with _agent(workspace, insecure, server) as agent:
-        root = trusted_root.read_bytes() if trusted_root is not None else None
+        root = _read_file(trusted_root, "trusted root", 1024 * 1024) if trusted_root is not None else None
         result = update_device(agent, trusted_root=root)
     where = result.release.prefix or "fleet"
     typer.echo(f"{result.status}: release v{result.release.version} ({where}) "

@@ -57,9 +57,9 @@ from diredi_secure._crypto import (
     load_tls_key,
     save_tls_key,
 )
-from diredi_secure.checkpoint import atomic_write_bytes, read_private_bytes
-from diredi_secure.errors import ConfigError, KeyFileError, StoreError
-from diredi_secure.policy import DEFAULT_POLICY
+from diredi_secure.checkpoint import atomic_write_bytes, read_private_bytes, read_regular_file
+from diredi_secure.errors import ConfigError, KeyFileError, StoreError, TooLarge
+from diredi_secure.policy import DEFAULT_LIMITS, DEFAULT_POLICY
 from diredi_secure.privacy import DEFAULT_DP_POLICY, charge, curve_from_json, curve_to_json
 from diredi_secure.release import ReleaseRepository
 from diredi_secure.store import Store, is_postgres_url, open_store
@@ -78,12 +78,11 @@ def _serial() -> int:
 
 
 def _read(path: Path, what: str, cap: int = _MAX_STATE_BYTES) -> bytes:
+    # The one bounded reader: a regular file (no FIFO, no /dev/zero link), at most cap bytes read.
     try:
-        if path.stat().st_size > cap:
-            raise ConfigError(f"{what} {path} is over {cap} bytes")
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+        return read_regular_file(path, what, cap)
+    except (KeyFileError, TooLarge) as exc:
+        raise ConfigError(exc.one_line().split(": ", 1)[-1]) from exc
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -572,7 +571,8 @@ class DeviceWorkspace:
     def pending(self) -> list[tuple[bytes, bytes]]:
         """Sealed packets not yet acknowledged, oldest first (by counter order of creation)."""
         files = sorted(self.outbox.glob("*.packet"), key=lambda p: p.stat().st_mtime_ns)
-        return [(bytes.fromhex(p.stem), p.read_bytes()) for p in files]
+        return [(bytes.fromhex(p.stem), _read(p, "outbox packet", DEFAULT_LIMITS.max_packet_bytes))
+                for p in files]
 
     def acknowledge(self, packet_id: bytes, receipt: bytes) -> None:
         atomic_write_bytes(self.receipts / f"{packet_id.hex()}.receipt", receipt)
