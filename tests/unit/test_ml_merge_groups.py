@@ -19,6 +19,7 @@ from diredi_secure.ml.merge import (
     MergeGroup,
     MergeResult,
     merge_groups_streamed,
+    merge_into_teacher,
     merge_streamed,
     public_flip_scale,
     relief_claims,
@@ -161,3 +162,25 @@ def test_quorum_setting_is_bounded() -> None:
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ConfigError, match="claim_quorum"):
             replace(MergeConfig(), claim_quorum=bad)
+
+
+def test_three_devices_merge_as_before_the_public_row_rules() -> None:
+    """The digits loop's three users (A, B, C): no class has more than three devices' worth able,
+    so the claim quorum and the public-row scale change no byte of the in-memory merge (what
+    ``diredi bench reproduce`` runs)."""
+    sc, teacher, shipped, devices = _setup()
+    trio = list(devices[:3])
+
+    def merged(config: MergeConfig) -> bytes:
+        out = merge_into_teacher(load_model_bytes(teacher)[0], load_model_bytes(shipped)[0], trio,
+                                 sc.reference_x, sc.presumed_train, config, seed=3,
+                                 rng=np.random.default_rng(7), presumed_val=sc.presumed_val)
+        return model_bytes(out.teacher, teacher_spec())
+
+    assert CONFIG.claim_quorum is not None and CONFIG.public_devices is not None
+    before = replace(CONFIG, claim_quorum=None, public_devices=None)
+    plain = merged(before)
+    assert merged(CONFIG) == plain
+    # Not vacuous: counting at most one device's worth per class does change this merge.
+    assert merged(replace(CONFIG, public_devices=1.0)) != plain
+
