@@ -561,8 +561,9 @@ def merge_and_release(
     """Merge every unmerged stored packet and publish the next release (fleet + per device).
 
     The packets stream from the store (:meth:`Store.iter_packets`): a first pass opens each one
-    and keeps what the release needs (ids, digests, ledger curves; no payload); the merge
-    (:func:`~diredi_secure.ml.merge.merge_streamed`) streams them again per base model. The
+    and keeps what the release needs (ids, digests, ledger curves; no payload); one merge
+    (:func:`~diredi_secure.ml.merge.merge_groups_streamed`) streams them again, base model by base
+    model, each device against the model it ran, and fine-tunes the teacher once. The
     merge's chunks, the teacher's fine-tuning, the fleet re-KD and each per-user re-KD run on
     ``executor`` (default in-process; the same seeds give the same release on every executor).
 
