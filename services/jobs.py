@@ -272,7 +272,14 @@ def default_audit_gate(profile: str = "fast") -> AuditGate:
 
         if profile not in PROFILES:
             raise ConfigError(f"unknown audit profile {profile!r} (accounting, {', '.join(PROFILES)})")
-        worst = max(inputs.packets, key=lambda p: p.epsilon, default=None)
+        worst = None
+        devices: set[str] = set()
+        count = 0
+        for opened in inputs.packets:  # one pass: the costliest packet, and what the round holds
+            count += 1
+            devices.add(opened.header.device_id)
+            if worst is None or opened.epsilon > worst.epsilon:
+                worst = opened
         claimed = worst.epsilon if worst is not None else 8.0
         if not math.isfinite(claimed):
             return GateOutcome(AuditVerdict.FAIL, _report({
@@ -283,11 +290,16 @@ def default_audit_gate(profile: str = "fast") -> AuditGate:
         # kinds at its total epsilon, with the schedule's N-independent parameters and delta, on a
         # stand-in user the cloud controls (it never sees private data).
         kinds = (tuple(e.kind for e in worst.header.payload.entries) if worst is not None
-                 else (PayloadKind.REFERENCE_LOGITS, PayloadKind.WEIGHT_DELTA,
-                       PayloadKind.DP_PROTOTYPES))
+                 else DEFAULT_PAYLOAD_KINDS)
+        from datetime import UTC, datetime
+
+        from diredi_secure.audits.report import ReportScope
+
+        scope = ReportScope(created_at=datetime.now(UTC), release=str(inputs.release_version),
+                            devices=sorted(devices), packets=count)
         outcome = run_release_gate(epsilon=claimed, out_dir=out_dir, profile=profile,
                                    seed=inputs.seed, scenario=inputs.scenario,
-                                   rd=RDConfig(epsilon=claimed, kinds=kinds))
+                                   rd=RDConfig(epsilon=claimed, kinds=kinds), scope=scope)
         if base.verdict is not AuditVerdict.PASS or outcome.verdict == "fail":
             verdict = AuditVerdict.FAIL
         elif outcome.verdict == "inconclusive":
