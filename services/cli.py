@@ -44,6 +44,11 @@ def _read_file(path: Path, what: str, cap: int) -> bytes:
         raise ConfigError(exc.one_line().split(": ", 1)[-1], reason="file") from exc
 
 
+def _step(message: str) -> None:
+    """One flushed progress line on stderr per step of a long job (a pipe sees each as it happens)."""
+    typer.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -341,7 +346,7 @@ def cloud_distill(
     assert isinstance(settings, JobSettings)
     out = distill_and_release(
         CloudWorkspace.open(workspace), now=_now(), seed=seed, scenario_dir=scenario,
-        settings=settings, passphrase=_passphrase(passphrase_env),
+        settings=settings, passphrase=_passphrase(passphrase_env), progress=_step,
     )
     for name, value in out.metrics.items():
         typer.echo(f"  {name} {value:.3f}")
@@ -389,7 +394,7 @@ def cloud_merge(
         out = merge_and_release(
             ws, store, now=_now(), seed=seed, settings=settings,
             audit_gate=default_audit_gate(audit_profile), force_release=force_release,
-            passphrase=_passphrase(passphrase_env), executor=jobs_on,
+            passphrase=_passphrase(passphrase_env), executor=jobs_on, progress=_step,
         )
     for pid, why in out.skipped_packets.items():
         typer.echo(f"  skipped packet {pid[:16]}: {why}")

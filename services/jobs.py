@@ -397,6 +397,7 @@ def distill_and_release(
     scenario_dir: Path | None = None,
     settings: JobSettings | None = None,
     passphrase: bytes | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ReleaseOutcome:
     """Scenario, teacher, KD student, release v1 (published through TUF, recorded in the store).
 
@@ -414,8 +415,11 @@ def distill_and_release(
     scenario = load_scenario(scenario_dir) if scenario_dir is not None else make_scenario(seed)
     save_scenario(scenario, _scenario_dir(workspace))
 
+    say = progress or (lambda _m: None)
+    say(f"distill: training the cloud model on {len(scenario.presumed_train)} presumed examples")
     teacher = build_model(teacher_spec(), seed=seed)
     train_classifier(teacher, scenario.presumed_train, settings.teacher, seed=seed)
+    say("distill: distilling the edge student (KD) on the presumed data and the reference set")
     student = build_model(student_spec(), seed=seed + 1)
     distill_student(student, teacher, scenario.presumed_train, scenario.reference_x, settings.kd,
                     seed=seed)
@@ -569,6 +573,7 @@ def merge_and_release(
     executor: JobExecutor | None = None,
     rekd_sample: int | None = None,
     chunk_size: int = 64,
+    progress: Callable[[str], None] | None = None,
 ) -> ReleaseOutcome:
     """Merge every unmerged stored packet and publish the next release (fleet + per device).
 
@@ -652,6 +657,9 @@ def merge_and_release(
     if not used:
         raise ConfigError(f"no packet can be merged ({len(skipped)} skipped: {skipped})")
 
+    say = progress or (lambda _m: None)
+    say(f"merge: {len(used)} packets from {len({u.device_id for u in used})} devices against "
+        f"{len(groups)} base models ({len(skipped)} skipped); merging into the cloud model")
     teacher_bytes = _read(_models_dir(workspace) / "teacher.safetensors", "cloud model",
                           _MAX_MODEL_BYTES)
     supports: dict[str, list[np.ndarray]] = {}
@@ -701,6 +709,7 @@ def merge_and_release(
     teacher = merged.teacher
 
     used_ids = {u.packet_id for u in used}
+    say(f"merge: audit gate on release v{version}")
     gate_outcome = gate(GateInput(version, _StoredStream(store, keys, policy, used_ids), scenario,
                                   seed, out_dir=workspace.root / "audits" / f"release-v{version}"))
     forced = False
@@ -716,6 +725,7 @@ def merge_and_release(
         log.warning("release v%d FORCED despite a failed audit", version)
     report_sha = _write_audit_report(workspace, version, gate_outcome.report)
 
+    say(f"merge: audit verdict {gate_outcome.verdict.value}; fleet re-KD")
     t_fleet = time.perf_counter()
     fleet_shared = UserReKDShared(teacher_bytes, student_spec(), scenario.presumed_train,
                                   transfer_x, n_ref, settings.rekd, seed + 2)
@@ -743,6 +753,7 @@ def merge_and_release(
     users = [UserReKD(d, np.mean(np.stack(supports[d]), axis=0), kernels.get(d),
                       tuple(claims.get(d, ())), tuple(own_rows.get(d, ())), d in claims)
              for d in chosen]
+    say(f"merge: per-user re-KD for {len(chosen)} devices")
     t_users = time.perf_counter()
     per_device = dict(zip(chosen, executor.map(rekd_user_task, fleet_shared, users), strict=True))
     guarded: list[str] = []
@@ -777,6 +788,7 @@ def merge_and_release(
             audit_forced=forced, training_config_digest=settings.digest(),
         )
 
+    say(f"merge: publishing release v{version} through TUF")
     t_publish = time.perf_counter()
     architecture = student_spec().to_json().encode()
     reference = reference_set_bytes(scenario.reference_x)

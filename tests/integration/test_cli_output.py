@@ -221,3 +221,14 @@ def test_edge_reverse_without_kind_seals_the_default_payload(tmp_path: Path) -> 
     header = inspect_packet(packet.read_bytes())
     kinds = [entry.kind for entry in header.payload.entries]
     assert sorted(k.value for k in kinds) == sorted(k.value for k in DEFAULT_PAYLOAD_KINDS)
+
+
+def test_cloud_distill_prints_each_step_on_stderr_as_it_happens(tmp_path: Path) -> None:
+    # Issue 16 item 9: long cloud jobs were silent for minutes; each step is now one line.
+    cloud = tmp_path / "cloud"
+    _ok("cloud", "init", str(cloud))
+    result = diredi("cloud", "distill", "-w", str(cloud), "--tiny")
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stderr.splitlines() if "] distill: " in line]
+    assert len(steps) >= 2 and "training the cloud model" in steps[0], result.stderr
+    assert result.stdout.splitlines()[-1].startswith("published release v1 ")
