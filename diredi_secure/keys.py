@@ -33,7 +33,9 @@ than silently writing the key in clear.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import _crypto
@@ -67,11 +69,18 @@ def _read_public(path: Path, what: str) -> bytes:
     return read_regular_file(Path(path), what, MAX_PUBLIC_FILE_BYTES)
 
 
-def _write(path: Path, data: bytes, what: str, *, private: bool) -> None:
+@contextlib.contextmanager
+def _writing(what: str, path: Path) -> Iterator[None]:
+    """An ``OSError`` while writing ``what`` to ``path`` becomes a typed :class:`KeyFileError`."""
     try:
-        atomic_write_bytes(Path(path), data, private=private)
+        yield
     except OSError as exc:
         raise KeyFileError(f"cannot write {what} {path}: {exc.strerror}") from exc
+
+
+def _write(path: Path, data: bytes, what: str, *, private: bool) -> None:
+    with _writing(what, path):
+        atomic_write_bytes(Path(path), data, private=private)
 
 
 # -- Ed25519 signing keys (device, CA, receipt) --------------------------------------------------
@@ -82,10 +91,8 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
 
 def save_signing_key(key: SigningKey, path: Path, passphrase: bytes | None = None) -> None:
     """Write ``key`` as the CLI does: PKCS#8 PEM, scrypt-wrapped if a passphrase is given, 0600."""
-    try:
+    with _writing("signing key", path):
         _crypto.save_signing_key(key, Path(path), passphrase)
-    except OSError as exc:
-        raise KeyFileError(f"cannot write signing key {path}: {exc.strerror}") from exc
 
 
 def load_verify_key(path: Path) -> VerifyKey:
@@ -110,10 +117,8 @@ def load_inbox_key(path: Path, passphrase: bytes | None = None) -> InboxKey:
 
 
 def save_inbox_key(key: InboxKey, path: Path, passphrase: bytes | None = None) -> None:
-    try:
+    with _writing("inbox key", path):
         _crypto.save_inbox_key(key, Path(path), passphrase)
-    except OSError as exc:
-        raise KeyFileError(f"cannot write inbox key {path}: {exc.strerror}") from exc
 
 
 def load_inbox_public_key(path: Path) -> InboxPublicKey:
@@ -137,10 +142,8 @@ def load_tls_key(path: Path, passphrase: bytes | None = None) -> TlsKey:
 
 
 def save_tls_key(key: TlsKey, path: Path, passphrase: bytes | None = None) -> None:
-    try:
+    with _writing("TLS key", path):
         _crypto.save_tls_key(key, Path(path), passphrase)
-    except OSError as exc:
-        raise KeyFileError(f"cannot write TLS key {path}: {exc.strerror}") from exc
 
 
 # -- certificates --------------------------------------------------------------------------------
