@@ -47,8 +47,8 @@ from tuf.api.metadata import (
 )
 
 from diredi_secure import _crypto
-from diredi_secure.checkpoint import atomic_write_bytes, load_checkpoint_bytes
-from diredi_secure.errors import ConfigError, KeyFileError, ReleaseRefused, StoreError
+from diredi_secure.checkpoint import atomic_write_bytes, load_checkpoint_bytes, read_regular_file
+from diredi_secure.errors import ConfigError, KeyFileError, ReleaseRefused, StoreError, TooLarge
 
 from .attest import AuditVerdict, ReleasePredicate, sign_attestation
 
@@ -132,6 +132,14 @@ class RepositoryConfig:
     snapshot: RoleKeys = RoleKeys()
     timestamp: RoleKeys = RoleKeys()
     expiry: ExpiryPolicy = field(default_factory=ExpiryPolicy)
+    max_metadata_bytes: int = 16 * 1024 * 1024
+    """Cap on reading one of the repository's own metadata files. Above python-tuf's largest
+    default download cap (``targets_max_length``, 5 MB), so no file a device would accept is
+    refused; the same cap as the cloud's release-shape reader (``services/cloud.py``)."""
+
+    def __post_init__(self) -> None:
+        if self.max_metadata_bytes <= 0:
+            raise ConfigError("max_metadata_bytes must be positive")
 
     def role_keys(self, role: str) -> RoleKeys:
         """The key spec of a top-level ``role``."""
@@ -316,11 +324,7 @@ class ReleaseRepository:
 
     def trusted_root_bytes(self, version: int = 1) -> bytes:
         """Bytes of root ``version``: what a device is provisioned with as its trust anchor."""
-        path = self.metadata_dir / f"{version}.root.json"
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+        return self._read_file(self.metadata_dir / f"{version}.root.json")
 
     def targets(self, role: str = Targets.type) -> Metadata[Targets]:
         """The newest metadata of a targets role (top-level or delegated)."""
@@ -667,11 +671,16 @@ class ReleaseRepository:
         return roles
 
     def _read(self, role: str) -> bytes:
-        path = self.metadata_dir / f"{role}.json"
+        return self._read_file(self.metadata_dir / f"{role}.json")
+
+    def _read_file(self, path: Path) -> bytes:
+        """One metadata file, bounded (``config.max_metadata_bytes``) and regular files only: a
+        FIFO, a device or an endless file in the workspace is a :class:`StoreError` naming why,
+        never a hang or an out-of-memory."""
         try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+            return read_regular_file(path, "metadata", self.config.max_metadata_bytes)
+        except (KeyFileError, TooLarge) as exc:
+            raise StoreError(exc.message) from exc
 
     def _load(self, role: str) -> Metadata[Any]:
         data = self._read(role)

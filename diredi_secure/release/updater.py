@@ -55,12 +55,14 @@ from diredi_secure.checkpoint import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
     CheckpointHeader,
     check_checkpoint_header,
-    load_checkpoint,
+    load_checkpoint_bytes,
+    read_regular_file,
 )
 from diredi_secure.errors import (
     AttestationInvalid,
     ConfigError,
     DirediError,
+    KeyFileError,
     ModelFormatError,
     ReleaseError,
     ReleaseRefused,
@@ -105,6 +107,27 @@ _SLOTS: Final = ("a", "b")
 _STATE_FORMAT: Final = 1
 _STAGING_PREFIX: Final = ".incoming-"
 _CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+_MAX_STATE_BYTES: Final = 1024 * 1024
+"""Cap on ``active.json`` (two release records: a few hundred bytes; the cap the device
+workspace puts on its own state files)."""
+
+
+def _read_local(path: Path, what: str, max_bytes: int) -> bytes | None:
+    """A file of the device's release state, or ``None`` when it does not exist.
+
+    Read with :func:`read_regular_file` (one open, checked on the descriptor, at most
+    ``max_bytes + 1`` bytes read), so a FIFO, a device or a file grown past its cap put in its
+    place (by a local user or an operator mistake) cannot hang or exhaust the updater. Raises
+    :class:`StoreError` for any other failure, naming why (``not a regular file``, the cap).
+    """
+    try:
+        return read_regular_file(path, what, max_bytes)
+    except KeyFileError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return None
+        raise StoreError(exc.message) from exc
+    except TooLarge as exc:
+        raise StoreError(exc.message) from exc
 
 
 @dataclass(frozen=True)
@@ -272,12 +295,9 @@ class SlotStore:
         return self.folder / "active.json"
 
     def _state(self) -> dict[str, Any]:
-        try:
-            raw = self._active_path.read_bytes()
-        except FileNotFoundError:
+        raw = _read_local(self._active_path, "release state", _MAX_STATE_BYTES)
+        if raw is None:
             return {"format": _STATE_FORMAT, "active": None, "previous": None}
-        except OSError as exc:
-            raise StoreError(f"cannot read {self._active_path}: {exc.strerror}") from exc
         try:
             state = json.loads(raw)
         except ValueError as exc:
@@ -592,7 +612,7 @@ class DeviceUpdater:
 
     def _provision(self, trusted_root: bytes | None) -> None:
         try:
-            stored = self._root_path.read_bytes() if self._root_path.exists() else None
+            stored = self._trusted_root()
             if stored is None:
                 if trusted_root is None:
                     raise ConfigError(f"{self.state_dir} is not provisioned: pass a trusted root")
@@ -602,6 +622,17 @@ class DeviceUpdater:
                 raise ConfigError(f"{self.state_dir} was provisioned with another trusted root")
         except OSError as exc:
             raise StoreError(f"cannot provision {self.state_dir}: {exc}") from exc
+
+    def _provisioned_root(self) -> bytes:
+        root = self._trusted_root()
+        if root is None:
+            raise StoreError(f"{self._root_path} is missing: the device is not provisioned")
+        return root
+
+    def _trusted_root(self) -> bytes | None:
+        """The stored trust anchor (``None`` before provisioning), capped at python-tuf's own
+        ``root_max_length``: no root the updater would accept is longer."""
+        return _read_local(self._root_path, "trusted root", self.policy.tuf.root_max_length)
 
     # -- reading --------------------------------------------------------------------------------
     def installed(self) -> InstalledRelease | None:
@@ -627,13 +658,17 @@ class DeviceUpdater:
     def _load_slot(self, release: InstalledRelease) -> InstalledModel:
         slot_dir = self.slots.slot_dir(release.slot)
         path = slot_dir / MODEL_TARGET
-        tensors, metadata = load_checkpoint(path, max_bytes=self.policy.max_model_bytes)
-        digest = _sha256_file(path)
-        if digest != release.model_sha256:
+        # One bounded read: the bytes hashed are the bytes parsed (no second open that a swapped
+        # file could answer differently).
+        data = _read_slot_file(path, "installed model", self.policy.max_model_bytes)
+        if hashlib.sha256(data).hexdigest() != release.model_sha256:
             raise ModelFormatError(f"installed model {path} changed since it was verified")
+        tensors, metadata = load_checkpoint_bytes(data, max_bytes=self.policy.max_model_bytes)
+        raw = _read_slot_file(slot_dir / ARCHITECTURE_TARGET, "installed architecture",
+                              self.policy.max_file_bytes)
         try:
-            architecture = json.loads((slot_dir / ARCHITECTURE_TARGET).read_bytes())
-        except (OSError, ValueError) as exc:
+            architecture = json.loads(raw)
+        except ValueError as exc:  # UnicodeDecodeError is a ValueError
             raise ModelFormatError(f"architecture of v{release.version} is unreadable") from exc
         return InstalledModel(release, tensors, metadata, architecture, slot_dir)
 
@@ -648,7 +683,7 @@ class DeviceUpdater:
                 target_base_url=TARGETS_BASE_URL,
                 fetcher=self.fetcher,
                 config=self.policy.tuf,
-                bootstrap=self._root_path.read_bytes(),
+                bootstrap=self._provisioned_root(),
             )
         now = self.clock()
         if now.tzinfo is None:
@@ -826,16 +861,22 @@ class DeviceUpdater:
         After ``refresh`` python-tuf has written the metadata it verified into its cache folder
         (``root.json`` links to the newest trusted root); we read the delegating role from there.
         """
+        tuf = self.policy.tuf
         try:
+            # Read capped like python-tuf caps what it downloads (Metadata.from_file would read
+            # whatever is there, a FIFO included).
             delegator: Root | Targets
             if self.policy.role == Targets.type:
-                delegator = Metadata[Root].from_file(str(self._tuf_dir / "root.json")).signed
+                data = read_regular_file(self._tuf_dir / "root.json", "cached root",
+                                         tuf.root_max_length)
+                delegator = Metadata[Root].from_bytes(data).signed
             else:
-                path = str(self._tuf_dir / "targets.json")
-                delegator = Metadata[Targets].from_file(path).signed
+                data = read_regular_file(self._tuf_dir / "targets.json", "cached targets",
+                                         tuf.targets_max_length)
+                delegator = Metadata[Targets].from_bytes(data).signed
             role = delegator.get_delegated_role(self.policy.role)
             return [delegator.get_key(k) for k in role.keyids], role.threshold
-        except (OSError, ValueError, tuf_exc.RepositoryError) as exc:
+        except (KeyFileError, TooLarge, ValueError, tuf_exc.RepositoryError) as exc:
             raise ReleaseError(
                 f"cannot find the keys of role {self.policy.role!r} in verified metadata: {exc}"
             ) from exc
@@ -855,12 +896,10 @@ class DeviceUpdater:
         )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def _read_slot_file(path: Path, what: str, max_bytes: int) -> bytes:
+    """An installed file (bounded, regular files only); :class:`ModelFormatError` if it cannot be
+    read, :class:`TooLarge` over ``max_bytes`` (as ``load_checkpoint`` maps them)."""
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    except OSError as exc:
-        raise ModelFormatError(f"cannot read {path}: {exc.strerror}") from exc
-    return digest.hexdigest()
+        return read_regular_file(path, what, max_bytes)
+    except KeyFileError as exc:
+        raise ModelFormatError(exc.message) from exc
