@@ -22,8 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import checkpoint_bytes, load_checkpoint_bytes
-from ..errors import ModelFormatError
+from ..checkpoint import (
+    DEFAULT_MAX_CHECKPOINT_BYTES,
+    checkpoint_bytes,
+    load_checkpoint_bytes,
+    read_regular_file,
+)
+from ..errors import KeyFileError, ModelFormatError
 from .data import NUM_CLASSES
 
 __all__ = [
@@ -256,13 +261,15 @@ def save_model(
     atomic_write_bytes(Path(path), model_bytes(model, spec, metadata))
 
 
-def load_model_bytes(data: bytes) -> tuple[nn.Module, ModelSpec, dict[str, str]]:
+def load_model_bytes(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES
+) -> tuple[nn.Module, ModelSpec, dict[str, str]]:
     """Rebuild a model from untrusted checkpoint bytes.
 
     Raises :class:`ModelFormatError` (pickle/zip refused, no architecture, tensors that do not fit
-    the architecture or are not finite).
+    the architecture or are not finite), :class:`TooLarge` over ``max_bytes``.
     """
-    tensors, meta = load_checkpoint_bytes(data)
+    tensors, meta = load_checkpoint_bytes(data, max_bytes=max_bytes)
     if "architecture" not in meta:
         raise ModelFormatError("checkpoint has no 'architecture' metadata")
     spec = ModelSpec.from_json(meta.pop("architecture"))
@@ -286,9 +293,17 @@ def load_model_bytes(data: bytes) -> tuple[nn.Module, ModelSpec, dict[str, str]]
     return model, spec, meta
 
 
-def load_model(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, str]]:
+def load_model(
+    path: Path, *, max_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES
+) -> tuple[nn.Module, ModelSpec, dict[str, str]]:
+    """Rebuild a model from the checkpoint file at ``path``; see :func:`load_model_bytes`.
+
+    The file is read with :func:`read_regular_file` (regular files only, at most ``max_bytes``
+    read, the cap :func:`load_checkpoint_bytes` applies anyway): a FIFO or device is a
+    :class:`ModelFormatError`, an over-cap file :class:`TooLarge`, before anything is parsed.
+    """
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ModelFormatError(f"cannot read model {path}: {exc.strerror}") from exc
-    return load_model_bytes(data)
+        data = read_regular_file(Path(path), "model", max_bytes)
+    except KeyFileError as exc:  # mapped as load_checkpoint maps it
+        raise ModelFormatError(exc.message) from exc
+    return load_model_bytes(data, max_bytes=max_bytes)
