@@ -32,16 +32,19 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 import numpy as np
 
+from ..checkpoint import read_regular_file
 from ..errors import (
     CertificateRevoked,
     DirediError,
+    KeyFileError,
     PolicyError,
     ReplayDetected,
     StoreError,
+    TooLarge,
     UnknownDevice,
 )
 from ..packet import DeviceRecord, DeviceStatus, packet_digest
-from ..policy import DEFAULT_POLICY
+from ..policy import DEFAULT_LIMITS, DEFAULT_POLICY
 from ..privacy import DEFAULT_DP_POLICY, DPPolicy, charge, curve_from_json, curve_to_json
 from .group_commit import GroupCommitConfig, GroupCommitter
 from .migrations import Migration, SchemaTooNew, check_sequence, render
@@ -76,6 +79,10 @@ _RELEASE_LOCK_KEY = 0x5D1E_D101
 
 DEFAULT_BODY_FILE_BYTES = 64 * 1024
 """Packet bodies above this many bytes go to a content-addressed file instead of the row."""
+
+DEFAULT_MAX_BODY_BYTES = DEFAULT_LIMITS.max_packet_bytes
+"""Cap on reading one body file back: the largest packet ingest accepts by default
+(``Limits.max_packet_bytes``), so no body the default limits let in is refused."""
 
 
 class DeviceConflict(PolicyError):
@@ -427,10 +434,12 @@ class Store(ABC):
         dp_policy: DPPolicy = DEFAULT_DP_POLICY,
         body_dir: Path | None = None,
         body_file_bytes: int = DEFAULT_BODY_FILE_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         group_commit: GroupCommitConfig = GroupCommitConfig(),  # noqa: B008 - frozen
     ) -> None:
         """``body_dir``: where packet bodies above ``body_file_bytes`` go (content-addressed files,
-        0600); ``None`` keeps every body in its row. ``group_commit``: bounds of one batch."""
+        0600); ``None`` keeps every body in its row. ``max_body_bytes``: the most read back from
+        one body file. ``group_commit``: bounds of one batch."""
         self._name = name
         self._dp = dp_policy
         self._default_budget = _check_budget_value(default_epsilon_budget)
@@ -439,6 +448,7 @@ class Store(ABC):
         self._closed = False
         self._body_dir = body_dir
         self._body_file_bytes = body_file_bytes
+        self._max_body_bytes = max_body_bytes
         self._writer: GroupCommitter[PacketRow, StoredReceipt] = GroupCommitter(
             self.commit_rows, config=group_commit)
         self._submit_row: Callable[[PacketRow], StoredReceipt] = self._writer.submit
@@ -951,10 +961,12 @@ class Store(ABC):
                              "was opened without its body folder")
         path = self._body_path(digest)
         try:
-            data = path.read_bytes()
-        except OSError as exc:
+            # Bounded, regular files only: a FIFO, a link to a device or a grown file in the body
+            # folder is refused by reason, never read until it hangs or exhausts memory.
+            data = read_regular_file(path, "packet body", self._max_body_bytes)
+        except (KeyFileError, TooLarge) as exc:
             raise StoreError(f"store {self._name}: packet body {path.name[:16]} is unreadable: "
-                             f"{exc.strerror}") from exc
+                             f"{exc.message}") from exc
         if _digest_of(data) != digest:
             raise StoreError(f"store {self._name}: packet body {path.name[:16]} does not match "
                              "its digest (altered or damaged)")
