@@ -28,7 +28,8 @@ from typing import Any
 
 import tomli_w
 
-from diredi_secure.errors import ConfigError
+from diredi_secure.checkpoint import read_regular_file
+from diredi_secure.errors import ConfigError, KeyFileError, TooLarge
 from diredi_secure.policy import DEFAULT_POLICY, Limits, PacketPolicy
 from diredi_secure.store import is_postgres_url
 
@@ -258,16 +259,23 @@ def parse_config(text: str, *, source: str = CONFIG_FILE) -> CloudConfig:
 
 
 def load_config(path: Path) -> CloudConfig:
-    """Read and validate ``path`` (a missing file is an error: a workspace always has one)."""
+    """Read and validate ``path`` (a missing file is an error: a workspace always has one).
+
+    The file is read with :func:`read_regular_file` (one open, checked on the descriptor, at most
+    ``_MAX_CONFIG_BYTES + 1`` bytes read): a FIFO or device in its place cannot hang or exhaust
+    the server at start. Raises :class:`ConfigError`: reason ``file`` when it is missing,
+    unreadable or not a regular file; ``config`` when it is over the cap, not UTF-8, or invalid.
+    """
     try:
-        size = path.stat().st_size
-        if size > _MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path} is {size} bytes, over the cap of {_MAX_CONFIG_BYTES}")
-        text = path.read_text(encoding="utf-8")
+        data = read_regular_file(path, "config file", _MAX_CONFIG_BYTES)
+    except TooLarge as exc:
+        raise ConfigError(exc.message) from exc
+    except KeyFileError as exc:
+        raise ConfigError(exc.message, reason="file") from exc
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", reason="file") from exc
     return parse_config(text, source=str(path))
 
 

@@ -42,12 +42,13 @@ from .transport import TransportConfig, open_channel
 from .workspace import DeviceWorkspace
 
 if TYPE_CHECKING:
-    from diredi_secure.release.updater import UpdateResult
+    from diredi_secure.release.updater import InstalledRelease, UpdateResult
 
 __all__ = [
     "DeviceStatusInfo",
     "EdgeAgent",
     "RetryPolicy",
+    "adopt_inbox_key",
     "device_prefix",
     "device_role",
     "update_device",
@@ -327,10 +328,9 @@ def update_device(agent: EdgeAgent, *, trusted_root: bytes | None = None) -> Upd
     role) if the cloud published one, else the fleet release. Then adopt the release's inbox key.
 
     Raises what :meth:`DeviceUpdater.update` raises (rollback, freeze, bad attestation, parent mismatch...).
-    The running model is kept on any error.
+    The running model is kept on any error. Then what :func:`adopt_inbox_key` raises.
     """
     from diredi_secure.release.errors import ReleaseUnavailable
-    from diredi_secure.release.repository import INBOX_KEY_TARGET
     from diredi_secure.release.updater import UpdatePolicy
 
     device_id = agent.workspace.device_id
@@ -339,7 +339,28 @@ def update_device(agent: EdgeAgent, *, trusted_root: bytes | None = None) -> Upd
         result: UpdateResult = agent.updater(trusted_root=trusted_root, policy=own).update()
     except ReleaseUnavailable:
         result = agent.updater(trusted_root=trusted_root).update()
-    inbox = agent.workspace.release_dir / "slots" / result.release.slot / INBOX_KEY_TARGET
-    if inbox.is_file():
-        agent.workspace.set_inbox_public_key(inbox.read_bytes())
+    adopt_inbox_key(agent.workspace, result.release)
     return result
+
+
+def adopt_inbox_key(workspace: DeviceWorkspace, release: InstalledRelease) -> bool:
+    """Make the inbox key installed with ``release`` the device's inbox key; False if the release
+    carries none.
+
+    Trusted: the slot (the file was length- and hash-checked against signed metadata at
+    install). It is still read bounded, in one open (:func:`read_regular_file`, at most
+    :data:`~diredi_secure.keys.MAX_PUBLIC_FILE_BYTES`, the cap on every public key file): a FIFO
+    or device swapped in after the install cannot hang the device or exhaust its memory. Raises
+    :class:`KeyFileError` (unreadable; reason ``not_regular_file`` for a FIFO or device; or not a
+    valid inbox key) or :class:`TooLarge`.
+    """
+    from diredi_secure.checkpoint import read_regular_file
+    from diredi_secure.keys import MAX_PUBLIC_FILE_BYTES
+    from diredi_secure.release.repository import INBOX_KEY_TARGET
+
+    if INBOX_KEY_TARGET not in release.files:
+        return False
+    inbox = workspace.release_dir / "slots" / release.slot / INBOX_KEY_TARGET
+    workspace.set_inbox_public_key(
+        read_regular_file(inbox, "release inbox key", MAX_PUBLIC_FILE_BYTES))
+    return True
