@@ -22,6 +22,9 @@ packet is opened again, so it gets the first receipt byte for byte.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import json
 import logging
 import math
@@ -30,11 +33,19 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -72,7 +83,7 @@ from diredi_secure.store import CertificateChanged, DeviceStatus, PacketRecord, 
 
 from .observe import IngestObserver, Metrics, OpsServer
 from .ratelimit import RefusalLimiter
-from .status import NotFound, ServiceUnavailable, abort_internal, abort_with
+from .status import NotFound, ServiceUnavailable, abort_async, abort_internal, abort_with
 from .transport import ServerTls, TransportConfig, add_port, peer_device_id, server_options
 
 __all__ = [
@@ -473,46 +484,72 @@ class Ingest(_CloudLogic):
             check_entries_fit(payload, shapes)
 
     def assemble(self, chunks: Iterable[bytes], *, hasher: CiphertextHasher | None = None) -> bytes:
-        """Reassemble a streamed packet from serialised ``Chunk`` messages, enforcing order and caps.
+        """Reassemble a streamed packet from serialised ``Chunk`` messages (see
+        :class:`StreamAssembler`, which the asyncio server feeds one chunk at a time)."""
+        assembler = self.assembler(hasher=hasher)
+        for raw in chunks:
+            assembler.add(raw)
+        return assembler.result()
 
-        The first chunk may declare ``total_length`` (later ones repeat it or leave it 0); offsets
-        must follow each other exactly; no chunk may be empty; the total never exceeds the declared
-        length nor ``max_packet_bytes``. Raises :class:`MalformedPacket` / :class:`TooLarge`.
-        ``hasher`` sees each accepted chunk as it arrives (it hashes the ciphertext field on the
-        way: the one pass over it; ``hasher.result()`` then goes to :meth:`submit`).
-        """
-        cap = self.config.limits.max_packet_bytes
-        buffer = bytearray()
-        declared = 0
-        started = time.monotonic()
-        for index, raw in enumerate(chunks):
-            elapsed = time.monotonic() - started
-            if elapsed > 5.0 and len(buffer) / elapsed < self.config.min_stream_bytes_per_s:
-                raise MalformedPacket(
-                    f"stream too slow: {len(buffer)} bytes in {elapsed:.0f} s, below "
-                    f"{self.config.min_stream_bytes_per_s} bytes/s")
-            chunk = _parse_chunk(raw)
-            if index == 0:
-                declared = int(chunk.total_length)
-                if declared > cap:
-                    raise TooLarge("declared streamed packet", declared, cap)
-            elif chunk.total_length not in (0, declared):
-                raise MalformedPacket(f"chunk {index} declares another total length")
-            if chunk.offset != len(buffer):
-                raise MalformedPacket(f"chunk {index} is at offset {chunk.offset}, expected {len(buffer)}")
-            if not chunk.data:
-                raise MalformedPacket(f"chunk {index} is empty")
-            limit = declared or cap
-            if len(buffer) + len(chunk.data) > limit:
-                raise TooLarge("streamed packet", len(buffer) + len(chunk.data), limit)
-            buffer += chunk.data
-            if hasher is not None:
-                hasher.update(chunk.data)
-        if not buffer:
+    def assembler(self, *, hasher: CiphertextHasher | None = None) -> StreamAssembler:
+        return StreamAssembler(self.config.limits.max_packet_bytes, self.config.min_stream_bytes_per_s,
+                               hasher=hasher)
+
+
+class StreamAssembler:
+    """Reassemble a streamed packet from serialised ``Chunk`` messages, enforcing order and caps.
+
+    The first chunk may declare ``total_length`` (later ones repeat it or leave it 0); offsets
+    must follow each other exactly; no chunk may be empty; the total never exceeds the declared
+    length nor ``cap``; after 5 s the stream must have averaged ``min_bytes_per_s``. Raises
+    :class:`MalformedPacket` / :class:`TooLarge` as soon as a chunk breaks a rule, before it is
+    buffered. ``hasher`` sees each accepted chunk as it arrives (it hashes the ciphertext field on
+    the way: the one pass over it; ``hasher.result()`` then goes to :meth:`Ingest.submit`).
+    """
+
+    def __init__(self, cap: int, min_bytes_per_s: float, *, hasher: CiphertextHasher | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._cap = cap
+        self._min_rate = min_bytes_per_s
+        self._hasher = hasher
+        self._monotonic = monotonic
+        self._started = monotonic()
+        self._buffer = bytearray()
+        self._declared = 0
+        self._index = 0
+
+    def add(self, raw: bytes) -> None:
+        index, buffer = self._index, self._buffer
+        elapsed = self._monotonic() - self._started
+        if elapsed > 5.0 and len(buffer) / elapsed < self._min_rate:
+            raise MalformedPacket(
+                f"stream too slow: {len(buffer)} bytes in {elapsed:.0f} s, below "
+                f"{self._min_rate} bytes/s")
+        chunk = _parse_chunk(raw)
+        if index == 0:
+            self._declared = int(chunk.total_length)
+            if self._declared > self._cap:
+                raise TooLarge("declared streamed packet", self._declared, self._cap)
+        elif chunk.total_length not in (0, self._declared):
+            raise MalformedPacket(f"chunk {index} declares another total length")
+        if chunk.offset != len(buffer):
+            raise MalformedPacket(f"chunk {index} is at offset {chunk.offset}, expected {len(buffer)}")
+        if not chunk.data:
+            raise MalformedPacket(f"chunk {index} is empty")
+        limit = self._declared or self._cap
+        if len(buffer) + len(chunk.data) > limit:
+            raise TooLarge("streamed packet", len(buffer) + len(chunk.data), limit)
+        buffer += chunk.data
+        if self._hasher is not None:
+            self._hasher.update(chunk.data)
+        self._index = index + 1
+
+    def result(self) -> bytes:
+        if not self._buffer:
             raise MalformedPacket("the stream carried no chunk")
-        if declared and len(buffer) != declared:
-            raise MalformedPacket(f"stream ended at {len(buffer)} bytes of a declared {declared}")
-        return bytes(buffer)
+        if self._declared and len(self._buffer) != self._declared:
+            raise MalformedPacket(f"stream ended at {len(self._buffer)} bytes of a declared {self._declared}")
+        return bytes(self._buffer)
 
 
 def _parse_chunk(raw: bytes) -> Any:
@@ -532,47 +569,33 @@ def _peer_host(context: grpc.ServicerContext) -> str | None:
     return host.strip("[]")[:64] or None
 
 
-class _StreamWatch:
-    """Cancels a SubmitStream at the server's deadline, or when no chunk arrived for ``idle_s``.
+async def _paced(requests: AsyncIterator[bytes], *, deadline_s: float, idle_s: float) -> AsyncIterator[bytes]:
+    """``requests``, but a chunk must arrive within ``idle_s`` of the last one and the whole stream
+    within ``deadline_s``: otherwise :class:`_StreamCut` names the limit. On the asyncio
+    server a stalled stream holds no thread, only this coroutine (attacker findings F2, F7)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    iterator = aiter(requests)
+    while True:
+        left = deadline - loop.time()
+        wait = min(idle_s, left)
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            raw = await asyncio.wait_for(anext(iterator), wait)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            fired = (f"over the server's deadline of {deadline_s:g} s" if wait == left or wait <= 0
+                     else f"no chunk for {idle_s:g} s")
+            log.info("cancelling a packet stream: %s", fired)
+            raise _StreamCut(fired) from None
+        yield raw
 
-    One thread per open stream (their number is bounded by ``max_ingest_streams``): a stalled
-    client blocks the handler inside the request iterator, where only cancelling the call frees
-    it. ``fired`` names the limit that cancelled it (``None`` while none did)."""
 
-    def __init__(self, context: grpc.ServicerContext, *, deadline_s: float, idle_s: float) -> None:
-        self._context = context
-        self._deadline_s = deadline_s
-        self._deadline = time.monotonic() + deadline_s
-        self._idle_s = idle_s
-        self._last = time.monotonic()
-        self._done = threading.Event()
-        self.fired: str | None = None
-        self._thread = threading.Thread(target=self._run, name="diredi-stream-watch", daemon=True)
-        self._thread.start()
-
-    def chunks(self, requests: Iterable[bytes]) -> Iterator[bytes]:
-        """``requests``, noting when each chunk arrives (the idle limit ends with the stream)."""
-        for raw in requests:
-            self._last = time.monotonic()
-            yield raw
-        self._last = math.inf  # received in full: the work on it is bounded by the deadline only
-
-    def _run(self) -> None:
-        while True:
-            now = time.monotonic()
-            idle_left = self._last + self._idle_s - now
-            deadline_left = self._deadline - now
-            if deadline_left <= 0 or idle_left <= 0:
-                self.fired = (f"over the server's deadline of {self._deadline_s:g} s"
-                              if deadline_left <= 0 else f"no chunk for {self._idle_s:g} s")
-                log.info("cancelling a packet stream: %s", self.fired)
-                self._context.cancel()
-                return
-            if self._done.wait(min(idle_left, deadline_left)):
-                return
-
-    def stop(self) -> None:
-        self._done.set()
+class _StreamCut(Exception):
+    """A stream the server ended at one of its limits (the message names it). Answered
+    DEADLINE_EXCEEDED: retryable, as a slow link may do better next time."""
 
 
 @dataclass(frozen=True)
@@ -704,135 +727,277 @@ class ReleaseFolder:
 
 
 # ------------------------------------------------------------------------------------------------
-# Revocation at the transport
+# Interceptors: request arrival, streaming calls, revocation (all on the asyncio server)
 # ------------------------------------------------------------------------------------------------
-class StreamCallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
+def _with_behavior(handler: Any, wrap: Callable[[Any], Any]) -> Any:
+    """``handler`` with its one behavior replaced by ``wrap(behavior)`` (serialisers kept)."""
+    for attr in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return handler._replace(**{attr: wrap(behavior)})
+    return handler
+
+
+def _preceded(behavior: Any, *, streaming: bool, check: Callable[[Any], None],
+              check_async: Callable[[Any], Awaitable[None]]) -> Any:
+    """``behavior`` run after a check of its context: ``check`` in the handler's thread for a
+    plain function (the asyncio server runs those in its thread pool), ``check_async`` awaited
+    for a coroutine or an async generator (which run on the event loop)."""
+    if inspect.isasyncgenfunction(behavior):
+        async def agen(request: Any, context: Any) -> AsyncIterator[Any]:
+            await check_async(context)
+            async for item in behavior(request, context):
+                yield item
+        return agen
+    if inspect.iscoroutinefunction(behavior):
+        async def coro(request: Any, context: Any) -> Any:
+            await check_async(context)
+            return await behavior(request, context)
+        return coro
+    if streaming:
+        def gen(request: Any, context: Any) -> Iterator[Any]:
+            check(context)
+            yield from behavior(request, context)
+        return gen
+
+    def call(request: Any, context: Any) -> Any:
+        check(context)
+        return behavior(request, context)
+    return call
+
+
+class _Abort(Exception):
+    """Raised by :meth:`_ThreadContext.abort` in a pool thread; the coroutine that ran the handler
+    ends the call with it on the event loop."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _ThreadContext:
+    """What a plain (threaded) handler of ours sees of its call: the peer, its TLS identity, and
+    ``abort``. grpc.aio's own context must not be used off the event loop; this one is read on the
+    loop before the handler starts, and ``abort`` raises :class:`_Abort` for the loop to send."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._peer = context.peer()
+        self._auth = context.auth_context()
+
+    def peer(self) -> str:
+        return str(self._peer)
+
+    def auth_context(self) -> Mapping[str, Any]:
+        return dict(self._auth)
+
+    def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        raise _Abort(code, details)
+
+
+class RequestArrivalLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """A call with one request message must deliver it within ``seconds`` (attacker finding F7).
+
+    On the threaded server a unary call whose message never came held a thread before any of our
+    code ran, and 20 such calls starved every honest one. Here each one-request method is served
+    as a stream: a coroutine on the event loop waits for the message (no thread), and ends the
+    call with DEADLINE_EXCEEDED (``request_deadline``) when it has not come in time, so half-open
+    calls neither hold threads nor pile up against ``maximum_concurrent_rpcs`` (grpc.aio counts
+    a call until its status is sent). Then the method runs: a coroutine on the loop, a plain
+    function in ``pool`` with a :class:`_ThreadContext`. gRPC has no server-side option for this
+    (its deadlines are the client's): written here.
+    """
+
+    def __init__(self, seconds: float, pool: futures.Executor) -> None:
+        self._seconds = seconds
+        self._pool = pool
+
+    async def _request(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await asyncio.wait_for(anext(aiter(requests)), self._seconds)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"request_deadline: the request did not arrive within {self._seconds:g} s")
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed_packet: the call carried no request")
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        first, pool = self._request, self._pool
+        if not handler.response_streaming:
+            behavior = handler.unary_unary
+
+            async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                request = await first(requests, context)
+                if inspect.iscoroutinefunction(behavior):
+                    return await behavior(request, context)
+                try:
+                    return await asyncio.get_running_loop().run_in_executor(
+                        pool, behavior, request, _ThreadContext(context))
+                except _Abort as exc:
+                    await context.abort(exc.code, exc.details)
+            return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)
+        streaming = handler.unary_stream
+        if inspect.isasyncgenfunction(streaming):
+            async def responses(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                request = await first(requests, context)
+                async for item in streaming(request, context):
+                    yield item
+            return handler._replace(request_streaming=True, unary_stream=None, stream_stream=responses)
+        if inspect.iscoroutinefunction(streaming):  # writes with context.write (Health/Watch)
+            async def writes(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                return await streaming(await first(requests, context), context)
+            return handler._replace(request_streaming=True, unary_stream=None, stream_stream=writes)
+        raise TypeError(f"{handler_call_details.method}: a streaming method must run on the event loop")
+
+
+class StreamCallLimiter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Bound the streaming calls that are not SubmitStream (which has its own slots, idle limit
     and deadline): ``Health/Watch`` and reflection, and ``FetchTarget``.
 
-    Each open streaming call holds one of the server's threads for as long as it is open; 24 idle
-    Watch or reflection calls took all 16 and every unary call timed out (attacker finding F1).
-    So at most ``max_watch_streams`` Watch/reflection calls and ``max_fetch_streams`` fetches run
-    at once (more are answered UNAVAILABLE ``overloaded``, retryable), and the server cancels an
-    open one at its deadline (``watch_stream_deadline_s``; fetches: ``stream_deadline_s`` or the
-    ``FetchTarget`` entry of ``deadlines``), so unary calls always find a thread. gRPC has no
-    server-side option for either: written here.
+    Each open stream costs the server memory and, on the threaded server, held one of its threads
+    (24 idle Watch or reflection calls took all 16 and every unary call timed out: attacker
+    finding F1). So at most ``max_watch_streams`` Watch/reflection calls and ``max_fetch_streams``
+    fetches run at once (more are answered UNAVAILABLE ``overloaded``, retryable), and the server
+    ends an open one at its deadline (``watch_stream_deadline_s``; fetches: ``stream_deadline_s``
+    or the ``FetchTarget`` entry of ``deadlines``) with DEADLINE_EXCEEDED; a client that stops
+    reading is cut 5 s later. gRPC has no server-side option for either: written here.
     """
 
     def __init__(self, config: TransportConfig) -> None:
-        watch = threading.BoundedSemaphore(config.max_watch_streams)
-        fetch = threading.BoundedSemaphore(config.max_fetch_streams)
         fetch_s = config.deadlines.get("FetchTarget", config.stream_deadline_s)
-        self._pools: dict[str, tuple[threading.BoundedSemaphore, float]] = {
-            "watch": (watch, config.watch_stream_deadline_s), "fetch": (fetch, fetch_s)}
+        self._limits = {"watch": (config.max_watch_streams, config.watch_stream_deadline_s),
+                        "fetch": (config.max_fetch_streams, fetch_s)}
+        self._open = {"watch": 0, "fetch": 0}  # touched on the event loop only
 
-    def _pool(self, method: str) -> tuple[threading.BoundedSemaphore, float] | None:
+    @staticmethod
+    def _pool(method: str) -> str | None:
         if method.endswith("/FetchTarget"):
-            return self._pools["fetch"]
-        if method == "/grpc.health.v1.Health/Watch" or method.startswith(
-                "/grpc.reflection."):
-            return self._pools["watch"]
+            return "fetch"
+        if method == "/grpc.health.v1.Health/Watch" or method.startswith("/grpc.reflection."):
+            return "watch"
         return None
 
-    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None or not handler.response_streaming:
             return handler
         pool = self._pool(handler_call_details.method)
         if pool is None:
             return handler
-        slots, deadline_s = pool
+        limit, deadline_s = self._limits[pool]
+        open_calls = self._open
+
+        over = f"stream_deadline: the server ends this stream after {deadline_s:g} s"
+
+        async def take(context: Any) -> None:
+            if open_calls[pool] >= limit:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "overloaded: too many streaming calls at once; retry later")
+            open_calls[pool] += 1
 
         def guarded(behavior: Any) -> Any:
-            def run(request: Any, context: grpc.ServicerContext) -> Any:
-                if not slots.acquire(blocking=False):
-                    context.abort(grpc.StatusCode.UNAVAILABLE,
-                                  "overloaded: too many streaming calls at once; retry later")
-                timer = threading.Timer(deadline_s, context.cancel)
-                timer.daemon = True
-                timer.start()
+            if inspect.iscoroutinefunction(behavior):  # writes with context.write (Health/Watch)
+                async def run_coroutine(request: Any, context: Any) -> Any:
+                    await take(context)
+                    try:
+                        try:
+                            return await asyncio.wait_for(behavior(request, context), deadline_s)
+                        except TimeoutError:
+                            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, over)
+                    finally:
+                        open_calls[pool] -= 1
+                return run_coroutine
+            if not inspect.isasyncgenfunction(behavior):
+                raise TypeError(f"{handler_call_details.method}: a bounded stream must run on the event loop")
+
+            async def run(request: Any, context: Any) -> AsyncIterator[Any]:
+                await take(context)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + deadline_s
+                task = asyncio.current_task()
+                # wait_for below ends a stream whose next response is late; a client that stops
+                # reading blocks the write instead, and is cut by this backstop.
+                backstop = loop.call_later(deadline_s + 5.0, task.cancel) if task is not None else None
+                responses = aiter(behavior(request, context))
                 try:
-                    yield from behavior(request, context)
+                    while True:
+                        try:
+                            item = await asyncio.wait_for(anext(responses), max(deadline - loop.time(), 0))
+                        except StopAsyncIteration:
+                            return
+                        except TimeoutError:
+                            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, over)
+                        yield item
                 finally:
-                    timer.cancel()
-                    slots.release()
+                    if backstop is not None:
+                        backstop.cancel()
+                    open_calls[pool] -= 1
             return run
 
-        if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                guarded(handler.stream_stream), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return grpc.unary_stream_rpc_method_handler(
-            guarded(handler.unary_stream), request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return _with_behavior(handler, guarded)
 
 
-class RevocationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class RevocationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuse every call of a revoked device, whatever the service (issue 14 finding 6).
 
     The TLS layer only checks the chain to the device CA, so a revoked certificate still completes
     the handshake; this looks the verified peer's device id up in the store on every call and
     answers PERMISSION_DENIED (``certificate_revoked``) before the handler runs. A peer without a
-    device certificate (no mTLS) is left to the handlers. One indexed read per call, except for
-    ``KnowledgeService/Submit``: there the store's write transaction that would store the packet
-    reads the device row anyway and refuses a revoked device (one pass per packet, issue 15).
+    device certificate (no mTLS) is left to the handlers. One indexed read per call (in the
+    server's thread pool, never on the event loop), except for ``KnowledgeService/Submit``: there
+    the store's write transaction that would store the packet reads the device row anyway and
+    refuses a revoked device (one pass per packet, issue 15).
     """
 
     _CHECKED_BY_THE_STORE = frozenset({f"/{KNOWLEDGE_SERVICE}/Submit"})
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, pool: futures.Executor) -> None:
         self._store = store
+        self._pool = pool
 
-    def _refuse_revoked(self, context: grpc.ServicerContext) -> None:
-        device_id = peer_device_id(context)
-        if device_id is None:
-            return
+    def _refusal(self, device_id: str) -> DirediError | None:
         try:
             device = self._store.get_device(device_id)
         except DirediError as exc:
-            abort_with(context, exc)
+            return exc
         if device is not None and device.status is DeviceStatus.REVOKED:
-            abort_with(context, CertificateRevoked(f"device {device_id} is revoked"))
+            return CertificateRevoked(f"device {device_id} is revoked")
+        return None
 
-    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
+    def _check(self, context: Any) -> None:
+        device_id = peer_device_id(context)
+        error = None if device_id is None else self._refusal(device_id)
+        if error is not None:
+            abort_with(context, error)
+
+    async def _check_async(self, context: Any) -> None:
+        device_id = peer_device_id(context)
+        if device_id is None:
+            return
+        error = await asyncio.get_running_loop().run_in_executor(self._pool, self._refusal, device_id)
+        if error is not None:
+            await abort_async(context, error)
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method in self._CHECKED_BY_THE_STORE:
             return handler
-        check = self._refuse_revoked
-
-        def wrap(behavior: Any, streaming_response: bool) -> Any:
-            if streaming_response:
-                def stream(request: Any, context: grpc.ServicerContext) -> Any:
-                    check(context)
-                    yield from behavior(request, context)
-                return stream
-
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                check(context)
-                return behavior(request, context)
-            return unary
-
-        kinds = (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
-        )
-        for attr, make, streaming in kinds:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make(wrap(behavior, streaming),
-                            request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+        return _with_behavior(handler, lambda behavior: _preceded(
+            behavior, streaming=handler.response_streaming, check=self._check,
+            check_async=self._check_async))
 
 
 # ------------------------------------------------------------------------------------------------
 # Servicers: decode, call, map errors
 # ------------------------------------------------------------------------------------------------
 class _Knowledge:
-    def __init__(self, ingest: Ingest, mtls: bool, observer: IngestObserver | None = None) -> None:
+    def __init__(self, ingest: Ingest, mtls: bool, observer: IngestObserver | None = None, *,
+                 pool: futures.Executor) -> None:
         self.ingest = ingest
+        self.pool = pool  # the server's threads: the store and the crypto never run on the loop
         self.mtls = mtls
         self.observer = observer or IngestObserver()  # one log line per accepted/refused packet
         self._streams = threading.BoundedSemaphore(ingest.config.max_ingest_streams)
@@ -880,13 +1045,24 @@ class _Knowledge:
         self.observer.accepted(method="Submit", packet=request, receipt=receipt, peer=peer, started=started)
         return receipt
 
-    def submit_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    async def _refuse_async(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+        if isinstance(exc, _StreamCut):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream cancelled: {exc}")
+        if isinstance(exc, ServiceUnavailable):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.one_line())  # see _refuse
+        await abort_async(context, exc, quiet=True)
+
+    async def submit_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        """A coroutine on the event loop: receiving holds no thread (a stalled stream costs one
+        coroutine until its idle limit); the store and the packet's crypto run in the pool."""
+        loop = asyncio.get_running_loop()
         started, peer = time.monotonic(), peer_device_id(context)
         refusals = self.ingest.refusals
         device = peer if self.mtls else None
         # One stream per device; without mTLS there is no device yet: one per caller host, so one
         # anonymous client cannot hold every slot (attacker finding F3).
-        slot = peer if peer is not None else f"host:{_peer_host(context) or '?'}"
+        host = _peer_host(context)
+        slot = peer if peer is not None else f"host:{host or '?'}"
         try:
             refusals.check(device)  # a cooled-down device takes no slot and sends no byte
             if not self._take_stream(slot):
@@ -895,34 +1071,34 @@ class _Knowledge:
                     "retry later", reason="overloaded")
         except ServiceUnavailable as exc:
             self.observer.refused(method="SubmitStream", error=exc, packet=None, peer=peer, started=started)
-            self._refuse(context, exc)
-        # A stalled stream blocks in the request iterator: only cancelling the call frees it.
+            await self._refuse_async(context, exc)
         config = self.ingest.config
-        watch = _StreamWatch(context, deadline_s=config.ingest_stream_deadline_s,
-                             idle_s=config.ingest_stream_idle_s)
         data: bytes | None = None
         try:
             if self.mtls and peer is not None:
                 # Who may stream at all is settled before a byte is buffered.
-                self.ingest.store.require_active_device(peer)
+                await loop.run_in_executor(self.pool, self.ingest.store.require_active_device, peer)
             hasher = CiphertextHasher()  # the ciphertext is hashed as it arrives (wire version 2)
+            assembler = self.ingest.assembler(hasher=hasher)
             try:
-                data = self.ingest.assemble(watch.chunks(requests), hasher=hasher)
-            except (PeerError, PolicyError):
+                async for raw in _paced(requests, deadline_s=config.ingest_stream_deadline_s,
+                                        idle_s=config.ingest_stream_idle_s):
+                    assembler.add(raw)
+                data = assembler.result()
+            except (PeerError, PolicyError, _StreamCut):
                 refusals.refused(device)  # Ingest.submit counts the refusals after this point
                 raise
-            receipt = self.ingest.submit(data, peer=peer, mtls=self.mtls, streamed=True,
-                                         ciphertext_digest=hasher.result(),
-                                         origin=lambda: _peer_host(context))
+            packet = data
+            receipt = await loop.run_in_executor(self.pool, functools.partial(
+                self.ingest.submit, packet, peer=peer, mtls=self.mtls, streamed=True,
+                ciphertext_digest=hasher.result(), origin=lambda: host))
         except Exception as exc:
             error: Exception = exc
-            if watch.fired is not None:  # what the iterator raised once the call was cancelled
-                error = MalformedPacket(f"stream cancelled: {watch.fired}")
-                refusals.refused(device)
+            if isinstance(exc, _StreamCut):
+                error = MalformedPacket(f"stream cancelled: {exc}")
             self.observer.refused(method="SubmitStream", error=error, packet=data, peer=peer, started=started)
-            self._refuse(context, error)
+            await self._refuse_async(context, exc)
         finally:
-            watch.stop()
             self._give_stream(slot)
         self.observer.accepted(method="SubmitStream", packet=data, receipt=receipt, peer=peer, started=started)
         return receipt
@@ -969,7 +1145,9 @@ class _EnrollmentServicer(sgrpc.EnrollmentServiceServicer):
 
 
 class _UpdateServicer(sgrpc.UpdateServiceServicer):
-    def __init__(self, folder: ReleaseFolder | None, metrics: Metrics | None = None) -> None:
+    def __init__(self, folder: ReleaseFolder | None, metrics: Metrics | None = None, *,
+                 pool: futures.Executor) -> None:
+        self.pool = pool
         self.folder = folder
         self.metrics = metrics
 
@@ -994,17 +1172,22 @@ class _UpdateServicer(sgrpc.UpdateServiceServicer):
         self._count("metadata", "served")
         return spb.MetadataResponse(metadata=data)
 
-    def FetchTarget(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def FetchTarget(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        # An async generator on the event loop (a slow reader holds no thread); each file read
+        # runs in the pool.
+        loop = asyncio.get_running_loop()
         try:
-            chunks = self._require().target(request.path, int(request.max_length))
-            for data, offset, total in chunks:
+            chunks = await loop.run_in_executor(
+                self.pool, lambda: iter(self._require().target(request.path, int(request.max_length))))
+            while (item := await loop.run_in_executor(self.pool, next, chunks, None)) is not None:
+                data, offset, total = item
                 yield spb.Chunk(data=data, offset=offset, total_length=total if offset == 0 else 0)
             self._count("target", "served")
         except DirediError as exc:
             self._count("target", exc.reason)
-            abort_with(context, exc)
+            await abort_async(context, exc)
         except Exception as exc:  # the catch-all: nothing untyped reaches a peer
-            abort_internal(context, exc)
+            await abort_async(context, exc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1026,6 +1209,29 @@ def _metadata_versions(repository: Path) -> Callable[[], dict[str, int]]:
                 newest["timestamp"] = version
         return newest
     return versions
+
+
+_T = TypeVar("_T")
+_LOOP_LOCK = threading.Lock()
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """The one asyncio event loop (in a daemon thread) that runs every :class:`CloudServer` of this
+    process: grpc.aio is happiest with one loop, and the callers of the server are threads."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="diredi-grpc-loop", daemon=True).start()
+            _LOOP = loop
+        return _LOOP
+
+
+def _on_loop(coroutine: Coroutine[Any, Any, _T], timeout_s: float | None = None) -> _T:
+    """Run ``coroutine`` on the servers' event loop and wait for its result (from any thread but
+    the loop's own)."""
+    return asyncio.run_coroutine_threadsafe(coroutine, _event_loop()).result(timeout_s)
 
 
 class CloudServer:
@@ -1073,36 +1279,52 @@ class CloudServer:
             self.ingest.model_shapes = ReleasedModelShapes(repository_dir,
                                                            max_file_bytes=self.config.max_target_bytes)
         self.enrollment = Enrollment(store, keys, policy=policy, config=self.config, clock=clock)
-        self.health = health.HealthServicer()
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="diredi-rpc"),
-            options=[*(o for o in server_options(self.config) if o[0] != "grpc.so_reuseport"),
-                     ("grpc.so_reuseport", 1 if reuse_port else 0)],
-            maximum_concurrent_rpcs=max_workers * 4,
-            interceptors=((RevocationInterceptor(store),) if mtls else ())
-            + (StreamCallLimiter(self.config),),
-        )
+        # Health/Watch and reflection are coroutines on the event loop (no thread each).
+        self.health = health.aio.HealthServicer()
         self.metrics = Metrics(ledger=store.ledger_summary,
                                releases=None if repository_dir is None else _metadata_versions(repository_dir))
         self._serving = False
+        self._stopped = threading.Event()
         self.ops = None if ops_listen is None else OpsServer(ops_listen, self.metrics, self._is_healthy)
-        self._server.add_generic_rpc_handlers(
-            (_Knowledge(self.ingest, mtls, IngestObserver(self.metrics)).handler(),))
-        sgrpc.add_EnrollmentServiceServicer_to_server(_EnrollmentServicer(self.enrollment, mtls), self._server)
+        # The asyncio server (attacker finding F7): a call's request is read on the event loop,
+        # so a call whose message never comes holds no thread; the plain handlers (unary calls:
+        # the store, the crypto) run in this pool of ``max_workers`` threads, the streaming ones
+        # are coroutines that hand each blocking step to it.
+        self._pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="diredi-rpc")
+        interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (
+            RequestArrivalLimit(self.config.unary_deadline_s, self._pool),
+            *((RevocationInterceptor(store, self._pool),) if mtls else ()),
+            StreamCallLimiter(self.config))
+        options = [*(o for o in server_options(self.config) if o[0] != "grpc.so_reuseport"),
+                   ("grpc.so_reuseport", 1 if reuse_port else 0)]
         folder = None if repository_dir is None else ReleaseFolder(repository_dir, self.config)
-        sgrpc.add_UpdateServiceServicer_to_server(_UpdateServicer(folder, self.metrics), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        knowledge = _Knowledge(self.ingest, mtls, IngestObserver(self.metrics), pool=self._pool)
+
+        async def build() -> grpc.aio.Server:
+            server = grpc.aio.server(migration_thread_pool=self._pool, options=options,
+                                     maximum_concurrent_rpcs=max_workers * 4, interceptors=interceptors)
+            server.add_generic_rpc_handlers((knowledge.handler(),))
+            sgrpc.add_EnrollmentServiceServicer_to_server(_EnrollmentServicer(self.enrollment, mtls), server)
+            sgrpc.add_UpdateServiceServicer_to_server(
+                _UpdateServicer(folder, self.metrics, pool=self._pool), server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            reflection.enable_server_reflection(
+                (*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            return server
+
+        self._server = _on_loop(build())
         self.port: int | None = None
 
     def start(self) -> int:
-        self.port = add_port(self._server, self.listen, self.tls, insecure=self.insecure,
-                             reuse_port=self.reuse_port)
-        self._server.start()
-        for name in ("", *_SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        async def start() -> int:
+            port = add_port(self._server, self.listen, self.tls, insecure=self.insecure,
+                            reuse_port=self.reuse_port)
+            await self._server.start()
+            for name in ("", *_SERVICE_NAMES):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            return port
+
+        self.port = _on_loop(start())
         self._serving = True
         if self.ops is not None:
             self.ops.start()
@@ -1110,15 +1332,27 @@ class CloudServer:
         return self.port
 
     def wait(self) -> None:
-        self._server.wait_for_termination()
+        """Block until :meth:`stop` (from another thread or a signal handler) has finished."""
+        while not self._stopped.wait(0.5):
+            pass
 
     def stop(self, grace_s: float | None = 1.0) -> None:
         """Stop accepting calls, let running ones finish for ``grace_s``, then close."""
+        if self._stopped.is_set():
+            return
         self._serving = False
-        self.health.enter_graceful_shutdown()
         if self.ops is not None:
             self.ops.stop()
-        self._server.stop(grace_s).wait()
+
+        async def stop() -> None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace_s)
+
+        try:
+            _on_loop(stop())
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._stopped.set()
 
     def _is_healthy(self) -> bool:
         """Serving, and the store answers (one trivial read)."""

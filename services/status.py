@@ -31,9 +31,11 @@ __all__ = [
     "STATUS_TABLE",
     "NotFound",
     "ServiceUnavailable",
+    "abort_async",
     "abort_with",
     "details_for",
     "error_from_rpc",
+    "refusal_status",
     "status_for",
 ]
 
@@ -121,25 +123,42 @@ def details_for(exc: E.DirediError, *, max_chars: int = 1000) -> str:
     return text
 
 
-def abort_with(context: grpc.ServicerContext, exc: E.DirediError, *, quiet: bool = False) -> NoReturn:
-    """Abort the call with the status of ``exc`` (logs local errors in full, peer ones briefly;
+def refusal_status(exc: BaseException, *, quiet: bool = False) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a call that failed with ``exc`` ends with, logged on the way.
+
+    A :class:`DirediError` gets its table entry (local errors logged in full, peer ones briefly;
     ``quiet``: a peer refusal is logged at debug only, because the caller logs it itself or it is
-    an expected answer, such as "no newer root" to a TUF client)."""
+    an expected answer, such as "no newer root" to a TUF client). Anything else is a bug or a
+    library failure nobody typed: logged in full, answered INTERNAL with a generic line (no
+    paths, no messages)."""
+    if not isinstance(exc, E.DirediError):
+        log.error("unexpected error serving a call", exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"internal: internal error on the cloud ({type(exc).__name__})"
     code = status_for(exc)
     if isinstance(exc, E.LocalError):
         log.error("call failed on our side: %s", exc.one_line(), exc_info=exc)
     else:
         log.log(logging.DEBUG if quiet else logging.INFO, "refused (%s): %s", code.name, exc.one_line())
-    context.abort(code, details_for(exc))
+    return code, details_for(exc)
+
+
+def abort_with(context: grpc.ServicerContext, exc: E.DirediError, *, quiet: bool = False) -> NoReturn:
+    """Abort the call with the status of ``exc`` (see :func:`refusal_status`)."""
+    context.abort(*refusal_status(exc, quiet=quiet))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
 def abort_internal(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     """Abort with INTERNAL for an exception that is not a :class:`DirediError` (a bug, or a
     library failure nobody typed): logged in full here, never sent (no paths, no messages)."""
-    log.error("unexpected error serving a call", exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL,
-                  f"internal: internal error on the cloud ({type(exc).__name__})")
+    context.abort(*refusal_status(exc))
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+async def abort_async(context: grpc.aio.ServicerContext, exc: BaseException, *,
+                      quiet: bool = False) -> NoReturn:
+    """:func:`abort_with` / :func:`abort_internal` for a coroutine handler on the asyncio server."""
+    await context.abort(*refusal_status(exc, quiet=quiet))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 

@@ -137,7 +137,7 @@ def test_a_stalled_stream_is_cancelled_at_the_idle_limit_and_health_keeps_answer
             call.result(timeout=20)
         elapsed = time.monotonic() - started
         release.set()
-        assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # retryable: the device resends
         assert 0.9 <= elapsed < 10.0  # the idle limit (1 s), far from the 60 s deadline
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
             health_pb2.HealthCheckResponse.SERVING
@@ -169,3 +169,49 @@ def test_a_slow_but_steady_stream_is_not_cut_by_the_idle_limit(tmp_path: Path) -
                                             request_serializer=spb.Chunk.SerializeToString)
         receipt = stream(slow(), timeout=30)
         verify_receipt(receipt, agent.workspace.receipt_public_key(), data)
+
+
+def _half_open(channel: grpc.Channel, method: str, release: threading.Event) -> grpc.Future:
+    """A call to a one-request method whose request message never comes (headers only)."""
+    def never() -> Iterator[bytes]:
+        release.wait(60)
+        return
+        yield  # pragma: no cover - a generator that sends nothing
+
+    return channel.stream_unary(method).future(never(), timeout=60)
+
+
+def test_half_open_unary_calls_hold_no_thread_and_are_dropped_at_the_arrival_limit(tmp_path: Path) -> None:
+    """Attacker finding F7: on the threaded server a unary call whose request never arrived held
+    one of the server's threads before any of our code ran; 20 of them made Health, GetStatus and
+    Submit time out. On the asyncio server the request is read on the event loop: 24 such calls
+    (three times the server's 8 threads) leave every honest call answering at once, and once the
+    request arrival limit (``unary_deadline_s``) has passed they no longer count against
+    ``maximum_concurrent_rpcs`` (32 here): 40 more, and honest calls still get through."""
+    config = TransportConfig(unary_deadline_s=1.5)
+    methods = ("/grpc.health.v1.Health/Check", "/diredi.v1.EnrollmentService/GetStatus",
+               "/diredi.v1.KnowledgeService/Submit")
+    release = threading.Event()
+    with running_cloud(tmp_path, config=config) as cloud:  # 8 server threads
+        agent = cloud.device("device-a")
+        health = health_pb2_grpc.HealthStub(agent.channel)
+        try:
+            held = [_half_open(agent.channel, methods[i % 3], release) for i in range(24)]
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert agent.status().status == "active"
+            assert agent.submit_payload(payload(0), dp=DP, base_model_version="v1").device_id == "device-a"
+            assert time.monotonic() - started < 5.0
+            assert not any(call.done() for call in held)  # all 24 still open on the client side
+            time.sleep(2.0)  # past the arrival limit: the server has dropped them
+            held += [_half_open(agent.channel, methods[i % 3], release) for i in range(40)]
+            time.sleep(2.0)  # these too (64 in all against a limit of 32 at once)
+            started = time.monotonic()
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert agent.submit_payload(payload(1), dp=DP, base_model_version="v1").device_id == "device-a"
+            assert time.monotonic() - started < 5.0
+        finally:
+            release.set()
