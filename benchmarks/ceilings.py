@@ -393,6 +393,8 @@ def drive(
 
     def run(i: int) -> None:
         mine = []
+        if (wait := start - time.perf_counter()) > 0:  # every thread starts at `start` (a short
+            time.sleep(wait)  # closed-loop run used to finish before it: a negative rate)
         for k, data in enumerate(work[i]):
             if interval_s is not None:
                 wait = start + (k + i / len(work)) * interval_s - time.perf_counter()
