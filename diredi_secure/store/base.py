@@ -929,6 +929,11 @@ class Store(ABC):
         place, so no reader ever sees half a file); the path if this call created it."""
         if self._body_dir is None or len(row.body) <= self._body_file_bytes:
             return None
+        if len(row.body) > self._max_body_bytes:
+            # Refused before anything is written or acknowledged: _read_body could never read it
+            # back (an operator raised limits.max_packet_bytes above the store's max_body_bytes).
+            raise StoreError(f"store {self._name}: a packet body of {len(row.body)} bytes is over "
+                             f"the store's max_body_bytes ({self._max_body_bytes}); raise both together")
         path = self._body_path(row.digest)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"

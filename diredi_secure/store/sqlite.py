@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import StoreError
-from .base import DEFAULT_BODY_FILE_BYTES, DEFAULT_EPSILON_BUDGET, Cursor, Store
+from .base import (
+    DEFAULT_BODY_FILE_BYTES,
+    DEFAULT_EPSILON_BUDGET,
+    DEFAULT_MAX_BODY_BYTES,
+    Cursor,
+    Store,
+)
 from .group_commit import GroupCommitConfig
 from .migrations import MIGRATIONS, Migration
 
@@ -54,13 +60,15 @@ class SQLiteStore(Store):
         busy_timeout_s: float = 30.0,
         migrations: Sequence[Migration] = MIGRATIONS,
         body_file_bytes: int = DEFAULT_BODY_FILE_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         group_commit: GroupCommitConfig = GroupCommitConfig(),  # noqa: B008 - frozen
     ) -> None:
         memory = str(path) == ":memory:"
         body_dir = None if memory else Path(f"{path}.bodies")
         super().__init__(
             name=str(path), default_epsilon_budget=default_epsilon_budget, migrations=migrations,
-            body_dir=body_dir, body_file_bytes=body_file_bytes, group_commit=group_commit,
+            body_dir=body_dir, body_file_bytes=body_file_bytes, max_body_bytes=max_body_bytes,
+            group_commit=group_commit,
         )
         if body_dir is not None:
             _sweep_temporaries(body_dir)

@@ -258,6 +258,22 @@ def test_a_body_over_the_cap_is_refused_unread(body_store: Path) -> None:
     assert f"over the cap of {DEFAULT_MAX_BODY_BYTES}" in exc.message
 
 
+def test_a_body_the_store_could_not_read_back_is_refused_before_it_is_stored(tmp_path: Path) -> None:
+    """A body over ``max_body_bytes`` (an operator raised the packet cap, not the store's) is a
+    StoreError at store time, nothing written: never a receipt for a packet that cannot be read."""
+    from ..integration.test_store_backends import CERT, KEY_ID, record
+    from ..integration.test_store_backends import T0 as ENROLLED_MS
+
+    with SQLiteStore(tmp_path / "c.db", default_epsilon_budget=1e9, body_file_bytes=1024,
+                     max_body_bytes=64 * 1024) as s:
+        s.register_device("dev1", CERT, KEY_ID, enrolled_at_ms=ENROLLED_MS)
+        s.store_packet(record(1, body=os.urandom(60 * 1024)))  # a file, under the cap: fine
+        exc = refused_with(lambda: s.store_packet(record(2, body=os.urandom(65 * 1024))), StoreError)
+        assert "max_body_bytes" in exc.message
+        assert len(s.list_packets()) == 1
+    assert len([p for p in Path(f"{tmp_path / 'c.db'}.bodies").rglob("*") if p.is_file()]) == 1
+
+
 # -- the inbox key a release installs ----------------------------------------------------------
 def _installed(tmp_path: Path, *, with_inbox: bool = True) -> tuple[DeviceWorkspace, Path, InstalledRelease]:
     ws = DeviceWorkspace(tmp_path / "dev")
