@@ -66,6 +66,7 @@ from diredi_secure.errors import (
     CertificateInvalid,
     CertificateRevoked,
     DirediError,
+    LocalError,
     MalformedPacket,
     PeerError,
     PolicyError,
@@ -1115,16 +1116,28 @@ class _Knowledge:
 
 
 class _EnrollmentServicer(sgrpc.EnrollmentServiceServicer):
-    def __init__(self, enrollment: Enrollment, mtls: bool) -> None:
+    def __init__(self, enrollment: Enrollment, mtls: bool, refusals: RefusalLimiter) -> None:
         self.enrollment = enrollment
         self.mtls = mtls
+        self.refusals = refusals  # the ingest's limiter: one count per device for both
 
     def Enroll(self, request: Any, context: grpc.ServicerContext) -> Any:
+        peer = peer_device_id(context)
+        # Each refused enrolment cost a certificate chain check and a signature check: the same
+        # refusal limit as packets, keyed on the mTLS peer, or without mTLS on the caller's host
+        # (there is no verified device before the enrolment succeeds).
+        who = peer if self.mtls and peer is not None else f"enroll@{_peer_host(context) or '?'}"
+        try:
+            self.refusals.check(who)
+        except ServiceUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, exc.one_line())  # as _Knowledge._refuse
         try:
             result = self.enrollment.enroll(
-                bytes(request.certificate), bytes(request.proof), peer=peer_device_id(context), mtls=self.mtls
+                bytes(request.certificate), bytes(request.proof), peer=peer, mtls=self.mtls
             )
         except DirediError as exc:
+            if not isinstance(exc, LocalError):  # the caller's fault, never the cloud's own
+                self.refusals.refused(who)
             abort_with(context, exc)
         except Exception as exc:  # the catch-all: nothing untyped reaches a peer
             abort_internal(context, exc)
@@ -1304,7 +1317,8 @@ class CloudServer:
             server = grpc.aio.server(migration_thread_pool=self._pool, options=options,
                                      maximum_concurrent_rpcs=max_workers * 4, interceptors=interceptors)
             server.add_generic_rpc_handlers((knowledge.handler(),))
-            sgrpc.add_EnrollmentServiceServicer_to_server(_EnrollmentServicer(self.enrollment, mtls), server)
+            sgrpc.add_EnrollmentServiceServicer_to_server(
+                _EnrollmentServicer(self.enrollment, mtls, self.ingest.refusals), server)
             sgrpc.add_UpdateServiceServicer_to_server(
                 _UpdateServicer(folder, self.metrics, pool=self._pool), server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

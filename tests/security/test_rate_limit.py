@@ -196,3 +196,30 @@ def test_a_refused_stream_counts_and_a_cooled_device_cannot_open_one(
         stream(iter([spb.Chunk(offset=0, total_length=10, data=b"x")]), timeout=10)
     assert (info.value.code(), (info.value.details() or "").split(":")[0]) == (
         grpc.StatusCode.UNAVAILABLE, RATE_LIMITED)
+
+
+@pytest.mark.parametrize("mtls", [True, False], ids=["mtls", "no-mtls"])
+def test_refused_enrolments_are_rate_limited_too(tmp_path: Path, mtls: bool) -> None:
+    """Each refused Enroll cost the cloud a certificate chain check and a signature check, and
+    was never counted: a device (or, without mTLS, a host) sending bad enrolments in a loop is
+    cooled down like one sending bad packets, and answered ``rate_limited`` before that work."""
+    from diredi_secure._proto.diredi.v1 import services_pb2 as spb
+    from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
+
+    with running_cloud(tmp_path, mtls=mtls, config=TransportConfig(refusals=LIMITS)) as cloud:
+        agent = cloud.device("device-a", enroll=False)
+        stub = sgrpc.EnrollmentServiceStub(agent.channel)
+        cert = agent.workspace.certificate()
+        bad = spb.EnrollRequest(certificate=cert, proof=b"\x00" * 64)
+        for _ in range(LIMITS.refusals_per_window + 1):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Enroll(bad, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED or \
+                (info.value.details() or "").startswith("signature_invalid")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Enroll(bad, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (info.value.details() or "").startswith(RATE_LIMITED)
+        assert cloud.store.get_device("device-a") is None
+        if mtls:  # another device is not touched; without mTLS the whole host waits
+            assert cloud.device("device-b").status().status == "active"
