@@ -1,8 +1,9 @@
 # DiReDi-secure. Two commands do all set-up on a fresh machine:
 #   make demo   -- create .venv, install, run the main job
 #   make test   -- same set-up, then the whole suite (what CI runs)
-# The torch pin is installed first and alone: an unpinned torch (or one pulled in by opacus)
-# would download a multi-GB CUDA build. Override with e.g. `make TORCH=torch==2.14.1 test`.
+# Everything is installed from requirements.lock (hash-pinned; see LOCK below). Without the lock
+# (make LOCK=) the torch pin is installed first and alone: an unpinned torch (or one pulled in by
+# opacus) would download a multi-GB CUDA build. Override with e.g. `make LOCK= TORCH=torch==2.14.1 test`.
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -21,11 +22,26 @@ export DIREDI_TEST_POSTGRES_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 
 all: test
 
-$(STAMP): pyproject.toml
+# The install set comes from the hash-pinned lock (every package, torch's CPU wheel included):
+# what CI tested, byte for byte (a package whose hash differs stops the install). The lock is for
+# CPython 3.11 on x86-64 Linux: on another Python or platform, or with TORCH_INDEX set, or with
+# `make LOCK= venv`, the set is resolved from pyproject.toml with the torch pin installed first.
+LOCK ?= requirements.lock
+LOCK_PLATFORM := import platform, sys; sys.exit(sys.version_info[:2] != (3, 11) or sys.platform != 'linux' or platform.machine() != 'x86_64')
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray,mnist]"  # ray after the torch pin: it pulls no torch
+	@if [ -n "$(strip $(LOCK))" ] && [ -z "$(TORCH_INDEX)" ] && $(BIN)/python -c "$(LOCK_PLATFORM)"; then \
+		echo "installing the locked set ($(LOCK), --require-hashes)"; \
+		$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK) && \
+		$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . && \
+		$(BIN)/python -m pip check; \
+	else \
+		echo "not using $(or $(strip $(LOCK)),a lock) (LOCK empty, TORCH_INDEX set, or not CPython 3.11 on x86-64 Linux): resolving from pyproject.toml, $(TORCH) first"; \
+		$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" && \
+		$(BIN)/python -m pip install --quiet -e ".[dev,ray,mnist]"; \
+	fi
 	touch $(STAMP)
 
 venv: $(STAMP)
