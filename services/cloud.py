@@ -784,13 +784,13 @@ class _ThreadContext:
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
         self._peer = context.peer()
-        self._auth = context.auth_context()
+        self._auth: Mapping[str, Any] = context.auth_context()
 
     def peer(self) -> str:
         return str(self._peer)
 
     def auth_context(self) -> Mapping[str, Any]:
-        return dict(self._auth)
+        return self._auth  # grpc.aio's auth_context() already returned a fresh dict
 
     def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         raise _Abort(code, details)

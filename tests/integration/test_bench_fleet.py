@@ -145,7 +145,8 @@ def test_presumed_guard_holds_back_models_that_lost_the_presumed_classes() -> No
     from diredi_secure.benchmarks.fleet import FleetConfig, fleet_settings, run_fleet
 
     tiny = fleet_settings(tiny=True)
-    wreck = replace(tiny, presumed_guard=0.0, merge=replace(tiny.merge, lr=5.0))
+    wreck = replace(tiny, presumed_guard=0.0, user_presumed_guard=0.0,
+                    merge=replace(tiny.merge, lr=5.0))
     config = FleetConfig(devices=4, rounds=1, tiny=True, eval_users=4, late=0.0, revoke=0.0,
                          stale=0.0)
     (r1,) = run_fleet(config, settings=wreck).rounds
