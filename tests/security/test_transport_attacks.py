@@ -1,0 +1,250 @@
+"""Transport-level attacks on the asyncio cloud server that it holds (regression tests).
+
+Each case runs a real server on loopback (tests/integration/services_harness.py) and an attacker
+holding a valid device certificate (mTLS): a revoked device on every service, huge or many
+metadata headers, calls cancelled mid-way in numbers (no stream slot may leak), unfinished
+TCP/TLS handshakes, and unary packets at the exact size caps. Each asserts the status code and
+reason the attacker gets, and that an honest call still answers after.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from diredi_secure.services.cloud import enroll_proof_message
+from diredi_secure.services.edge import EdgeAgent
+from diredi_secure.services.transport import TransportConfig
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from diredi_secure._crypto import sign
+from diredi_secure._proto.diredi.v1 import services_pb2 as spb
+from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
+from diredi_secure.policy import Limits
+from tests.integration.services_harness import DP, Cloud, payload, running_cloud
+
+C = grpc.StatusCode
+SMALL = Limits(max_unary_bytes=64 * 1024, max_packet_bytes=256 * 1024)
+
+
+def _status(fn: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), (info.value.details() or "").split(":")[0]
+
+
+def _health_ok(agent: EdgeAgent) -> None:
+    started = time.monotonic()
+    check = health_pb2_grpc.HealthStub(agent.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    assert time.monotonic() - started < 5.0
+
+
+def _chunks(data: bytes, step: int) -> Iterator[spb.Chunk]:
+    for offset in range(0, len(data), step):
+        yield spb.Chunk(data=data[offset:offset + step], offset=offset,
+                        total_length=len(data) if offset == 0 else 0)
+
+
+def _publish_target(cloud: Cloud, name: str, size: int) -> None:
+    folder = cloud.workspace.repository_dir / "targets"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"\x5a" * size)
+
+
+def test_a_revoked_device_is_refused_certificate_revoked_on_every_service(tmp_path: Path) -> None:
+    with running_cloud(tmp_path, config=TransportConfig(limits=SMALL, chunk_bytes=16 * 1024)) as cloud:
+        _publish_target(cloud, "t.bin", 1024)
+        agent = cloud.device("device-a")
+        honest = cloud.device("device-b")
+        fresh = agent.seal(payload(0), dp=DP, base_model_version="v1").data
+        cloud.store.revoke_device("device-a", revoked_at_ms=int(time.time() * 1000), reason="stolen")
+        channel = agent.channel
+        cert = agent.workspace.certificate()
+        proof = sign(agent.workspace.signing_key(), enroll_proof_message(cert))
+        health = health_pb2_grpc.HealthStub(channel)
+        enrollment = sgrpc.EnrollmentServiceStub(channel)
+        update = sgrpc.UpdateServiceStub(channel)
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        stream = channel.stream_unary("/diredi.v1.KnowledgeService/SubmitStream",
+                                      request_serializer=spb.Chunk.SerializeToString)
+        calls: dict[str, Callable[[], object]] = {
+            "Health/Check": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5),
+            "Health/Watch": lambda: next(health.Watch(health_pb2.HealthCheckRequest(), timeout=5)),
+            "reflection": lambda: next(reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)),
+            "GetStatus": lambda: enrollment.GetStatus(spb.DeviceStatusRequest(device_id="device-a"), timeout=5),
+            "GetStatus of another device": lambda: enrollment.GetStatus(
+                spb.DeviceStatusRequest(device_id="device-b"), timeout=5),
+            "Enroll again": lambda: enrollment.Enroll(spb.EnrollRequest(certificate=cert, proof=proof), timeout=5),
+            "Submit": lambda: channel.unary_unary("/diredi.v1.KnowledgeService/Submit")(fresh, timeout=5),
+            "SubmitStream": lambda: stream(_chunks(fresh, 16 * 1024), timeout=5),
+            "SubmitStream of garbage": lambda: channel.stream_unary("/diredi.v1.KnowledgeService/SubmitStream")(
+                iter([b"\xff\xff"]), timeout=5),
+            "GetMetadata": lambda: update.GetMetadata(spb.MetadataRequest(role="root", version=1), timeout=5),
+            "FetchTarget": lambda: next(update.FetchTarget(spb.TargetRequest(path="t.bin"), timeout=5)),
+        }
+        got = {name: _status(call) for name, call in calls.items()}
+        assert got == {name: (C.PERMISSION_DENIED, "certificate_revoked") for name in calls}
+        assert [p.device_id for p in cloud.store.list_packets(unmerged_only=False)] == []
+        _health_ok(honest)
+        assert honest.status().status == "active"
+
+
+def test_huge_or_many_metadata_headers_are_refused_and_the_server_keeps_answering(tmp_path: Path) -> None:
+    with running_cloud(tmp_path) as cloud:
+        agent = cloud.device("device-a")
+        tls = agent.workspace.client_tls()
+        channel = grpc.secure_channel(
+            cloud.target, grpc.ssl_channel_credentials(tls.root_pem, tls.key_pem, tls.cert_pem),
+            options=[("grpc.ssl_target_name_override", "localhost"),
+                     ("grpc.max_metadata_size", 64 << 20), ("grpc.absolute_max_metadata_size", 64 << 20)])
+        health = health_pb2_grpc.HealthStub(channel)
+        enrollment = sgrpc.EnrollmentServiceStub(channel)
+        shapes = {"one 1 MB header": [("x-a", "a" * 1_000_000)],
+                  "one 100 kB binary header": [("x-b-bin", b"\x00\xff" * 50_000)],
+                  "500 small headers": [(f"x-{i}", "v" * 20) for i in range(500)],
+                  "1000 copies of a header": [("x-d", "v")] * 1000}
+        try:
+            for _ in range(5):
+                for name, metadata in shapes.items():
+                    for call in (lambda md=metadata: health.Check(health_pb2.HealthCheckRequest(), timeout=5,
+                                                                  metadata=md),
+                                 lambda md=metadata: enrollment.GetStatus(
+                                     spb.DeviceStatusRequest(device_id="device-a"), timeout=5, metadata=md)):
+                        code, _ = _status(call)
+                        assert code == C.RESOURCE_EXHAUSTED, name
+            _health_ok(agent)
+            assert agent.status().status == "active"
+            assert agent.submit_payload(payload(0), dp=DP, base_model_version="v1").device_id == "device-a"
+        finally:
+            channel.close()
+
+
+def _until(deadline_s: float, attempt: Callable[[], bool]) -> bool:
+    """True once ``attempt()`` is; the server releases a cancelled call's slot asynchronously."""
+    end = time.monotonic() + deadline_s
+    while True:
+        if attempt():
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.2)
+
+
+def test_calls_cancelled_midway_in_numbers_leak_no_stream_slot(tmp_path: Path) -> None:
+    """60 FetchTarget, Health/Watch and SubmitStream calls, each cancelled after it started
+    (RST_STREAM), against 2 slots of each kind: afterwards both slots of each kind serve."""
+    config = TransportConfig(limits=SMALL, chunk_bytes=16 * 1024, max_fetch_streams=2, max_watch_streams=2,
+                             max_ingest_streams=2)
+    with running_cloud(tmp_path, config=config) as cloud:
+        _publish_target(cloud, "t.bin", 1 << 20)
+        attacker = cloud.device("device-x")
+        honest = [cloud.device("device-a"), cloud.device("device-b")]
+        fetch = sgrpc.UpdateServiceStub(attacker.channel).FetchTarget
+        watch = health_pb2_grpc.HealthStub(attacker.channel).Watch
+        stream = attacker.channel.stream_unary("/diredi.v1.KnowledgeService/SubmitStream")
+        codes = set()
+        for i in range(60):
+            try:
+                if i % 3 == 0:
+                    call = fetch(spb.TargetRequest(path="t.bin"), timeout=10)
+                    next(call)
+                    call.cancel()
+                elif i % 3 == 1:
+                    call = watch(health_pb2.HealthCheckRequest(), timeout=10)
+                    next(call)
+                    call.cancel()
+                else:
+                    done = threading.Event()
+
+                    def one_chunk(done: threading.Event = done) -> Iterator[bytes]:
+                        yield spb.Chunk(offset=0, total_length=100_000, data=b"x" * 1000).SerializeToString()
+                        done.wait(5)
+
+                    future = stream.future(one_chunk(), timeout=10)
+                    time.sleep(0.02)
+                    future.cancel()
+                    done.set()
+            except grpc.RpcError as exc:  # a slot still held by the previous cancelled call
+                codes.add((exc.code(), (exc.details() or "").split(":")[0]))
+        assert codes <= {(C.UNAVAILABLE, "overloaded")}
+
+        def two_fetches() -> bool:
+            calls = [sgrpc.UpdateServiceStub(a.channel).FetchTarget(spb.TargetRequest(path="t.bin"), timeout=10)
+                     for a in honest]
+            try:
+                return all(len(next(c).data) > 0 for c in calls)
+            except grpc.RpcError:
+                return False
+            finally:
+                for c in calls:
+                    c.cancel()
+
+        def two_watches() -> bool:
+            calls = [health_pb2_grpc.HealthStub(a.channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+                     for a in honest]
+            try:
+                return all(next(c).status == health_pb2.HealthCheckResponse.SERVING for c in calls)
+            except grpc.RpcError:
+                return False
+            finally:
+                for c in calls:
+                    c.cancel()
+
+        assert _until(5.0, two_fetches)
+        assert _until(5.0, two_watches)
+        for agent in honest:  # two streamed packets (both ingest slots) to their receipts
+            sealed = agent.seal(payload(rows=4000), dp=DP, base_model_version="v1")
+            assert len(sealed.data) > SMALL.max_unary_bytes
+            assert agent.submit(sealed.data).device_id == agent.workspace.device_id
+        _health_ok(honest[0])
+
+
+def test_unfinished_tcp_and_tls_handshakes_do_not_delay_honest_calls(tmp_path: Path) -> None:
+    with running_cloud(tmp_path) as cloud:
+        agent = cloud.device("device-a")
+        sockets = []
+        try:
+            for i in range(100):
+                sock = socket.create_connection(("127.0.0.1", cloud.port), timeout=5)
+                if i % 2:  # the start of a TLS ClientHello, never finished
+                    sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 20)
+                sockets.append(sock)
+            time.sleep(0.5)
+            _health_ok(agent)
+            assert agent.status().status == "active"
+            assert agent.submit_payload(payload(0), dp=DP, base_model_version="v1").device_id == "device-a"
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+def test_unary_submit_at_the_exact_size_caps_gets_typed_refusals(tmp_path: Path) -> None:
+    config = TransportConfig(limits=SMALL, chunk_bytes=16 * 1024)
+    with running_cloud(tmp_path, config=config) as cloud:
+        agent = cloud.device("device-a")
+        tls = agent.workspace.client_tls()
+        channel = grpc.secure_channel(
+            cloud.target, grpc.ssl_channel_credentials(tls.root_pem, tls.key_pem, tls.cert_pem),
+            options=[("grpc.ssl_target_name_override", "localhost"), ("grpc.max_send_message_length", 64 << 20)])
+        submit = channel.unary_unary("/diredi.v1.KnowledgeService/Submit")
+        cap, message_cap = SMALL.max_unary_bytes, config.max_message_bytes
+        try:
+            sizes = {cap: (C.INVALID_ARGUMENT, "malformed"), cap + 1: (C.RESOURCE_EXHAUSTED, "too_large"),
+                     message_cap: (C.RESOURCE_EXHAUSTED, "too_large")}
+            for size, expected in sizes.items():
+                data = b"\x00" * size
+                assert _status(lambda: submit(data, timeout=5)) == expected, size  # noqa: B023
+            code, _ = _status(lambda: submit(b"\x00" * (message_cap + 1), timeout=5))
+            assert code == C.RESOURCE_EXHAUSTED  # gRPC's own message cap, on the server
+            assert cloud.store.list_packets(unmerged_only=False) == []
+            _health_ok(agent)
+        finally:
+            channel.close()
