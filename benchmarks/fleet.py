@@ -218,10 +218,38 @@ class FleetResult:
                 "rounds": [asdict(r) for r in self.rounds], "seconds": self.seconds}
 
 
-def _cpu() -> float:
-    """CPU seconds of this process (user + system): the cloud's work runs here in-process."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _descendants_cpu(root: int) -> float:
+    """CPU seconds (user + system, their own and their reaped children's) of the live processes
+    descending from ``root``, read from /proc (0 where there is none: not Linux)."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we read
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields[1])
+        ticks[pid] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    tree, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
+        tree.update(kids)
+        todo.extend(kids)
+    return sum(ticks[c] for c in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(*, tree: bool = False) -> float:
+    """CPU seconds of this process (user + system): ingest runs here. ``tree``: also the children
+    it reaped and its live descendants, where a local Ray instance's raylet and workers run the
+    merge job's tasks (a scan of /proc, about 10 ms: for the merge job, not per packet)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    if not tree:
+        return own.ru_utime + own.ru_stime
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+            + _descendants_cpu(os.getpid()))
 
 
 def _drop_schema(dsn: str, schema: str) -> None:
@@ -378,7 +406,7 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
                 finally:
                     ingest_cpu += _cpu() - c0
             say(f"round {r}: {accepted}/{len(active)} packets accepted, refused {dict(refused)}")
-            c0, w0 = _cpu(), time.perf_counter()
+            c0, w0 = _cpu(tree=True), time.perf_counter()
             try:
                 out = merge_and_release(ws, store, now=now(), seed=config.seed + r,
                                         settings=settings, audit_gate=gate, executor=executor,
@@ -386,7 +414,7 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
             except ConfigError as exc:
                 raise ConfigError(f"round {r}: the merge had nothing to release ({exc.message})"
                                   ) from exc
-            merge_cpu, merge_wall = _cpu() - c0, time.perf_counter() - w0
+            merge_cpu, merge_wall = _cpu(tree=True) - c0, time.perf_counter() - w0
             fleet_sha = out.model_sha256
             own_models = dict(out.device_models)
             metrics = out.metrics
@@ -453,8 +481,19 @@ def _command(c: dict[str, Any]) -> str:
         parts.append("--postgres DSN")
     if c.get("tiny"):
         parts.append("--tiny")
-    parts.append(f"--json docs/fleet/fleet-n{c['devices']}-{c.get('executor', 'inprocess')}.json")
+    parts.append(f"--json docs/fleet/{run_name(c)}.json")
     return " ".join(parts)
+
+
+def run_name(c: dict[str, Any]) -> str:
+    """A saved run's file name under docs/fleet/ (no suffix): N, rounds, executor, Ray workers and
+    the per-user re-KD sample where set, so that runs differing in them do not overwrite each other."""
+    name = f"fleet-n{c['devices']}-r{c['rounds']}-{c.get('executor', 'inprocess')}"
+    if c.get("executor") == "ray" and c.get("workers"):
+        name += f"-w{c['workers']}"
+    if c.get("rekd_sample"):
+        name += f"-rekd{c['rekd_sample']}"
+    return name
 
 
 def _acc(value: Any) -> str:
@@ -478,30 +517,43 @@ def render_section(runs: list[dict[str, Any]]) -> str:
              " TUF publication), and the merge job's wall time. See docs/FLEET.md.", ""]
     lines += ["### Cloud time per round against N, by executor", "",
               "Mean over a run's rounds of the merge job's wall time (merge, fleet and per-user"
-              " re-KD, TUF publication) on this machine; the speed-up is against the same N on Ray"
-              " with one worker, where both ran.", "",
-              "| executor | workers | N | rounds | merge job wall s / round | per-user models / round | speed-up vs 1 Ray worker |",
-              "|---|---|---|---|---|---|---|"]
-    walls: dict[tuple[str, int, int], float] = {}
+              " re-KD, TUF publication) on this machine, and round 1's alone (at one N, seed and number"
+              " of rounds, round 1 has the same packets and seeds on every executor; a one-round run"
+              " has no late joiners, so its round 1 has more packets than a longer run's); the"
+              " merge job's CPU seconds in round 1 (on Ray: the driver, the raylet and its"
+              " workers); per-user re-KD seconds per per-user model trained (released or held back by"
+              " the presumed guard; mean over rounds; with a sample, its cost per device); the speed-up is round 1's wall time on Ray with one"
+              " worker over this run's, at the same N and number of rounds, where both ran.", "",
+              "| executor | workers | N | rounds | per-user re-KD sample | merge job wall s / round | round 1 wall s | round 1 CPU s | per-user models / round | per-user re-KD s / model | speed-up vs 1 Ray worker (round 1) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    first: dict[tuple[str, int, int, int], float] = {}
     for run in runs:
         c = run["config"]
+        first[(c["executor"], int(c.get("workers") or 1), c["devices"], c["rounds"])] = float(
+            run["rounds"][0]["merge_wall_s"])
+    for run in sorted(runs, key=lambda r: (r["config"]["executor"], r["config"].get("workers") or 1,
+                                          r["config"]["devices"], r["config"]["rounds"])):
+        c = run["config"]
         w = int(c.get("workers") or 1)
-        walls[(c["executor"], w, c["devices"])] = float(np.mean(
-            [r["merge_wall_s"] for r in run["rounds"]]))
+        wall = float(np.mean([r["merge_wall_s"] for r in run["rounds"]]))
+        r1 = first[(c["executor"], w, c["devices"], c["rounds"])]
+        one = first.get(("ray", 1, c["devices"], c["rounds"]))
+        speed = f"{one / r1:.2f}x" if one is not None and c["executor"] == "ray" else "-"
+        models = float(np.mean([r["released_models"] - 1 for r in run["rounds"]]))
+        trained = [(r, r["released_models"] - 1 + r.get("guarded_user_models", 0))
+                   for r in run["rounds"]]  # the guard's held-back models were trained too
+        per_model = [r["seconds"]["user_rekd"] / k for r, k in trained
+                     if k > 0 and "user_rekd" in r.get("seconds", {})]
+        lines.append(f"| {c['executor']} | {w if c['executor'] == 'ray' else '-'} | {c['devices']} "
+                     f"| {c['rounds']} | {c.get('rekd_sample') or 'all'} | {wall:.1f} | {r1:.1f} "
+                     f"| {run['rounds'][0]['merge_cpu_s']:.1f} | {models:.0f} "
+                     f"| {float(np.mean(per_model)) if per_model else math.nan:.2f} | {speed} |")
+    lines.append("")
     for run in sorted(runs, key=lambda r: (r["config"]["executor"], r["config"].get("workers") or 1,
                                           r["config"]["devices"])):
         c = run["config"]
-        w = int(c.get("workers") or 1)
-        wall = walls[(c["executor"], w, c["devices"])]
-        one = walls.get(("ray", 1, c["devices"]))
-        speed = f"{one / wall:.2f}x" if one is not None and c["executor"] == "ray" else "-"
-        models = float(np.mean([r["released_models"] - 1 for r in run["rounds"]]))
-        lines.append(f"| {c['executor']} | {w if c['executor'] == 'ray' else '-'} | {c['devices']} "
-                     f"| {c['rounds']} | {wall:.1f} | {models:.0f} | {speed} |")
-    lines.append("")
-    for run in sorted(runs, key=lambda r: (r["config"]["executor"], r["config"]["devices"])):
-        c = run["config"]
-        lines += [f"### N = {c['devices']}, {c['rounds']} rounds, executor {c['executor']}"
+        lines += [f"### N = {c['devices']}, {c['rounds']} round{'s' if c['rounds'] != 1 else ''},"
+                  f" executor {c['executor']}"
                   f"{' (workers ' + str(c['workers']) + ')' if c.get('workers') else ''}"
                   f"{', per-user re-KD for ' + str(c['rekd_sample']) + ' sampled devices' if c.get('rekd_sample') else ''}"
                   f"{', PostgreSQL' if c.get('postgres') else ', SQLite'}{', TINY settings' if c.get('tiny') else ''}",
