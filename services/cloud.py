@@ -84,7 +84,14 @@ from diredi_secure.store import CertificateChanged, DeviceStatus, PacketRecord, 
 
 from .observe import IngestObserver, Metrics, OpsServer
 from .ratelimit import RefusalLimiter
-from .status import NotFound, ServiceUnavailable, abort_async, abort_internal, abort_with
+from .status import (
+    NotFound,
+    ServiceUnavailable,
+    abort_async,
+    abort_internal,
+    abort_with,
+    refusal_status,
+)
 from .transport import ServerTls, TransportConfig, add_port, peer_device_id, server_options
 
 __all__ = [
@@ -388,13 +395,15 @@ class Ingest(_CloudLogic):
             raise
 
     def _declared_device(self, data: bytes, origin: Callable[[], str | None] | None) -> str | None:
-        """The device id ``data`` declares (unverified; ``None`` if it does not parse), at
-        ``origin()``: the key of the refusal limit without mTLS."""
+        """The device id ``data`` declares (unverified), at ``origin()``: the key of the refusal
+        limit without mTLS. Bytes that do not parse count for their host as a whole
+        (``unparsed@host``; attacker finding F6: 1,532 refused 4 MiB calls in 20 s were never
+        limited), which cools down only that host's unparseable bytes; ``None`` without a host."""
+        host = None if origin is None else origin()
         try:
             device_id = inspect_packet(data, self.config.limits).device_id
         except DirediError:
-            return None
-        host = None if origin is None else origin()
+            return None if host is None else f"unparsed@{host}"
         return device_id if host is None else f"{device_id}@{host}"
 
     def _submit(self, data: bytes, *, peer: str | None, mtls: bool, streamed: bool,
@@ -570,27 +579,29 @@ def _peer_host(context: grpc.ServicerContext) -> str | None:
     return host.strip("[]")[:64] or None
 
 
-async def _paced(requests: AsyncIterator[bytes], *, deadline_s: float, idle_s: float) -> AsyncIterator[bytes]:
-    """``requests``, but a chunk must arrive within ``idle_s`` of the last one and the whole stream
-    within ``deadline_s``: otherwise :class:`_StreamCut` names the limit. On the asyncio
-    server a stalled stream holds no thread, only this coroutine (attacker findings F2, F7)."""
+async def _paced(context: grpc.aio.ServicerContext, *, deadline_s: float, idle_s: float) -> AsyncIterator[bytes]:
+    """The call's request messages (``context.read()``), but a chunk must arrive within
+    ``idle_s`` of the last one and the whole stream within ``deadline_s``: otherwise
+    :class:`_StreamCut` names the limit. On the asyncio server a stalled stream holds no thread,
+    only this coroutine (attacker findings F2, F7). ``context.read()``, not grpc.aio's request
+    iterator: that one keeps its last message in a reference cycle until the cycle collector
+    runs (attacker finding F2)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + deadline_s
-    iterator = aiter(requests)
     while True:
         left = deadline - loop.time()
         wait = min(idle_s, left)
         try:
             if wait <= 0:
                 raise TimeoutError
-            raw = await asyncio.wait_for(anext(iterator), wait)
-        except StopAsyncIteration:
-            return
+            raw = await asyncio.wait_for(context.read(), wait)
         except TimeoutError:
             fired = (f"over the server's deadline of {deadline_s:g} s" if wait == left or wait <= 0
                      else f"no chunk for {idle_s:g} s")
             log.info("cancelling a packet stream: %s", fired)
             raise _StreamCut(fired) from None
+        if raw is grpc.aio.EOF:
+            return
         yield raw
 
 
@@ -796,62 +807,181 @@ class _ThreadContext:
         raise _Abort(code, details)
 
 
+def _caller_key(context: Any) -> str:
+    """Who a call is from, for the per-caller limits: the mTLS peer's device id, or the caller's
+    host without one (``host:?`` when gRPC names none)."""
+    device = peer_device_id(context)
+    return f"device:{device}" if device is not None else f"host:{_peer_host(context) or '?'}"
+
+
+def _call_plain(behavior: Callable[[Any, Any], Any], request: Any,
+                context: _ThreadContext) -> tuple[bool, Any]:
+    """Run a plain handler in a pool thread: ``(True, response)`` or ``(False, (code, details))``.
+
+    The refusal comes back as plain values, never as the :class:`_Abort` that carried it: that
+    exception's context chain holds the frames (and the request bytes) it was raised through,
+    and once grpc.aio's AbortError joined the chain it lived in a reference cycle until the
+    cyclic collector ran, 4 MiB per refused call (attacker finding F2: RSS 106 MB -> 5 GB in
+    40 s of refused unary Submits)."""
+    try:
+        return True, behavior(request, context)
+    except _Abort as exc:
+        return False, (exc.code, exc.details)
+    except Exception as exc:  # the catch-all: nothing untyped reaches a peer
+        return False, refusal_status(exc)
+
+
 class RequestArrivalLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """A call with one request message must deliver it within ``seconds`` (attacker finding F7).
+    """The first gate of every call with one request message: a cap per caller, an arrival
+    limit for the message, typed decoding (attacker findings F7, F1, F3).
 
     On the threaded server a unary call whose message never came held a thread before any of our
     code ran, and 20 such calls starved every honest one. Here each one-request method is served
-    as a stream: a coroutine on the event loop waits for the message (no thread), and ends the
-    call with DEADLINE_EXCEEDED (``request_deadline``) when it has not come in time, so half-open
-    calls neither hold threads nor pile up against ``maximum_concurrent_rpcs`` (grpc.aio counts
-    a call until its status is sent). Then the method runs: a coroutine on the loop, a plain
-    function in ``pool`` with a :class:`_ThreadContext`. gRPC has no server-side option for this
-    (its deadlines are the client's): written here.
+    as a stream: a coroutine on the event loop (no thread) first counts the call against its
+    caller (the mTLS device, or the host without mTLS: at most ``max_calls_per_device`` /
+    ``max_calls_per_host`` open at once, more answered UNAVAILABLE ``overloaded`` at once, so one
+    caller cannot hold the server's ``max_concurrent_calls``); then waits for the message and ends
+    the call with DEADLINE_EXCEEDED (``request_deadline``) when it has not come within
+    ``seconds``; then decodes it (a message that does not decode is ``malformed``, never gRPC's
+    UNKNOWN with the parser's text); then runs the method: a coroutine on the loop, a plain
+    function in ``pool`` with a :class:`_ThreadContext`. gRPC has no server-side option for any
+    of this (its deadlines are the client's): written here.
     """
 
-    def __init__(self, seconds: float, pool: futures.Executor) -> None:
+    def __init__(self, seconds: float, pool: futures.Executor, *, per_device: int = 8,
+                 per_host: int = 64) -> None:
         self._seconds = seconds
         self._pool = pool
+        self._per = {"device": per_device, "host": per_host}
+        self._open: dict[str, int] = {}  # open calls per caller; touched on the event loop only
 
-    async def _request(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+    async def _enter(self, context: grpc.aio.ServicerContext) -> str:
+        key = _caller_key(context)
+        open_now = self._open.get(key, 0)
+        if open_now >= self._per[key.partition(":")[0]]:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "overloaded: too many calls open at once from this caller; retry later")
+        self._open[key] = open_now + 1
+        return key
+
+    def _leave(self, key: str) -> None:
+        left = self._open.get(key, 1) - 1
+        if left:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
+
+    async def _request(self, context: grpc.aio.ServicerContext,
+                       decode: Callable[[bytes], Any] | None) -> tuple[bool, Any]:
+        """``(True, request)``, or ``(False, (code, details))`` for the caller to abort with (see
+        :func:`_call_plain`: the AbortError's traceback keeps the frames it passes through).
+
+        Read with ``context.read()``, not the request iterator grpc.aio passes: that iterator is
+        an async generator in a reference cycle with its receiver, and it keeps the message it
+        last yielded (4 MiB) until Python's cycle collector runs (attacker finding F2)."""
         try:
-            return await asyncio.wait_for(anext(aiter(requests)), self._seconds)
+            raw = await asyncio.wait_for(context.read(), self._seconds)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"request_deadline: the request did not arrive within {self._seconds:g} s")
-        except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed_packet: the call carried no request")
+            return False, (grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"request_deadline: the request did not arrive within {self._seconds:g} s")
+        if raw is grpc.aio.EOF:
+            return False, (grpc.StatusCode.INVALID_ARGUMENT, "malformed: the call carried no request")
+        if decode is None:
+            return True, raw
+        try:
+            return True, decode(raw)
+        except Exception:  # DecodeError, or whatever a generated parser raises
+            return False, (grpc.StatusCode.INVALID_ARGUMENT, "malformed: the request does not decode")
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
-        first, pool = self._request, self._pool
+        if handler.request_streaming:
+            return _decoded_stream(handler)
+        first, pool, enter, leave = self._request, self._pool, self._enter, self._leave
+        decode = handler.request_deserializer
+        raw_handler = handler._replace(request_streaming=True, request_deserializer=None)
         if not handler.response_streaming:
             behavior = handler.unary_unary
 
             async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                request = await first(requests, context)
-                if inspect.iscoroutinefunction(behavior):
-                    return await behavior(request, context)
+                key = await enter(context)
                 try:
-                    return await asyncio.get_running_loop().run_in_executor(
-                        pool, behavior, request, _ThreadContext(context))
-                except _Abort as exc:
-                    await context.abort(exc.code, exc.details)
-            return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)
+                    del requests  # never iterated: the message is read with context.read()
+                    ok, got = await first(context, decode)
+                    if ok and inspect.iscoroutinefunction(behavior):
+                        return await behavior(got, context)
+                    if ok:
+                        ok, got = await asyncio.get_running_loop().run_in_executor(
+                            pool, _call_plain, behavior, got, _ThreadContext(context))
+                finally:
+                    leave(key)
+                if ok:
+                    return got
+                await context.abort(*got)
+            return raw_handler._replace(unary_unary=None, stream_unary=unary)
         streaming = handler.unary_stream
         if inspect.isasyncgenfunction(streaming):
             async def responses(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                request = await first(requests, context)
-                async for item in streaming(request, context):
-                    yield item
-            return handler._replace(request_streaming=True, unary_stream=None, stream_stream=responses)
+                key = await enter(context)
+                try:
+                    del requests
+                    ok, got = await first(context, decode)
+                    if not ok:
+                        await context.abort(*got)
+                    async for item in streaming(got, context):
+                        yield item
+                finally:
+                    leave(key)
+            return raw_handler._replace(unary_stream=None, stream_stream=responses)
         if inspect.iscoroutinefunction(streaming):  # writes with context.write (Health/Watch)
             async def writes(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                return await streaming(await first(requests, context), context)
-            return handler._replace(request_streaming=True, unary_stream=None, stream_stream=writes)
+                key = await enter(context)
+                try:
+                    del requests
+                    ok, got = await first(context, decode)
+                    if not ok:
+                        await context.abort(*got)
+                    return await streaming(got, context)
+                finally:
+                    leave(key)
+            return raw_handler._replace(unary_stream=None, stream_stream=writes)
         raise TypeError(f"{handler_call_details.method}: a streaming method must run on the event loop")
+
+
+def _decoded_stream(handler: Any) -> Any:
+    """A request-streaming handler whose messages are decoded here: one that does not decode
+    ends the call ``malformed`` (reflection answered gRPC's UNKNOWN with the parser's text, F3).
+    SubmitStream has no deserializer (raw chunks) and is returned as it is."""
+    decode = handler.request_deserializer
+    if decode is None:
+        return handler
+
+    async def decoded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for raw in requests:
+            try:
+                message = decode(raw)
+            except Exception:
+                message = None
+            if message is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "malformed: a request message does not decode")
+            yield message
+
+    def wrap(behavior: Any) -> Any:
+        if inspect.isasyncgenfunction(behavior):
+            async def agen(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                async for item in behavior(decoded(requests, context), context):
+                    yield item
+            return agen
+        if inspect.iscoroutinefunction(behavior):
+            async def coro(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                return await behavior(decoded(requests, context), context)
+            return coro
+        raise TypeError("a request-streaming method must run on the event loop")
+
+    return _with_behavior(handler._replace(request_deserializer=None), wrap)
 
 
 class StreamCallLimiter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -871,7 +1001,10 @@ class StreamCallLimiter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         fetch_s = config.deadlines.get("FetchTarget", config.stream_deadline_s)
         self._limits = {"watch": (config.max_watch_streams, config.watch_stream_deadline_s),
                         "fetch": (config.max_fetch_streams, fetch_s)}
+        self._per_caller = {"watch": config.max_watch_streams_per_caller,
+                            "fetch": config.max_fetch_streams_per_caller}
         self._open = {"watch": 0, "fetch": 0}  # touched on the event loop only
+        self._by_caller: dict[tuple[str, str], int] = {}  # (pool, caller) -> open streams
 
     @staticmethod
     def _pool(method: str) -> str | None:
@@ -893,11 +1026,27 @@ class StreamCallLimiter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         over = f"stream_deadline: the server ends this stream after {deadline_s:g} s"
 
+        by_caller, per_caller = self._by_caller, self._per_caller[pool]
+        caller: list[tuple[str, str]] = []
+
         async def take(context: Any) -> None:
-            if open_calls[pool] >= limit:
+            # One caller may not hold the whole pool (attacker finding F4: one device with 4
+            # unread fetches blocked every device's FetchTarget until the stream deadline).
+            key = (pool, _caller_key(context))
+            if open_calls[pool] >= limit or by_caller.get(key, 0) >= per_caller:
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     "overloaded: too many streaming calls at once; retry later")
             open_calls[pool] += 1
+            by_caller[key] = by_caller.get(key, 0) + 1
+            caller.append(key)
+
+        def give() -> None:
+            open_calls[pool] -= 1
+            key = caller.pop()
+            if (left := by_caller.get(key, 1) - 1) > 0:
+                by_caller[key] = left
+            else:
+                by_caller.pop(key, None)
 
         def guarded(behavior: Any) -> Any:
             if inspect.iscoroutinefunction(behavior):  # writes with context.write (Health/Watch)
@@ -909,7 +1058,7 @@ class StreamCallLimiter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         except TimeoutError:
                             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, over)
                     finally:
-                        open_calls[pool] -= 1
+                        give()
                 return run_coroutine
             if not inspect.isasyncgenfunction(behavior):
                 raise TypeError(f"{handler_call_details.method}: a bounded stream must run on the event loop")
@@ -935,7 +1084,7 @@ class StreamCallLimiter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     if backstop is not None:
                         backstop.cancel()
-                    open_calls[pool] -= 1
+                    give()
             return run
 
         return _with_behavior(handler, guarded)
@@ -948,12 +1097,11 @@ class RevocationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     the handshake; this looks the verified peer's device id up in the store on every call and
     answers PERMISSION_DENIED (``certificate_revoked``) before the handler runs. A peer without a
     device certificate (no mTLS) is left to the handlers. One indexed read per call (in the
-    server's thread pool, never on the event loop), except for ``KnowledgeService/Submit``: there
-    the store's write transaction that would store the packet reads the device row anyway and
-    refuses a revoked device (one pass per packet, issue 15).
+    server's thread pool, never on the event loop), ``KnowledgeService/Submit`` included: the
+    store's write transaction refuses a revoked device too, but only after the packet's
+    signature, HPKE and accountant work, and a revoked device's undecodable bytes were answered
+    ``malformed``, not ``certificate_revoked`` (attacker finding F5).
     """
-
-    _CHECKED_BY_THE_STORE = frozenset({f"/{KNOWLEDGE_SERVICE}/Submit"})
 
     def __init__(self, store: Store, pool: futures.Executor) -> None:
         self._store = store
@@ -984,7 +1132,7 @@ class RevocationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method in self._CHECKED_BY_THE_STORE:
+        if handler is None:
             return handler
         return _with_behavior(handler, lambda behavior: _preceded(
             behavior, streaming=handler.response_streaming, check=self._check,
@@ -1046,23 +1194,32 @@ class _Knowledge:
         self.observer.accepted(method="Submit", packet=request, receipt=receipt, peer=peer, started=started)
         return receipt
 
-    async def _refuse_async(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    @staticmethod
+    def _refusal(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """The status a refused stream ends with (logged as :func:`refusal_status` does)."""
         if isinstance(exc, _StreamCut):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream cancelled: {exc}")
+            return grpc.StatusCode.DEADLINE_EXCEEDED, f"stream cancelled: {exc}"
         if isinstance(exc, ServiceUnavailable):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.one_line())  # see _refuse
-        await abort_async(context, exc, quiet=True)
+            return grpc.StatusCode.UNAVAILABLE, exc.one_line()  # see _refuse
+        return refusal_status(exc, quiet=True)
+
+    async def _refuse_async(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+        await context.abort(*self._refusal(exc))
+        raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
     async def submit_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         """A coroutine on the event loop: receiving holds no thread (a stalled stream costs one
         coroutine until its idle limit); the store and the packet's crypto run in the pool."""
+        del requests  # never iterated: the chunks are read with context.read() (see _paced)
         loop = asyncio.get_running_loop()
         started, peer = time.monotonic(), peer_device_id(context)
         refusals = self.ingest.refusals
-        device = peer if self.mtls else None
+        host = _peer_host(context)
+        # Without mTLS a stream's failures (framing, stalls) count for its host's streams as a
+        # whole (F6: 2,814 refused streams in 45 s were never limited).
+        device = peer if self.mtls else f"stream@{host or '?'}"
         # One stream per device; without mTLS there is no device yet: one per caller host, so one
         # anonymous client cannot hold every slot (attacker finding F3).
-        host = _peer_host(context)
         slot = peer if peer is not None else f"host:{host or '?'}"
         try:
             refusals.check(device)  # a cooled-down device takes no slot and sends no byte
@@ -1075,6 +1232,8 @@ class _Knowledge:
             await self._refuse_async(context, exc)
         config = self.ingest.config
         data: bytes | None = None
+        assembler: StreamAssembler | None = None
+        refusal: tuple[grpc.StatusCode, str] | None = None
         try:
             if self.mtls and peer is not None:
                 # Who may stream at all is settled before a byte is buffered.
@@ -1082,25 +1241,31 @@ class _Knowledge:
             hasher = CiphertextHasher()  # the ciphertext is hashed as it arrives (wire version 2)
             assembler = self.ingest.assembler(hasher=hasher)
             try:
-                async for raw in _paced(requests, deadline_s=config.ingest_stream_deadline_s,
+                async for raw in _paced(context, deadline_s=config.ingest_stream_deadline_s,
                                         idle_s=config.ingest_stream_idle_s):
                     assembler.add(raw)
                 data = assembler.result()
             except (PeerError, PolicyError, _StreamCut):
                 refusals.refused(device)  # Ingest.submit counts the refusals after this point
                 raise
-            packet = data
+            assembler = None
             receipt = await loop.run_in_executor(self.pool, functools.partial(
-                self.ingest.submit, packet, peer=peer, mtls=self.mtls, streamed=True,
+                self.ingest.submit, data, peer=peer, mtls=self.mtls, streamed=True,
                 ciphertext_digest=hasher.result(), origin=lambda: host))
         except Exception as exc:
             error: Exception = exc
             if isinstance(exc, _StreamCut):
                 error = MalformedPacket(f"stream cancelled: {exc}")
             self.observer.refused(method="SubmitStream", error=error, packet=data, peer=peer, started=started)
-            await self._refuse_async(context, exc)
+            refusal = self._refusal(exc)
         finally:
             self._give_stream(slot)
+        if refusal is not None:
+            # Sent outside the except block, with the buffers dropped: the AbortError's traceback
+            # keeps this frame, which must not hold up to 64 MiB (attacker finding F2).
+            data = assembler = None
+            await context.abort(*refusal)
+        assert data is not None  # stored: the receipt came back
         self.observer.accepted(method="SubmitStream", packet=data, receipt=receipt, peer=peer, started=started)
         return receipt
 
@@ -1305,7 +1470,9 @@ class CloudServer:
         # are coroutines that hand each blocking step to it.
         self._pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="diredi-rpc")
         interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (
-            RequestArrivalLimit(self.config.unary_deadline_s, self._pool),
+            RequestArrivalLimit(self.config.unary_deadline_s, self._pool,
+                                per_device=self.config.max_calls_per_device,
+                                per_host=self.config.max_calls_per_host),
             *((RevocationInterceptor(store, self._pool),) if mtls else ()),
             StreamCallLimiter(self.config))
         options = [*(o for o in server_options(self.config) if o[0] != "grpc.so_reuseport"),
@@ -1315,7 +1482,8 @@ class CloudServer:
 
         async def build() -> grpc.aio.Server:
             server = grpc.aio.server(migration_thread_pool=self._pool, options=options,
-                                     maximum_concurrent_rpcs=max_workers * 4, interceptors=interceptors)
+                                     maximum_concurrent_rpcs=self.config.max_concurrent_calls,
+                                     interceptors=interceptors)
             server.add_generic_rpc_handlers((knowledge.handler(),))
             sgrpc.add_EnrollmentServiceServicer_to_server(
                 _EnrollmentServicer(self.enrollment, mtls, self.ingest.refusals), server)

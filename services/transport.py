@@ -59,7 +59,21 @@ class TransportConfig:
     keepalive_timeout_ms: int = 10_000
     unary_deadline_s: float = 10.0
     stream_deadline_s: float = 120.0
-    max_concurrent_streams: int = 64
+    max_concurrent_streams: int = 32
+    """HTTP/2 streams (calls) one connection may have open at once."""
+    max_concurrent_calls: int = 256
+    """Calls the server has open at once, all callers together (grpcio's
+    ``maximum_concurrent_rpcs``; beyond it ``RESOURCE_EXHAUSTED``, read as ``overloaded`` by the
+    agent). It also bounds the request bytes buffered at once: at most this many messages of
+    ``max_message_bytes``."""
+    max_calls_per_device: int = 8
+    """Calls one mTLS device may have open at once; more are answered UNAVAILABLE ``overloaded``
+    before their request is read (a device runs one or two at a time)."""
+    max_calls_per_host: int = 64
+    """The same for a caller without a device certificate, per host: larger, because every
+    device behind one NAT or proxy shares its host."""
+    handshake_timeout_ms: int = 10_000
+    """A connection that has not finished its TLS and HTTP/2 handshake by then is closed."""
     max_ingest_streams: int = 4
     """SubmitStream calls served at once; more are refused as ``overloaded`` (retryable), so slow
     or stalled streams can never hold every worker thread (Health and unary calls keep answering)."""
@@ -73,6 +87,10 @@ class TransportConfig:
     watch_stream_deadline_s: float = 30.0
     """The server cancels an open Health/Watch or reflection call after this long."""
     max_fetch_streams: int = 4
+    max_watch_streams_per_caller: int = 1
+    """Health/Watch and reflection calls one caller (mTLS device, or host) may hold open."""
+    max_fetch_streams_per_caller: int = 2
+    """FetchTarget downloads one caller (mTLS device, or host) may run at once."""
     """FetchTarget downloads served at once; each is cancelled at its deadline
     (``stream_deadline_s``, or ``deadlines["FetchTarget"]``)."""
     min_stream_bytes_per_s: int = 64 * 1024
@@ -93,7 +111,10 @@ class TransportConfig:
         for name in ("unary_deadline_s", "stream_deadline_s", "ingest_stream_deadline_s",
                      "ingest_stream_idle_s", "max_ingest_streams", "max_watch_streams",
                      "watch_stream_deadline_s", "max_fetch_streams", "min_stream_bytes_per_s", "max_connection_idle_ms",
-                     "max_connection_age_ms", "max_connection_age_grace_ms"):
+                     "max_connection_age_ms", "max_connection_age_grace_ms", "max_concurrent_calls",
+                     "max_calls_per_device", "max_calls_per_host", "handshake_timeout_ms",
+                     "max_concurrent_streams", "max_watch_streams_per_caller",
+                     "max_fetch_streams_per_caller"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
 
@@ -125,6 +146,7 @@ def server_options(config: TransportConfig) -> list[tuple[str, Any]]:
         ("grpc.max_connection_idle_ms", config.max_connection_idle_ms),
         ("grpc.max_connection_age_ms", config.max_connection_age_ms),
         ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_ms),
+        ("grpc.server_handshake_timeout_ms", config.handshake_timeout_ms),
         # accept the clients' keepalive pings at their interval (no GOAWAY "too_many_pings")
         ("grpc.http2.min_ping_interval_without_data_ms", config.keepalive_time_ms // 2),
         ("grpc.so_reuseport", 0),

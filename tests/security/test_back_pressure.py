@@ -37,9 +37,9 @@ def _burst(tmp_path: Path, devices: int, caplog: pytest.LogCaptureFixture) -> No
     now_ms = int(time.time() * 1000)
     ws = CloudWorkspace.init(tmp_path / "cloud", now_ms=now_ms)
     store = open_store(ws.store_url())
-    config = TransportConfig()
-    # Two worker threads: gRPC takes at most 8 calls at once (maximum_concurrent_rpcs = 4 x
-    # workers) and refuses the rest, so a burst of devices certainly meets the overload answer.
+    # gRPC takes at most 8 calls at once (max_concurrent_calls) and refuses the rest, so a burst
+    # of devices certainly meets the overload answer; two worker threads do the work.
+    config = TransportConfig(max_concurrent_calls=8)
     server = CloudServer(store=store, keys=ws.keys(), tls=ws.server_tls(mtls=True),
                          repository_dir=ws.repository_dir, config=config, max_workers=2)
     port = server.start()
@@ -187,8 +187,8 @@ def test_half_open_unary_calls_hold_no_thread_and_are_dropped_at_the_arrival_lim
     Submit time out. On the asyncio server the request is read on the event loop: 24 such calls
     (three times the server's 8 threads) leave every honest call answering at once, and once the
     request arrival limit (``unary_deadline_s``) has passed they no longer count against
-    ``maximum_concurrent_rpcs`` (32 here): 40 more, and honest calls still get through."""
-    config = TransportConfig(unary_deadline_s=1.5)
+    ``max_concurrent_calls`` (32 here): 40 more, and honest calls still get through."""
+    config = TransportConfig(unary_deadline_s=1.5, max_concurrent_calls=32, max_calls_per_device=64)
     methods = ("/grpc.health.v1.Health/Check", "/diredi.v1.EnrollmentService/GetStatus",
                "/diredi.v1.KnowledgeService/Submit")
     release = threading.Event()

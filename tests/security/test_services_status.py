@@ -155,9 +155,11 @@ def test_an_untyped_exception_reaches_the_peer_as_internal_without_its_message()
         def submit(self, *a: object, **k: object) -> bytes:
             raise RuntimeError("/srv/diredi/secret/cloud.json exploded")
 
+    from concurrent.futures import ThreadPoolExecutor
+
     ctx = _Ctx()
-    with pytest.raises(_Aborted):
-        _Knowledge(_Boom(), mtls=False).submit(b"x", ctx)  # type: ignore[arg-type]
+    with pytest.raises(_Aborted), ThreadPoolExecutor(1) as pool:
+        _Knowledge(_Boom(), mtls=False, pool=pool).submit(b"x", ctx)  # type: ignore[arg-type]
     assert ctx.code == grpc.StatusCode.INTERNAL
     assert ctx.details == "internal: internal error on the cloud (RuntimeError)"
 

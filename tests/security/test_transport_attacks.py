@@ -84,6 +84,9 @@ def test_a_revoked_device_is_refused_certificate_revoked_on_every_service(tmp_pa
                 spb.DeviceStatusRequest(device_id="device-b"), timeout=5),
             "Enroll again": lambda: enrollment.Enroll(spb.EnrollRequest(certificate=cert, proof=proof), timeout=5),
             "Submit": lambda: channel.unary_unary("/diredi.v1.KnowledgeService/Submit")(fresh, timeout=5),
+            # F5: refused before any work on the bytes (was malformed, after the parse)
+            "Submit of garbage": lambda: channel.unary_unary("/diredi.v1.KnowledgeService/Submit")(
+                b"\xff\xff", timeout=5),
             "SubmitStream": lambda: stream(_chunks(fresh, 16 * 1024), timeout=5),
             "SubmitStream of garbage": lambda: channel.stream_unary("/diredi.v1.KnowledgeService/SubmitStream")(
                 iter([b"\xff\xff"]), timeout=5),
@@ -248,3 +251,151 @@ def test_unary_submit_at_the_exact_size_caps_gets_typed_refusals(tmp_path: Path)
             _health_ok(agent)
         finally:
             channel.close()
+
+
+def _half_open(channel: grpc.Channel, method: str, release: threading.Event) -> grpc.Future:
+    def never() -> Iterator[bytes]:
+        release.wait(60)
+        return
+        yield  # pragma: no cover - a generator that sends nothing
+
+    return channel.stream_unary(method).future(never(), timeout=60)
+
+
+def test_one_caller_cannot_hold_the_servers_call_limit(tmp_path: Path) -> None:
+    """Attacker finding F1 (grpc.aio): 200 half-open calls from one device took all of the
+    server's concurrent calls and 90 of 114 honest calls failed RESOURCE_EXHAUSTED. A device may
+    hold ``max_calls_per_device`` calls open; the rest are refused ``overloaded`` at once, before
+    their request is read, and everyone else is served."""
+    config = TransportConfig(max_concurrent_calls=32, max_calls_per_device=4)
+    release = threading.Event()
+    with running_cloud(tmp_path, config=config) as cloud:
+        attacker = cloud.device("device-a")
+        honest = cloud.device("device-b")
+        try:
+            held = [_half_open(attacker.channel, "/grpc.health.v1.Health/Check", release) for _ in range(60)]
+            time.sleep(1.0)
+            refused = [call for call in held if call.done()]
+            assert len(refused) == 56  # all but the 4 the device may hold
+            assert {(c.exception().code(), (c.exception().details() or "").split(":")[0])  # type: ignore[union-attr]
+                    for c in refused} == {(C.UNAVAILABLE, "overloaded")}
+            for _ in range(5):
+                _health_ok(honest)
+                assert honest.status().status == "active"
+            assert honest.submit_payload(payload(0), dp=DP, base_model_version="v1").device_id == "device-b"
+        finally:
+            release.set()
+
+
+@pytest.mark.parametrize("mtls", [True, False], ids=["mtls", "no-mtls"])
+def test_requests_that_do_not_decode_are_malformed_never_unknown(tmp_path: Path, mtls: bool) -> None:
+    """Attacker finding F3: three bytes that are no protobuf message, sent to any protobuf
+    method, were answered UNKNOWN "Unexpected <class DecodeError>: Error parsing message with
+    type ..." (gRPC's own text). Now each is ``malformed`` (INVALID_ARGUMENT)."""
+    methods = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+               "/diredi.v1.EnrollmentService/GetStatus", "/diredi.v1.EnrollmentService/Enroll",
+               "/diredi.v1.UpdateService/GetMetadata", "/diredi.v1.UpdateService/FetchTarget",
+               "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"]
+    with running_cloud(tmp_path, mtls=mtls) as cloud:
+        agent = cloud.device("device-a")
+        got = {}
+        for method in methods:
+            call = agent.channel.stream_stream(method)(iter([b"\xff\xff\xff"]), timeout=5)
+            got[method] = _status(lambda call=call: list(call))  # type: ignore[misc]
+        assert got == {m: (C.INVALID_ARGUMENT, "malformed") for m in methods}
+        _health_ok(agent)
+
+
+def test_refused_unary_calls_do_not_keep_their_request_bytes(tmp_path: Path) -> None:
+    """Attacker finding F2: every refused 4 MiB unary Submit stayed in memory until Python's
+    cycle collector ran (grpc.aio keeps the AbortError in a reference cycle, and the error chained
+    to frames holding the request): RSS 106 MB -> 5 GB in 40 s. With the collector off here,
+    40 refused 1 MiB calls leave well under 40 MiB behind."""
+    import gc
+    import tracemalloc
+
+    with running_cloud(tmp_path, config=TransportConfig(limits=Limits(max_unary_bytes=2 * 1024 * 1024))) as cloud:
+        agent = cloud.device("device-a")
+        submit = agent.channel.unary_unary("/diredi.v1.KnowledgeService/Submit")
+        junk = b"\x01" * (1024 * 1024)
+        assert _status(lambda: submit(junk, timeout=10)) == (C.INVALID_ARGUMENT, "malformed")
+        gc.collect()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            codes = set()
+            for i in range(40):
+                try:  # not pytest.raises: its ExceptionInfo keeps this side's frames (and bytes)
+                    submit(junk[:-1 - i], timeout=10)
+                except grpc.RpcError as exc:
+                    codes.add(exc.code())
+            assert codes <= {C.INVALID_ARGUMENT, C.UNAVAILABLE}  # malformed, then rate limited
+            time.sleep(0.5)
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+        assert grown < 12 * 1024 * 1024, f"{grown / 2**20:.1f} MiB stayed behind"
+        _health_ok(agent)
+
+
+def test_undecodable_packets_without_mtls_are_rate_limited_per_host(tmp_path: Path) -> None:
+    """Attacker finding F6: without mTLS, bytes that do not parse as a packet have no device, and
+    1,532 refused 4 MiB calls in 20 s were never limited. They now count for their host
+    (``unparsed@host``) and are answered ``rate_limited`` past the limit."""
+    from diredi_secure.services.ratelimit import RefusalLimits
+
+    limits = RefusalLimits(refusals_per_window=3, refusal_window_s=60.0, refusal_cooldown_s=60.0)
+    with running_cloud(tmp_path, mtls=False, config=TransportConfig(refusals=limits)) as cloud:
+        agent = cloud.device("device-a")
+        submit = agent.channel.unary_unary("/diredi.v1.KnowledgeService/Submit")
+        codes = [_status(lambda: submit(b"\x01" * 1000, timeout=5)) for _ in range(6)]
+        assert codes[:4] == [(C.INVALID_ARGUMENT, "malformed")] * 4
+        assert codes[4:] == [(C.UNAVAILABLE, "rate_limited")] * 2
+        # a real packet of a device on that host is not touched by the junk's cool-down
+        assert agent.submit_payload(payload(0), dp=DP, base_model_version="v1").device_id == "device-a"
+
+
+def test_a_connection_that_never_finishes_its_handshake_is_closed(tmp_path: Path) -> None:
+    """Attacker note: silent TCP connections and unfinished TLS handshakes stayed open for
+    gRPC's default 120 s; ``handshake_timeout_ms`` closes them."""
+    with running_cloud(tmp_path, config=TransportConfig(handshake_timeout_ms=1000)) as cloud:
+        sock = socket.create_connection(("127.0.0.1", cloud.port), timeout=10)
+        try:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 20)
+            started = time.monotonic()
+            assert sock.recv(1024) == b""  # closed by the server
+            assert time.monotonic() - started < 8.0
+        finally:
+            sock.close()
+
+
+def test_one_caller_cannot_hold_every_fetch_or_watch_slot(tmp_path: Path) -> None:
+    """Attacker finding F4: one device with 4 unread FetchTarget streams and 2 Watch calls held
+    every slot, and every other device's fetch and watch was refused until the stream deadline.
+    A caller may now hold ``max_fetch_streams_per_caller`` fetches and
+    ``max_watch_streams_per_caller`` watches; everyone else is still served."""
+    with running_cloud(tmp_path, config=TransportConfig(max_fetch_streams=4, max_watch_streams=2)) as cloud:
+        _publish_target(cloud, "big.bin", 8 * 1024 * 1024)
+        attacker = cloud.device("device-a")
+        honest = cloud.device("device-b")
+        a_update = sgrpc.UpdateServiceStub(attacker.channel)
+        held = [a_update.FetchTarget(spb.TargetRequest(path="big.bin"), timeout=30) for _ in range(2)]
+        watch = health_pb2_grpc.HealthStub(attacker.channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        try:
+            for call in held:
+                next(call)  # served: one chunk read, then never again
+            next(watch)
+            assert _status(lambda: next(a_update.FetchTarget(spb.TargetRequest(path="big.bin"), timeout=5))) \
+                == (C.UNAVAILABLE, "overloaded")
+            assert _status(lambda: next(health_pb2_grpc.HealthStub(attacker.channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=5))) == (C.UNAVAILABLE, "overloaded")
+            h_update = sgrpc.UpdateServiceStub(honest.channel)
+            got = sum(len(c.data) for c in h_update.FetchTarget(spb.TargetRequest(path="big.bin"), timeout=30))
+            assert got == 8 * 1024 * 1024
+            first = next(health_pb2_grpc.HealthStub(honest.channel).Watch(health_pb2.HealthCheckRequest(), timeout=5))
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for call in (*held, watch):
+                call.cancel()
