@@ -399,3 +399,55 @@ def test_one_caller_cannot_hold_every_fetch_or_watch_slot(tmp_path: Path) -> Non
         finally:
             for call in (*held, watch):
                 call.cancel()
+
+
+def test_a_reflection_message_over_64_kib_is_malformed(tmp_path: Path) -> None:
+    """Attacker re-test (F2 through reflection): a 4 MiB message per reflection call was kept
+    until the cycle collector ran (106 MB -> 1.8 GB in 30 s). Reflection requests are a few
+    hundred bytes: one over 64 KiB is refused ``malformed`` without being decoded."""
+    with running_cloud(tmp_path, mtls=False) as cloud:
+        agent = cloud.device("device-a")
+        reflect = reflection_pb2_grpc.ServerReflectionStub(agent.channel)
+        big = reflection_pb2.ServerReflectionRequest(file_by_filename="x" * (65 * 1024))
+        assert _status(lambda: list(reflect.ServerReflectionInfo(iter([big]), timeout=5))) == \
+            (C.INVALID_ARGUMENT, "malformed")
+        small = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = list(reflect.ServerReflectionInfo(iter([small]), timeout=5))
+        assert any(s.name == "diredi.v1.KnowledgeService" for s in answer.list_services_response.service)
+
+
+def test_without_mtls_fresh_device_ids_do_not_escape_the_refusal_limit(tmp_path: Path) -> None:
+    """Attacker re-test (F6 bypass): a client declaring a new device id on every packet was a new
+    key each time and was never limited (902 of 902 refusals fully processed). Every refusal
+    without mTLS also counts for the caller's host, at 8 times the per-device limit."""
+    from diredi_secure.services.ratelimit import RefusalLimits
+
+    limits = RefusalLimits(refusals_per_window=1, refusal_window_s=60.0, refusal_cooldown_s=60.0)
+    with running_cloud(tmp_path, mtls=False, config=TransportConfig(refusals=limits)) as cloud:
+        ghosts = [cloud.device(f"ghost-{i}", enroll=False) for i in range(11)]
+        submit = ghosts[0].channel.unary_unary("/diredi.v1.KnowledgeService/Submit")
+        packets = [g.seal(payload(i), dp=DP, base_model_version="v1").data for i, g in enumerate(ghosts)]
+        reasons = [_status(lambda data=data: submit(data, timeout=5))[1] for data in packets]  # type: ignore[misc]
+        assert reasons[:9] == ["unknown_device"] * 9  # each a fresh device: never over its own limit
+        assert reasons[9:] == ["rate_limited"] * 2  # the host is, past 8 refusals
+
+
+def test_ipv6_callers_are_keyed_on_their_64_prefix() -> None:
+    """Per-host limits key an IPv6 caller on its /64 (one subscriber's allocation), or a client
+    could be a fresh "host" per call; IPv4-mapped addresses are their IPv4 host."""
+    from diredi_secure.services.cloud import _peer_host
+
+    class _Ctx:
+        def __init__(self, peer: str) -> None:
+            self._peer = peer
+
+        def peer(self) -> str:
+            return self._peer
+
+    a = _peer_host(_Ctx("ipv6:[2001:db8:1:2:aaaa::1]:5000"))  # type: ignore[arg-type]
+    b = _peer_host(_Ctx("ipv6:[2001:db8:1:2:bbbb:cccc:dddd:9]:6000"))  # type: ignore[arg-type]
+    assert a == b == "2001:db8:1:2::/64"
+    assert _peer_host(_Ctx("ipv6:[2001:db8:1:3::1]:1")) != a  # type: ignore[arg-type]
+    assert _peer_host(_Ctx("ipv6:[::ffff:10.0.0.1]:1")) == "10.0.0.1"  # type: ignore[arg-type]
+    assert _peer_host(_Ctx("ipv4:10.0.0.1:5")) == "10.0.0.1"  # type: ignore[arg-type]
+    assert _peer_host(_Ctx("unix:/tmp/x")) is None  # type: ignore[arg-type]
