@@ -923,6 +923,22 @@ class RequestArrivalLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         except Exception:  # DecodeError, or whatever a generated parser raises
             return False, (grpc.StatusCode.INVALID_ARGUMENT, "malformed: the request does not decode")
 
+    async def _opened(self, context: grpc.aio.ServicerContext,
+                      decode: Callable[[bytes], Any] | None) -> tuple[str, Any]:
+        """Count the call against its caller and read its request: ``(caller key, request)``;
+        the caller :meth:`_leave` s the key when the call ends. A refused or late request ends
+        the call here (its key already left)."""
+        key = await self._enter(context)
+        try:
+            ok, got = await self._request(context, decode)
+        except BaseException:
+            self._leave(key)
+            raise
+        if not ok:
+            self._leave(key)
+            await context.abort(*got)
+        return key, got
+
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -952,28 +968,23 @@ class RequestArrivalLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await context.abort(*got)
             return raw_handler._replace(unary_unary=None, stream_unary=unary)
         streaming = handler.unary_stream
+        opened = self._opened
         if inspect.isasyncgenfunction(streaming):
             async def responses(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                key = await enter(context)
+                del requests  # never iterated: the message is read with context.read()
+                key, request = await opened(context, decode)
                 try:
-                    del requests
-                    ok, got = await first(context, decode)
-                    if not ok:
-                        await context.abort(*got)
-                    async for item in streaming(got, context):
+                    async for item in streaming(request, context):
                         yield item
                 finally:
                     leave(key)
             return raw_handler._replace(unary_stream=None, stream_stream=responses)
         if inspect.iscoroutinefunction(streaming):  # writes with context.write (Health/Watch)
             async def writes(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                key = await enter(context)
+                del requests
+                key, request = await opened(context, decode)
                 try:
-                    del requests
-                    ok, got = await first(context, decode)
-                    if not ok:
-                        await context.abort(*got)
-                    return await streaming(got, context)
+                    return await streaming(request, context)
                 finally:
                     leave(key)
             return raw_handler._replace(unary_stream=None, stream_stream=writes)
@@ -1221,14 +1232,8 @@ class _Knowledge:
             self._streams.release()
 
     def _refuse(self, context: grpc.ServicerContext, exc: Exception) -> NoReturn:
-        if isinstance(exc, ServiceUnavailable):
-            # Overloaded or rate limited: sent as is (not through abort_with, which would replace
-            # a LocalError's text by the generic "internal error" line and log it as our fault;
-            # neither is, and the client needs the reason to back off).
-            context.abort(grpc.StatusCode.UNAVAILABLE, exc.one_line())
-        if isinstance(exc, DirediError):
-            abort_with(context, exc, quiet=True)
-        abort_internal(context, exc)  # the catch-all: nothing untyped reaches a peer
+        context.abort(*self._refusal(exc))
+        raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
     def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         started, peer = time.monotonic(), peer_device_id(context)
@@ -1243,16 +1248,16 @@ class _Knowledge:
 
     @staticmethod
     def _refusal(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-        """The status a refused stream ends with (logged as :func:`refusal_status` does)."""
+        """The status a refused packet's call ends with (logged as :func:`refusal_status` does).
+
+        Overloaded or rate limited is sent as is (not through :func:`refusal_status`, which would
+        replace a LocalError's text by the generic "internal error" line and log it as our fault;
+        neither is, and the client needs the reason to back off)."""
         if isinstance(exc, _StreamCut):
             return grpc.StatusCode.DEADLINE_EXCEEDED, f"stream cancelled: {exc}"
         if isinstance(exc, ServiceUnavailable):
-            return grpc.StatusCode.UNAVAILABLE, exc.one_line()  # see _refuse
+            return grpc.StatusCode.UNAVAILABLE, exc.one_line()
         return refusal_status(exc, quiet=True)
-
-    async def _refuse_async(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-        await context.abort(*self._refusal(exc))
-        raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
     async def submit_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         """A coroutine on the event loop: receiving holds no thread (a stalled stream costs one

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -121,3 +122,14 @@ def running_cloud(
 
             with psycopg.connect(PG_DSN, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def half_open_call(channel: grpc.Channel, method: str, release: threading.Event) -> grpc.Future:
+    """A call to a one-request method whose request message never comes (headers only), until
+    ``release`` is set: the attacker of findings F7 and F1."""
+    def never() -> Iterator[bytes]:
+        release.wait(60)
+        return
+        yield  # pragma: no cover - a generator that sends nothing
+
+    return channel.stream_unary(method).future(never(), timeout=60)

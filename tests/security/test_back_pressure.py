@@ -30,7 +30,7 @@ from diredi_secure.envelope import ReceiptBody
 from diredi_secure.packet import verify_receipt
 from diredi_secure.policy import Limits
 from diredi_secure.store import open_store
-from tests.integration.services_harness import DP, payload, running_cloud
+from tests.integration.services_harness import DP, half_open_call, payload, running_cloud
 
 
 def _burst(tmp_path: Path, devices: int, caplog: pytest.LogCaptureFixture) -> None:
@@ -171,16 +171,6 @@ def test_a_slow_but_steady_stream_is_not_cut_by_the_idle_limit(tmp_path: Path) -
         verify_receipt(receipt, agent.workspace.receipt_public_key(), data)
 
 
-def _half_open(channel: grpc.Channel, method: str, release: threading.Event) -> grpc.Future:
-    """A call to a one-request method whose request message never comes (headers only)."""
-    def never() -> Iterator[bytes]:
-        release.wait(60)
-        return
-        yield  # pragma: no cover - a generator that sends nothing
-
-    return channel.stream_unary(method).future(never(), timeout=60)
-
-
 def test_half_open_unary_calls_hold_no_thread_and_are_dropped_at_the_arrival_limit(tmp_path: Path) -> None:
     """Attacker finding F7: on the threaded server a unary call whose request never arrived held
     one of the server's threads before any of our code ran; 20 of them made Health, GetStatus and
@@ -196,7 +186,7 @@ def test_half_open_unary_calls_hold_no_thread_and_are_dropped_at_the_arrival_lim
         agent = cloud.device("device-a")
         health = health_pb2_grpc.HealthStub(agent.channel)
         try:
-            held = [_half_open(agent.channel, methods[i % 3], release) for i in range(24)]
+            held = [half_open_call(agent.channel, methods[i % 3], release) for i in range(24)]
             time.sleep(0.5)
             started = time.monotonic()
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
@@ -206,7 +196,7 @@ def test_half_open_unary_calls_hold_no_thread_and_are_dropped_at_the_arrival_lim
             assert time.monotonic() - started < 5.0
             assert not any(call.done() for call in held)  # all 24 still open on the client side
             time.sleep(2.0)  # past the arrival limit: the server has dropped them
-            held += [_half_open(agent.channel, methods[i % 3], release) for i in range(40)]
+            held += [half_open_call(agent.channel, methods[i % 3], release) for i in range(40)]
             time.sleep(2.0)  # these too (64 in all against a limit of 32 at once)
             started = time.monotonic()
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \

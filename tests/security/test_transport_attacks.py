@@ -27,7 +27,7 @@ from diredi_secure._crypto import sign
 from diredi_secure._proto.diredi.v1 import services_pb2 as spb
 from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
 from diredi_secure.policy import Limits
-from tests.integration.services_harness import DP, Cloud, payload, running_cloud
+from tests.integration.services_harness import DP, Cloud, half_open_call, payload, running_cloud
 
 C = grpc.StatusCode
 SMALL = Limits(max_unary_bytes=64 * 1024, max_packet_bytes=256 * 1024)
@@ -253,15 +253,6 @@ def test_unary_submit_at_the_exact_size_caps_gets_typed_refusals(tmp_path: Path)
             channel.close()
 
 
-def _half_open(channel: grpc.Channel, method: str, release: threading.Event) -> grpc.Future:
-    def never() -> Iterator[bytes]:
-        release.wait(60)
-        return
-        yield  # pragma: no cover - a generator that sends nothing
-
-    return channel.stream_unary(method).future(never(), timeout=60)
-
-
 def test_one_caller_cannot_hold_the_servers_call_limit(tmp_path: Path) -> None:
     """Attacker finding F1 (grpc.aio): 200 half-open calls from one device took all of the
     server's concurrent calls and 90 of 114 honest calls failed RESOURCE_EXHAUSTED. A device may
@@ -273,7 +264,7 @@ def test_one_caller_cannot_hold_the_servers_call_limit(tmp_path: Path) -> None:
         attacker = cloud.device("device-a")
         honest = cloud.device("device-b")
         try:
-            held = [_half_open(attacker.channel, "/grpc.health.v1.Health/Check", release) for _ in range(60)]
+            held = [half_open_call(attacker.channel, "/grpc.health.v1.Health/Check", release) for _ in range(60)]
             time.sleep(1.0)
             refused = [call for call in held if call.done()]
             assert len(refused) == 56  # all but the 4 the device may hold
