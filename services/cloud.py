@@ -1278,6 +1278,7 @@ class _Knowledge:
             refusals.check(device)  # a cooled-down device takes no slot and sends no byte
             if not self.mtls and host is not None:
                 refusals.check(f"unparsed@{host}")  # this host's unparseable packets, cooled down
+                self.ingest.host_refusals.check(f"host@{host}")  # or the host as a whole
             if not self._take_stream(slot):
                 raise ServiceUnavailable(
                     "too many packet streams at once (or one already open for this device); "

@@ -421,6 +421,12 @@ def test_without_mtls_fresh_device_ids_do_not_escape_the_refusal_limit(tmp_path:
         reasons = [_status(lambda data=data: submit(data, timeout=5))[1] for data in packets]  # type: ignore[misc]
         assert reasons[:9] == ["unknown_device"] * 9  # each a fresh device: never over its own limit
         assert reasons[9:] == ["rate_limited"] * 2  # the host is, past 8 refusals
+        # ... and its streams are refused before a chunk is read (they were received in full):
+        # a truncated stream is answered rate_limited, not malformed after its bytes
+        stream = ghosts[0].channel.stream_unary("/diredi.v1.KnowledgeService/SubmitStream",
+                                                request_serializer=spb.Chunk.SerializeToString)
+        head = [next(_chunks(packets[0], 1024))]
+        assert _status(lambda: stream(iter(head), timeout=5)) == (C.UNAVAILABLE, "rate_limited")
 
 
 def test_ipv6_callers_are_keyed_on_their_64_prefix() -> None:
