@@ -63,7 +63,7 @@ from diredi_secure._proto.diredi.v1 import services_pb2 as spb
 from diredi_secure._proto.diredi.v1 import services_pb2_grpc as sgrpc
 from diredi_secure.checkpoint import CheckpointHeader, check_checkpoint_header
 from diredi_secure.device_identities import VerifiedIdentities
-from diredi_secure.envelope import CiphertextDigest
+from diredi_secure.envelope import CiphertextDigest, PacketHeader
 from diredi_secure.errors import (
     CertificateInvalid,
     CertificateRevoked,
@@ -330,6 +330,15 @@ class ReleasedModelShapes:
             return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """What :meth:`Ingest.accept` answers: the receipt, and the verified header of a packet
+    stored by this call (``None``: a retry, answered with the receipt it got first)."""
+
+    receipt: bytes
+    header: PacketHeader | None
+
+
 class Ingest(_CloudLogic):
     """Accept knowledge packets: open with the core, store in one transaction, return the receipt.
 
@@ -379,7 +388,17 @@ class Ingest(_CloudLogic):
     def submit(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False,
                ciphertext_digest: CiphertextDigest | None = None,
                origin: Callable[[], str | None] | None = None) -> bytes:
-        """The signed receipt for ``data`` once it is durably stored (or was stored before).
+        """The signed receipt for ``data`` once it is durably stored (or was stored before):
+        :meth:`accept` without the header."""
+        return self.accept(data, peer=peer, mtls=mtls, streamed=streamed,
+                           ciphertext_digest=ciphertext_digest, origin=origin).receipt
+
+    def accept(self, data: bytes, *, peer: str | None = None, mtls: bool = False, streamed: bool = False,
+               ciphertext_digest: CiphertextDigest | None = None,
+               origin: Callable[[], str | None] | None = None) -> Accepted:
+        """The signed receipt for ``data`` once it is durably stored (or was stored before), with
+        the verified header of a packet stored now (for the log line and the metrics, which so
+        parse nothing again; ``None`` for a retry answered with its first receipt).
 
         A device refused too often is answered :class:`ServiceUnavailable` (``rate_limited``)
         before any other work (:mod:`.ratelimit`): the device is the mTLS ``peer``, or without
@@ -427,7 +446,7 @@ class Ingest(_CloudLogic):
         return device_id if host is None else f"{device_id}@{host}"
 
     def _submit(self, data: bytes, *, peer: str | None, mtls: bool, streamed: bool,
-                ciphertext_digest: CiphertextDigest | None) -> bytes:
+                ciphertext_digest: CiphertextDigest | None) -> Accepted:
         limits = self.config.limits
         cap = limits.max_packet_bytes if streamed else limits.max_unary_bytes
         if len(data) > cap:
@@ -456,7 +475,7 @@ class Ingest(_CloudLogic):
                     continue
                 # A retry of a stored packet fails to open (its counter is spent, its clock window
                 # may have passed, its device may be revoked since): it gets its first receipt.
-                return self._stored_receipt(data, exc, peer=peer, mtls=mtls)
+                return Accepted(self._stored_receipt(data, exc, peer=peer, mtls=mtls), None)
             header = opened.header
             _check_peer(peer, header.device_id, mtls=mtls)
             self._check_base_model(header.base_model_version, header.device_id)
@@ -474,7 +493,7 @@ class Ingest(_CloudLogic):
                     continue  # verify again under the certificate enrolled now
                 raise
             self._devices.committed(header.device_id, header.counter)
-            return stored.receipt_bytes  # the transaction has committed
+            return Accepted(stored.receipt_bytes, header)  # the transaction has committed
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _stored_receipt(self, data: bytes, refusal: PolicyError, *, peer: str | None,
@@ -624,7 +643,8 @@ async def _paced(context: grpc.aio.ServicerContext, *, deadline_s: float, idle_s
         try:
             if wait <= 0:
                 raise TimeoutError
-            raw = await asyncio.wait_for(context.read(), wait)
+            async with asyncio.timeout(wait):  # no Task per chunk (wait_for made one)
+                raw = await context.read()
         except TimeoutError:
             fired = (f"over the server's deadline of {deadline_s:g} s" if wait == left or wait <= 0
                      else f"no chunk for {idle_s:g} s")
@@ -910,7 +930,10 @@ class RequestArrivalLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         an async generator in a reference cycle with its receiver, and it keeps the message it
         last yielded (4 MiB) until Python's cycle collector runs (attacker finding F2)."""
         try:
-            raw = await asyncio.wait_for(context.read(), self._seconds)
+            # asyncio.timeout, not wait_for: no Task per call (issue 15: the event loop's share
+            # of a packet's CPU)
+            async with asyncio.timeout(self._seconds):
+                raw = await context.read()
         except TimeoutError:
             return False, (grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"request_deadline: the request did not arrive within {self._seconds:g} s")
@@ -1167,10 +1190,10 @@ class RevocationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _refusal(self, device_id: str) -> DirediError | None:
         try:
-            device = self._store.get_device(device_id)
+            status = self._store.device_status(device_id)
         except DirediError as exc:
             return exc
-        if device is not None and device.status is DeviceStatus.REVOKED:
+        if status is DeviceStatus.REVOKED:
             return CertificateRevoked(f"device {device_id} is revoked")
         return None
 
@@ -1238,13 +1261,14 @@ class _Knowledge:
     def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         started, peer = time.monotonic(), peer_device_id(context)
         try:
-            receipt = self.ingest.submit(request, peer=peer, mtls=self.mtls,
-                                         origin=lambda: _peer_host(context))
+            accepted = self.ingest.accept(request, peer=peer, mtls=self.mtls,
+                                          origin=lambda: _peer_host(context))
         except Exception as exc:
             self.observer.refused(method="Submit", error=exc, packet=request, peer=peer, started=started)
             self._refuse(context, exc)
-        self.observer.accepted(method="Submit", packet=request, receipt=receipt, peer=peer, started=started)
-        return receipt
+        self.observer.accepted(method="Submit", packet=request, receipt=accepted.receipt, peer=peer,
+                               started=started, header=accepted.header)
+        return accepted.receipt
 
     @staticmethod
     def _refusal(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -1307,8 +1331,8 @@ class _Knowledge:
                 refusals.refused(device)  # Ingest.submit counts the refusals after this point
                 raise
             assembler = None
-            receipt = await loop.run_in_executor(self.pool, functools.partial(
-                self.ingest.submit, data, peer=peer, mtls=self.mtls, streamed=True,
+            accepted = await loop.run_in_executor(self.pool, functools.partial(
+                self.ingest.accept, data, peer=peer, mtls=self.mtls, streamed=True,
                 ciphertext_digest=hasher.result(), origin=lambda: host))
         except Exception as exc:
             error: Exception = exc
@@ -1325,8 +1349,9 @@ class _Knowledge:
             data = assembler = None
             await context.abort(*refusal)
         assert data is not None  # stored: the receipt came back
-        self.observer.accepted(method="SubmitStream", packet=data, receipt=receipt, peer=peer, started=started)
-        return receipt
+        self.observer.accepted(method="SubmitStream", packet=data, receipt=accepted.receipt, peer=peer,
+                               started=started, header=accepted.header)
+        return accepted.receipt
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serialisers: the packet arrives, and the receipt leaves, as exact bytes.

@@ -26,13 +26,16 @@ import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from diredi_secure.errors import ConfigError, DirediError
+
+if TYPE_CHECKING:
+    from diredi_secure.envelope import PacketHeader
 
 __all__ = [
     "LOG_FORMATS",
@@ -186,11 +189,18 @@ class IngestObserver:
         self.metrics = metrics
 
     def accepted(self, *, method: str, packet: bytes, receipt: bytes, peer: str | None,
-                 started: float) -> None:
+                 started: float, header: PacketHeader | None = None) -> None:
+        """``header``: the verified header of the packet stored (ingest had it: nothing is parsed
+        again; issue 15: parsing the packet and its receipt for this line was 0.1 ms a packet);
+        without it the packet's and the receipt's claims are read back."""
         try:
             elapsed = time.monotonic() - started
-            fields = _packet_fields(packet)
-            fields.update(_receipt_fields(receipt))
+            if header is not None:
+                fields = _header_fields(header)
+                fields["packet_id"] = header.packet_id.hex()
+            else:
+                fields = _packet_fields(packet)
+                fields.update(_receipt_fields(receipt))
             if self.metrics is not None:
                 self.metrics.submits.labels("accepted", "", method).inc()
                 self.metrics.ingest_seconds.labels("accepted").observe(elapsed)
@@ -233,6 +243,10 @@ def _packet_fields(packet: bytes) -> dict[str, Any]:
         header = inspect_packet(packet)
     except DirediError:
         return {}
+    return _header_fields(header)
+
+
+def _header_fields(header: PacketHeader) -> dict[str, Any]:
     return {
         "device": header.device_id,
         "counter": header.counter,

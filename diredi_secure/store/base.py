@@ -615,6 +615,15 @@ class Store(ABC):
         with self._guard(f"read device {device_id}"), self._transaction(write=False) as cur:
             return self._device_row(cur, device_id, lock=False)
 
+    def device_status(self, device_id: str) -> DeviceStatus | None:
+        """The device's status alone (``None``: never enrolled): one indexed read of one column,
+        for the revocation check of every call (issue 15: :meth:`get_device` also decoded the
+        device's privacy curve, per call)."""
+        with self._guard(f"read device {device_id}"), self._transaction(write=False) as cur:
+            cur.execute("SELECT status FROM devices WHERE device_id = ?", (device_id,))
+            row = cur.fetchone()
+        return None if row is None else DeviceStatus(row[0])
+
     def device_record(self, device_id: str) -> DeviceRecord | None:
         """``packet.DeviceDirectory``: the device as ``open_packet`` needs it, or ``None``."""
         device = self.get_device(device_id)

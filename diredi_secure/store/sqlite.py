@@ -7,9 +7,14 @@ writers across threads and processes and makes the reads inside the transaction 
 equivalent of PostgreSQL's ``SELECT ... FOR UPDATE``). A writer waits up to ``busy_timeout_s`` for
 the lock, then fails with :class:`StoreError`.
 
-One connection per store, shared by the store's threads under a lock: SQLite serialises writers
-anyway, and one connection keeps WAL checkpoints and fsyncs in one place. Packets are committed in
-groups by the store's one writer thread (:mod:`.group_commit`): one ``fsync`` per batch.
+One write connection per store, shared by the store's threads under a lock: SQLite serialises
+writers anyway, and one connection keeps WAL checkpoints and fsyncs in one place. Packets are
+committed in groups by the store's one writer thread (:mod:`.group_commit`): one ``fsync`` per
+batch. Read transactions run on up to ``max_readers`` (4) further connections (``query_only``),
+which WAL lets read while the writer commits: a read (the revocation check of every call, a
+device's record) no longer waits behind a batch's ``fsync`` (issue 15: 14% of the server's busy
+samples were threads waiting for the one connection's lock). An in-memory database has one
+connection for both.
 
 Packet bodies above ``body_file_bytes`` (64 KiB) live in content-addressed files in
 ``<database>.bodies/`` (0700 folders, 0600 files, fsynced before the row commits).
@@ -62,7 +67,10 @@ class SQLiteStore(Store):
         body_file_bytes: int = DEFAULT_BODY_FILE_BYTES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         group_commit: GroupCommitConfig = GroupCommitConfig(),  # noqa: B008 - frozen
+        max_readers: int = 4,
     ) -> None:
+        """``max_readers``: read connections beside the write connection (0: every read takes
+        the write connection's lock, as an in-memory database always does)."""
         memory = str(path) == ":memory:"
         body_dir = None if memory else Path(f"{path}.bodies")
         super().__init__(
@@ -73,6 +81,12 @@ class SQLiteStore(Store):
         if body_dir is not None:
             _sweep_temporaries(body_dir)
         self._lock = threading.Lock()
+        self._path = str(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._max_readers = 0 if memory else max(0, int(max_readers))
+        self._readers_cv = threading.Condition()
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._all_readers: list[sqlite3.Connection] = []
         if str(path) != ":memory:":
             # The ledger and packets are private: create the file 0600 before SQLite opens it (its
             # -wal and -shm files take the database file's mode).
@@ -104,22 +118,62 @@ class SQLiteStore(Store):
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Cursor]:
+        if not write and self._max_readers:
+            with self._reader() as conn:
+                yield from _in_transaction(conn, "BEGIN DEFERRED")
+            return
         with self._lock:
-            cur = self._conn.cursor()
-            try:
-                cur.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
-                yield cur
-                cur.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-            finally:
-                cur.close()
+            yield from _in_transaction(self._conn, "BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """An idle read connection (opened on first need, at most ``max_readers``; a caller
+        beyond waits for one to come back)."""
+        with self._readers_cv:
+            while not self._idle_readers and len(self._all_readers) >= self._max_readers:
+                self._readers_cv.wait()
+            conn = self._idle_readers.pop() if self._idle_readers else None
+            if conn is None:
+                conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s,
+                                       isolation_level=None, check_same_thread=False)
+                try:
+                    conn.execute("PRAGMA query_only=ON")
+                    conn.execute("PRAGMA foreign_keys=ON")
+                except BaseException:
+                    conn.close()
+                    raise
+                self._all_readers.append(conn)
+        try:
+            yield conn
+        finally:
+            with self._readers_cv:
+                self._idle_readers.append(conn)
+                self._readers_cv.notify()
 
     def _close(self) -> None:
+        with self._readers_cv:
+            for conn in self._all_readers:
+                conn.close()
+            self._all_readers.clear()
+            self._idle_readers.clear()
         with self._lock:
             self._conn.close()
+
+
+def _in_transaction(conn: sqlite3.Connection, begin: str) -> Iterator[Cursor]:
+    """One transaction on ``conn`` (the body of :meth:`SQLiteStore._transaction`): a cursor,
+    committed on normal exit, rolled back on any exception."""
+    cur = conn.cursor()
+    try:
+        cur.execute(begin)
+        yield cur
+        cur.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        cur.close()
 
 
 _STALE_TEMPORARY_S = 600.0

@@ -177,6 +177,15 @@ def test_ops_endpoint_needs_no_certificate_and_counts_and_logs_each_packet(
     a = accepted[0]
     assert a.device == "dev-ops" and a.counter >= 1 and a.epsilon > 0 and a.delta > 0
     assert a.packet_bytes == len(packet) and a.peer == "dev-ops"
+    # The line's fields come from the verified header ingest had (nothing parsed again): the
+    # same as what the packet's own header says.
+    from diredi_secure.packet import inspect_packet
+
+    claimed = inspect_packet(packet)
+    assert (a.device, a.counter, a.packet_id, a.base_model, a.payload_bytes) == (
+        claimed.device_id, claimed.counter, claimed.packet_id.hex(), claimed.base_model_version[:16],
+        claimed.payload.length)
+    assert a.epsilon == float(claimed.dp.composed_epsilon) and a.delta == float(claimed.dp.delta)
     assert refused[0].reason and refused[0].reason != "internal"
 
 

@@ -236,6 +236,48 @@ def test_revocation_is_idempotent_and_blocks_packets_and_reenrolment(store: Stor
     assert store.list_packets(unmerged_only=False) == []
 
 
+def test_device_status_reads_the_status_alone(store: Store) -> None:
+    assert store.device_status("dev1") is DeviceStatus.ACTIVE
+    assert store.device_status("ghost") is None
+    store.revoke_device("dev1", revoked_at_ms=T0 + 9, reason="stolen")
+    assert store.device_status("dev1") is DeviceStatus.REVOKED
+
+
+def test_sqlite_reads_do_not_wait_behind_an_open_write_transaction(tmp_path: Path) -> None:
+    """Issue 15: reads run on their own WAL connections; one connection under one lock made the
+    revocation check of every call wait behind each batch's fsync."""
+    s = SQLiteStore(tmp_path / "s.db")
+    s.register_device("dev1", CERT, KEY_ID, enrolled_at_ms=T0)
+    holding, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with s._transaction(write=True) as cur:
+            cur.execute("UPDATE devices SET epsilon_budget = 7.0 WHERE device_id = 'dev1'")
+            holding.set()
+            release.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert holding.wait(30)
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(s.get_device("dev1")))
+        reader.start()
+        reader.join(10)  # with one shared connection this waited for `release`
+        assert not reader.is_alive(), "a read waited for the open write transaction"
+        assert got[0].epsilon_budget == 40.0  # type: ignore[attr-defined]  # the committed state
+    finally:
+        release.set()
+        t.join(30)
+    assert s.get_device("dev1").epsilon_budget == 7.0  # type: ignore[union-attr]
+    with pytest.raises(sqlite3.OperationalError, match="readonly"), s._reader() as conn:
+        conn.execute("UPDATE devices SET epsilon_budget = 1.0")  # readers never write
+    s.close()
+    assert s._all_readers == []
+    with pytest.raises(StoreError):
+        s.get_device("dev1")
+
+
 # ------------------------------------------------------------------------------------ packets
 def test_store_packet_records_replay_state_and_ledger(store: Store) -> None:
     out = store.store_packet(record(3, epsilon=1.5))

@@ -152,7 +152,7 @@ def test_an_untyped_exception_reaches_the_peer_as_internal_without_its_message()
 
         config = TransportConfig()
 
-        def submit(self, *a: object, **k: object) -> bytes:
+        def accept(self, *a: object, **k: object) -> bytes:
             raise RuntimeError("/srv/diredi/secret/cloud.json exploded")
 
     from concurrent.futures import ThreadPoolExecutor
