@@ -478,8 +478,8 @@ class Ingest(_CloudLogic):
                 return Accepted(self._stored_receipt(data, exc, peer=peer, mtls=mtls), None)
             header = opened.header
             _check_peer(peer, header.device_id, mtls=mtls)
-            self._check_base_model(header.base_model_version, header.device_id)
-            self._check_entries(opened.payload, header.base_model_version)
+            released_to = self._check_base_model(header.base_model_version, header.device_id)
+            self._check_entries(opened.payload, header.base_model_version, released_to)
             receipt = make_receipt(self.keys.receipt_key, opened, stored_at_ms=now_ms,
                                    receipt_key_id=self._receipt_key_id)
             record = PacketRecord.from_opened(
@@ -506,9 +506,10 @@ class Ingest(_CloudLogic):
             raise refusal
         return existing
 
-    def _check_base_model(self, base_model_version: str, device_id: str) -> None:
+    def _check_base_model(self, base_model_version: str, device_id: str) -> str | None:
+        """Who the packet's base model was released to (``None``: the fleet, or no index)."""
         if self.released_models is None:
-            return
+            return None
         # A packet must update a model this cloud released to this device or its fleet;
         # otherwise it is charged and stored and then blocks the merge (issue 14 finding 7).
         models = self.released_models()
@@ -521,14 +522,16 @@ class Ingest(_CloudLogic):
             raise PolicyViolation(
                 f"base model {base_model_version[:16]} was released to another device",
                 reason="unknown_base_model")
+        return target
 
-    def _check_entries(self, payload: KnowledgePayload, base_model_version: str) -> None:
+    def _check_entries(self, payload: KnowledgePayload, base_model_version: str,
+                       released_to: str | None) -> None:
         if self.released_models is None or self.model_shapes is None:
             return
         # Every entry must fit the model and the reference set it was computed against; one that
         # does not is refused here (naming the entry), before it is charged and stored, instead
         # of being skipped by every merge after (issue 14 finding 7).
-        shapes = self.model_shapes(base_model_version, self.released_models().get(base_model_version))
+        shapes = self.model_shapes(base_model_version, released_to)  # the index is read once
         if shapes is not None:
             check_entries_fit(payload, shapes)
 
