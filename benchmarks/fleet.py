@@ -416,7 +416,10 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
                                   ) from exc
             merge_cpu, merge_wall = _cpu(tree=True) - c0, time.perf_counter() - w0
             fleet_sha = out.model_sha256
-            own_models = dict(out.device_models)
+            # A device installs its own newest per-user release while the cloud has published one
+            # (services.edge.update_device tries its own role first), so a device this release
+            # made no model for keeps its earlier one. This used to move it to the fleet model.
+            own_models.update(out.device_models)
             metrics = out.metrics
             released = 1 + len(out.device_models)
             user_acc, presumed, with_budget, fleet_acc = evaluate(own_models, fleet_sha)

@@ -167,6 +167,12 @@ class JobSettings:
     # 0.920 against a floor of 0.953 (v1 0.973), mean user gain +0.0 on one run of two. 0.05
     # still stops a merge that wrecked the presumed classes. None: no guard on per-user models.
     user_presumed_guard: float | None = 0.05
+    # The fleet model's presumed rows carry at least this share of its re-KD's sample weight
+    # (``rekd.fleet_weights``). Uniform weights drowned them as the transfer set grew with the
+    # fleet (11% at N = 200), and the guard above then held the fleet model back in every round
+    # after the first (issue 17, N = 50 to 10,000). 0.5: the presumed data and the fleet's
+    # transfer rows weigh the same, not tuned. None: uniform.
+    fleet_presumed_share: float | None = 0.5
 
     @classmethod
     def tiny(cls) -> JobSettings:
@@ -187,6 +193,9 @@ class JobSettings:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise ConfigError(f"{name} must lie in [0, 1) (or None)")
+        share = self.fleet_presumed_share
+        if share is not None and not 0 < share < 1:
+            raise ConfigError("fleet_presumed_share must lie in (0, 1) (or None)")
 
     def digest(self) -> str:
         """SHA-256 of the settings as canonical JSON (the attestation's trainingConfig)."""
@@ -740,7 +749,7 @@ def merge_and_release(
     t_fleet = time.perf_counter()
     fleet_shared = UserReKDShared(teacher_bytes, student_spec(), scenario.presumed_train,
                                   transfer_x, n_ref, settings.rekd, seed + 2)
-    fleet_bytes = executor.run(_fleet_rekd_task, fleet_shared, None)
+    fleet_bytes = executor.run(_fleet_rekd_task, fleet_shared, settings.fleet_presumed_share)
     fleet = load_model_bytes(fleet_bytes)[0]
     v1_presumed = _v1_presumed(workspace, index, scenario, settings)
     floor = None if v1_presumed is None or settings.presumed_guard is None \
@@ -889,11 +898,12 @@ def _v1_presumed(workspace: CloudWorkspace, index: dict[str, Any], scenario: Sce
     return accuracy(v1, scenario.presumed_val)
 
 
-def _fleet_rekd_task(shared: UserReKDShared, _: None) -> bytes:
-    """The fleet model (every transfer row, uniform weights): an executor task."""
+def _fleet_rekd_task(shared: UserReKDShared, presumed_share: float | None) -> bytes:
+    """The fleet model (every transfer row; the presumed rows weighted to ``presumed_share`` of
+    the total, :func:`~diredi_secure.ml.rekd.fleet_weights`): an executor task."""
     teacher = load_model_bytes(shared.teacher)[0]
     model = rekd_student(teacher, shared.spec, shared.presumed, shared.transfer_x, shared.config,
-                         seed=shared.seed)
+                         seed=shared.seed, presumed_share=presumed_share)
     return model_bytes(model, shared.spec)
 
 

@@ -125,6 +125,26 @@ def rekd_weights(
     return w
 
 
+def fleet_weights(n_presumed: int, n_transfer: int, presumed_share: float | None) -> np.ndarray:
+    """Sample weights of the fleet model (no user's support): 1 on every row, except that the
+    first ``n_presumed`` rows (the labelled presumed data) are raised so that together they
+    carry at least ``presumed_share`` of the total weight (``None``: uniform).
+
+    Uniform weights let the presumed rows' share fall as the transfer set grows with the fleet
+    (every contributing device adds its rows): about 11% at N = 200 and next to nothing at
+    N = 10,000, and the fleet model then lost enough presumed accuracy for the release's presumed
+    guard to hold it back in every round after the first (issue 17 fleet runs: it froze at
+    round 1's model while the teacher improved). Never lowered below 1: with fewer transfer
+    rows than that share implies, the weights stay uniform."""
+    if presumed_share is not None and not 0.0 < presumed_share < 1.0:
+        raise ConfigError(f"presumed_share must lie in (0, 1) (or None), got {presumed_share}")
+    w = np.ones(n_presumed + n_transfer, np.float32)
+    if presumed_share is not None and n_presumed and n_transfer:
+        raise_to = presumed_share / (1.0 - presumed_share) * n_transfer / n_presumed
+        w[:n_presumed] = max(1.0, raise_to)
+    return w
+
+
 def new_class_prior(support: np.ndarray, known: np.ndarray, config: ReKDConfig) -> np.ndarray:
     """Per-class logit offsets (all <= 0, 0 on ``known`` classes): the label-shift prior."""
     s = np.clip(np.asarray(support, np.float64), 0.0, None)
@@ -172,11 +192,13 @@ def rekd_student(
     support: np.ndarray | None = None,
     domain_kernel: np.ndarray | None = None,
     own_claims: np.ndarray | None = None,
+    presumed_share: float | None = None,
 ) -> nn.Module:
     """Distil a fresh ``spec`` student from ``teacher`` on presumed data + ``transfer_x``.
 
     With ``support`` (the user's noised class shares) samples are weighted toward that user; without
-    it this is the fleet model.
+    it this is the fleet model, whose presumed rows carry at least ``presumed_share`` of the weight
+    (:func:`fleet_weights`; ``None``: uniform, as the loop's generic re-KD).
     ``domain_kernel`` (``MergeResult.sensor_kernels[user]``) adds the labelled presumed images and
     (``config.domain_transfer``) the transfer inputs rendered through the user's estimated sensor,
     with the teacher's logits on the clean image as targets: inputs in the user's own domain.
@@ -193,7 +215,8 @@ def rekd_student(
         z = z + new_class_prior(support, known, config)[None, :].astype(np.float32)
         if own_claims is not None:
             z[n_p:] = apply_own_claims(z[n_p:], own_claims, known, config)
-    w = np.ones(len(x), np.float32) if support is None else rekd_weights(z, n_p, support, config)
+    w = (fleet_weights(n_p, len(transfer_x), presumed_share) if support is None
+         else rekd_weights(z, n_p, support, config))
     if domain_kernel is not None and n_p:
         n = len(x) if config.domain_transfer else n_p  # the presumed rows come first
         x = np.concatenate([x, render(x[:n], domain_kernel)])
