@@ -337,6 +337,8 @@ class Accepted:
 
     receipt: bytes
     header: PacketHeader | None
+    duplicate: bool = False
+    """A retry of a stored packet: it got its first receipt and charged nothing now."""
 
 
 class Ingest(_CloudLogic):
@@ -475,7 +477,8 @@ class Ingest(_CloudLogic):
                     continue
                 # A retry of a stored packet fails to open (its counter is spent, its clock window
                 # may have passed, its device may be revoked since): it gets its first receipt.
-                return Accepted(self._stored_receipt(data, exc, peer=peer, mtls=mtls), None)
+                return Accepted(self._stored_receipt(data, exc, peer=peer, mtls=mtls), None,
+                                duplicate=True)
             header = opened.header
             _check_peer(peer, header.device_id, mtls=mtls)
             released_to = self._check_base_model(header.base_model_version, header.device_id)
@@ -493,7 +496,8 @@ class Ingest(_CloudLogic):
                     continue  # verify again under the certificate enrolled now
                 raise
             self._devices.committed(header.device_id, header.counter)
-            return Accepted(stored.receipt_bytes, header)  # the transaction has committed
+            # the transaction has committed
+            return Accepted(stored.receipt_bytes, header, duplicate=stored.duplicate)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _stored_receipt(self, data: bytes, refusal: PolicyError, *, peer: str | None,
@@ -1270,7 +1274,7 @@ class _Knowledge:
             self.observer.refused(method="Submit", error=exc, packet=request, peer=peer, started=started)
             self._refuse(context, exc)
         self.observer.accepted(method="Submit", packet=request, receipt=accepted.receipt, peer=peer,
-                               started=started, header=accepted.header)
+                               started=started, header=accepted.header, duplicate=accepted.duplicate)
         return accepted.receipt
 
     @staticmethod
@@ -1353,7 +1357,7 @@ class _Knowledge:
             await context.abort(*refusal)
         assert data is not None  # stored: the receipt came back
         self.observer.accepted(method="SubmitStream", packet=data, receipt=accepted.receipt, peer=peer,
-                               started=started, header=accepted.header)
+                               started=started, header=accepted.header, duplicate=accepted.duplicate)
         return accepted.receipt
 
     def handler(self) -> grpc.GenericRpcHandler:

@@ -155,7 +155,8 @@ class JobSettings:
     rekd: ReKDConfig = field(default_factory=ReKDConfig)
     # The presumed guard of every merge's release: a model whose accuracy on the manufacturer's
     # presumed validation split falls more than this below release v1's is not released. A
-    # per-user model that fails leaves its device on the fleet model; a fleet model that fails is
+    # per-user model that fails leaves its device on what it has (its own earlier per-user release,
+    # else the fleet model); a fleet model that fails is
     # replaced by the current fleet model, released again. None: no guard. 0.02: the fleet goal
     # (D <= 2 points over five rounds, issue 17), applied to the validation split, never the test
     # set.
@@ -604,7 +605,9 @@ def merge_and_release(
     ``executor`` (default in-process; the same seeds give the same release on every executor).
 
     ``rekd_sample``: at most this many contributing devices (a seeded choice) get a model of
-    their own in this release, the others keep the fleet model (None: every contributor). For
+    their own in this release; the others keep what they install now: their own newest per-user
+    release if an earlier one made one (``update_device`` tries its own role first), else the
+    fleet model (None: every contributor). For
     fleets whose per-user re-KD does not fit one release window; the outcome lists who got one.
 
     ``audit_gate`` defaults to :func:`default_audit_gate` (``fast``). A failing verdict raises
@@ -612,7 +615,8 @@ def merge_and_release(
     ``force_release``; then the attestations record ``verdict: fail, forced: true``.
     The presumed guards hold the release's models to release v1's accuracy on the presumed
     validation split: a per-user model more than ``settings.user_presumed_guard`` below it is not
-    released (its device stays on the fleet model; ``metrics["guarded_user_models"]``); a fleet
+    released (its device keeps its own earlier per-user release if it has one, else the fleet
+    model; ``metrics["guarded_user_models"]``); a fleet
     model more than ``settings.presumed_guard`` below it is not either: the release ships the
     current fleet model again
     (``metrics["fleet_model_held_back"]``), with the merged teacher and the per-user models that
@@ -783,7 +787,7 @@ def merge_and_release(
     guarded: list[str] = []
     if user_floor is not None:
         # A per-user model that lost the presumed classes is not released: its device keeps
-        # installing the fleet model, which passed the guard above.
+        # installing what it has (its own earlier per-user release, else the fleet model).
         presumed = {d: accuracy(load_model_bytes(data)[0], scenario.presumed_val)
                     for d, data in per_device.items()}
         guarded = [d for d, acc in presumed.items() if acc < user_floor]

@@ -189,10 +189,12 @@ class IngestObserver:
         self.metrics = metrics
 
     def accepted(self, *, method: str, packet: bytes, receipt: bytes, peer: str | None,
-                 started: float, header: PacketHeader | None = None) -> None:
+                 started: float, header: PacketHeader | None = None, duplicate: bool = False) -> None:
         """``header``: the verified header of the packet stored (ingest had it: nothing is parsed
         again; issue 15: parsing the packet and its receipt for this line was 0.1 ms a packet);
-        without it the packet's and the receipt's claims are read back."""
+        without it the packet's and the receipt's claims are read back. ``duplicate``: a retry
+        answered with its first receipt (logged, its epsilon not counted again: the ledger
+        charged it once)."""
         try:
             elapsed = time.monotonic() - started
             if header is not None:
@@ -205,10 +207,11 @@ class IngestObserver:
                 self.metrics.submits.labels("accepted", "", method).inc()
                 self.metrics.ingest_seconds.labels("accepted").observe(elapsed)
                 self.metrics.packet_bytes.inc(len(packet))
-                eps = fields.get("epsilon")
+                eps = None if duplicate else fields.get("epsilon")
                 if isinstance(eps, float) and eps == eps and eps != float("inf"):
                     self.metrics.epsilon_charged.inc(eps)
             log.info("packet accepted", extra={"event": "packet_accepted", "method": method, **fields,
+                                               "duplicate": duplicate,
                                                "packet_bytes": len(packet), "peer": peer or "-",
                                                "ms": round(elapsed * 1000, 2)})
         except Exception:  # observing must never change the answer

@@ -622,7 +622,8 @@ class Store(ABC):
         with self._guard(f"read device {device_id}"), self._transaction(write=False) as cur:
             cur.execute("SELECT status FROM devices WHERE device_id = ?", (device_id,))
             row = cur.fetchone()
-        return None if row is None else DeviceStatus(row[0])
+            # decoded inside the guard: a damaged value is a StoreError, as in get_device
+            return None if row is None else DeviceStatus(row[0])
 
     def device_record(self, device_id: str) -> DeviceRecord | None:
         """``packet.DeviceDirectory``: the device as ``open_packet`` needs it, or ``None``."""

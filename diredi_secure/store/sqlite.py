@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,12 +82,15 @@ class SQLiteStore(Store):
         if body_dir is not None:
             _sweep_temporaries(body_dir)
         self._lock = threading.Lock()
-        self._path = str(path)
+        # Absolute, and opened read-only by URI: a reader opened later (after a chdir, or once the
+        # file is gone) never opens or creates another database (review finding F4).
+        self._reader_uri = "file:" + urllib.parse.quote(os.path.abspath(str(path))) + "?mode=ro"
         self._busy_timeout_s = busy_timeout_s
         self._max_readers = 0 if memory else max(0, int(max_readers))
         self._readers_cv = threading.Condition()
         self._idle_readers: list[sqlite3.Connection] = []
         self._all_readers: list[sqlite3.Connection] = []
+        self._readers_closing = False
         if str(path) != ":memory:":
             # The ledger and packets are private: create the file 0600 before SQLite opens it (its
             # -wal and -shm files take the database file's mode).
@@ -128,13 +132,17 @@ class SQLiteStore(Store):
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
         """An idle read connection (opened on first need, at most ``max_readers``; a caller
-        beyond waits for one to come back)."""
+        beyond waits for one to come back). None once the store is closing (``StoreError``
+        through the caller's guard)."""
         with self._readers_cv:
-            while not self._idle_readers and len(self._all_readers) >= self._max_readers:
+            while (not self._readers_closing and not self._idle_readers
+                   and len(self._all_readers) >= self._max_readers):
                 self._readers_cv.wait()
+            if self._readers_closing:
+                raise StoreError(f"store {self.name}: read on a closed store")
             conn = self._idle_readers.pop() if self._idle_readers else None
             if conn is None:
-                conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s,
+                conn = sqlite3.connect(self._reader_uri, uri=True, timeout=self._busy_timeout_s,
                                        isolation_level=None, check_same_thread=False)
                 try:
                     conn.execute("PRAGMA query_only=ON")
@@ -148,10 +156,28 @@ class SQLiteStore(Store):
         finally:
             with self._readers_cv:
                 self._idle_readers.append(conn)
-                self._readers_cv.notify()
+                self._readers_cv.notify_all()
+
+    _CLOSE_WAIT_S: ClassVar[float] = 5.0
+    """How long close() lets reads in flight finish before it interrupts them."""
 
     def _close(self) -> None:
+        # Reads in flight finish (or, after _CLOSE_WAIT_S, are interrupted) before their
+        # connections close: closing a connection another thread is stepping crashed the process
+        # (review finding F1: a segfault within 50 closes under 4 reading threads); the one
+        # connection's lock made the old close wait the same way.
         with self._readers_cv:
+            self._readers_closing = True
+            self._readers_cv.notify_all()
+
+            def settled() -> bool:
+                return len(self._idle_readers) == len(self._all_readers)
+
+            if not self._readers_cv.wait_for(settled, self._CLOSE_WAIT_S):
+                for conn in self._all_readers:
+                    if conn not in self._idle_readers:
+                        conn.interrupt()  # the read ends with OperationalError -> StoreError
+                self._readers_cv.wait_for(settled)
             for conn in self._all_readers:
                 conn.close()
             self._all_readers.clear()

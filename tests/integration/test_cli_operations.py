@@ -159,6 +159,7 @@ def test_ops_endpoint_needs_no_certificate_and_counts_and_logs_each_packet(
             caplog.set_level("INFO", logger="diredi.ingest")
             packet = agent.seal(payload(1), dp=honest_dp(), base_model_version="v1").data
             agent.submit(packet)
+            agent.submit(packet)  # a retry: its first receipt, no second charge
             with pytest.raises(grpc.RpcError):  # a refusal on the server: bytes that are no packet
                 agent._submit(b"\x0a\x03abc", timeout=10)
             health = urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/healthz", timeout=5)
@@ -168,13 +169,16 @@ def test_ops_endpoint_needs_no_certificate_and_counts_and_logs_each_packet(
             server.stop(grace_s=0.5)
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/healthz", timeout=2)
-    assert 'diredi_submits_total{method="Submit",outcome="accepted",reason=""} 1.0' in metrics
+    assert 'diredi_submits_total{method="Submit",outcome="accepted",reason=""} 2.0' in metrics
     assert 'outcome="refused"' in metrics
     assert "diredi_ingest_seconds_bucket" in metrics and "diredi_devices_active 1.0" in metrics
     accepted = [r for r in caplog.records if getattr(r, "event", None) == "packet_accepted"]
     refused = [r for r in caplog.records if getattr(r, "event", None) == "packet_refused"]
-    assert len(accepted) == 1 and len(refused) == 1
-    a = accepted[0]
+    assert len(accepted) == 2 and len(refused) == 1
+    a, retry = accepted
+    assert not a.duplicate and retry.duplicate and retry.packet_id == a.packet_id
+    charged = [line for line in metrics.splitlines() if line.startswith("diredi_epsilon_charged_total ")]
+    assert charged and float(charged[0].split()[1]) == pytest.approx(a.epsilon)  # counted once
     assert a.device == "dev-ops" and a.counter >= 1 and a.epsilon > 0 and a.delta > 0
     assert a.packet_bytes == len(packet) and a.peer == "dev-ops"
     # The line's fields come from the verified header ingest had (nothing parsed again): the

@@ -278,6 +278,37 @@ def test_sqlite_reads_do_not_wait_behind_an_open_write_transaction(tmp_path: Pat
         s.get_device("dev1")
 
 
+def test_sqlite_close_waits_for_reads_in_flight(tmp_path: Path) -> None:
+    """Review finding F1: close() closed read connections other threads were stepping, and the
+    process crashed (a segfault within 50 closes under 4 reading threads)."""
+    for trial in range(30):
+        s = SQLiteStore(tmp_path / f"c{trial}.db")
+        s.register_device("dev1", CERT, KEY_ID, enrolled_at_ms=T0)
+        errors: list[BaseException] = []
+        started = threading.Barrier(5)
+
+        def read(store: SQLiteStore = s, errors: list[BaseException] = errors,
+                 started: threading.Barrier = started) -> None:
+            started.wait(10)
+            for _ in range(200):
+                try:
+                    store.list_devices()
+                    store.device_status("dev1")
+                except BaseException as exc:  # the test asserts which ones came
+                    errors.append(exc)
+                    return
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for t in threads:
+            t.start()
+        started.wait(10)
+        s.close()
+        for t in threads:
+            t.join(30)
+        assert all(isinstance(e, StoreError) for e in errors), errors
+        assert s._all_readers == [] and s._idle_readers == []
+
+
 # ------------------------------------------------------------------------------------ packets
 def test_store_packet_records_replay_state_and_ledger(store: Store) -> None:
     out = store.store_packet(record(3, epsilon=1.5))
