@@ -337,11 +337,16 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
 
     out_of_budget: set[str] = set()  # devices the ledger refused for budget (they stay refused)
 
-    def evaluate(own: dict[str, str], fleet: str) -> tuple[float, float, float, float]:
+    def frozen(d: _Device, r: int) -> bool:
+        """Revoked before it could install round ``r``'s release: the transport refuses a revoked
+        device every call, so it keeps the model it has (review finding F6: it was moved on)."""
+        return d.revoked_after is not None and r >= d.revoked_after
+
+    def evaluate(own: dict[str, str], fleet: str, r: int) -> tuple[float, float, float, float]:
         user_acc, presumed, with_budget = [], [], []
         for i in eval_ids:
             d = devices[i]
-            m = model(own.get(d.device_id, fleet))
+            m = model(d.model_sha if frozen(d, r) else own.get(d.device_id, fleet))
             acc = accuracy(m, scenario.users[d.user].test)
             user_acc.append(acc)
             presumed.append(accuracy(m, scenario.presumed_test))
@@ -357,7 +362,7 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
                        kinds=tuple(DEFAULT_PAYLOAD_KINDS))
     with ws.open_store() as store, make_executor(config.executor, address=config.address,
                                                  workers=config.workers) as executor:
-        start_user, start_presumed, _, _ = evaluate({}, fleet_sha)
+        start_user, start_presumed, _, _ = evaluate({}, fleet_sha, 0)
         say(f"v1: user acc {start_user:.3f}, presumed {start_presumed:.3f} (sample)")
         ingest = ingest_cls(store, keys, clock=lambda: clock["ms"])
         ingest.released_models = ws.released_models()
@@ -380,7 +385,7 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
             rd_seconds = ingest_cpu = 0.0
             for k, d in enumerate(active):
                 newest = own_models.get(d.device_id, fleet_sha)
-                if k not in stale_now and d.model_sha != newest:
+                if k not in stale_now and d.model_sha != newest and not frozen(d, r - 1):
                     d.model_sha = newest
                     model_out += (models_dir / f"{newest}.safetensors").stat().st_size
                 t = time.perf_counter()
@@ -422,7 +427,7 @@ def _run(config: FleetConfig, ws: Any, rng: np.random.Generator, settings: Any,
             own_models.update(out.device_models)
             metrics = out.metrics
             released = 1 + len(out.device_models)
-            user_acc, presumed, with_budget, fleet_acc = evaluate(own_models, fleet_sha)
+            user_acc, presumed, with_budget, fleet_acc = evaluate(own_models, fleet_sha, r)
             spent = [d.epsilon_spent for d in store.list_devices()]
             exhausted = len(out_of_budget)
             rounds.append(RoundFigures(
