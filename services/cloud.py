@@ -332,8 +332,8 @@ class ReleasedModelShapes:
 
 @dataclasses.dataclass(frozen=True)
 class Accepted:
-    """What :meth:`Ingest.accept` answers: the receipt, and the verified header of a packet
-    stored by this call (``None``: a retry, answered with the receipt it got first)."""
+    """What :meth:`Ingest.accept` answers: the receipt, and the packet's verified header
+    (``None`` for a retry that no longer opens, answered from the store with its first receipt)."""
 
     receipt: bytes
     header: PacketHeader | None
@@ -399,8 +399,8 @@ class Ingest(_CloudLogic):
                ciphertext_digest: CiphertextDigest | None = None,
                origin: Callable[[], str | None] | None = None) -> Accepted:
         """The signed receipt for ``data`` once it is durably stored (or was stored before), with
-        the verified header of a packet stored now (for the log line and the metrics, which so
-        parse nothing again; ``None`` for a retry answered with its first receipt).
+        the packet's verified header (for the log line and the metrics, which so parse nothing
+        again) and whether it was a retry (:class:`Accepted`).
 
         A device refused too often is answered :class:`ServiceUnavailable` (``rate_limited``)
         before any other work (:mod:`.ratelimit`): the device is the mTLS ``peer``, or without

@@ -132,8 +132,8 @@ class SQLiteStore(Store):
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
         """An idle read connection (opened on first need, at most ``max_readers``; a caller
-        beyond waits for one to come back). None once the store is closing (``StoreError``
-        through the caller's guard)."""
+        beyond waits for one to come back). Raises :class:`StoreError` once the store is closing,
+        waiting callers included."""
         with self._readers_cv:
             while (not self._readers_closing and not self._idle_readers
                    and len(self._all_readers) >= self._max_readers):
